@@ -1,0 +1,266 @@
+"""A GPT-2-style decoder whose position scheme is one config field (nanoGPT in spirit).
+
+Module names follow GPT-2 (wte, c_attn, c_proj, ln_f) so weights map key for key. The position scheme is
+a module from positions.SCHEMES; the model calls its hooks unconditionally and never asks its name.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from positions import SCHEMES
+
+try:  # FlexAttention runs ALiBi without a T x T bias tensor (torch >= 2.5)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    flex_attention = None
+
+LOSS_CHUNK = 8192  # tokens per cross-entropy chunk: full fp32 logits at 32k x 50k vocab would be 6.6 GB
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # the training length; learned positions have exactly this many rows
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for efficiency
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linears and LayerNorms: GPT-2 had them; a bit better and faster without
+    pos_encoding: str = "rope"  # learned | sinusoidal | alibi | rope | none
+    rope_theta: float = 10000.0  # RoPE base
+    rope_layout: str = "half"  # half (GPT-NeoX / Hugging Face pairing) | interleaved (Meta LLaMA / GPT-J)
+    rotary_fraction: float = 1.0  # partial rotary: rotate only this fraction of each head
+    rope_scaling: dict | None = None  # Hugging Face rope_scaling dict; see positions.rope_frequencies
+    activation_checkpointing: bool = False  # recompute blocks in backward: long context in less memory
+    attn_backend: str = "auto"  # auto | sdpa | flex: how a logit bias is applied (flex: FlexAttention)
+
+    def __post_init__(self):
+        if self.pos_encoding not in SCHEMES:
+            raise ValueError(f"unknown pos_encoding {self.pos_encoding!r}; choose one of {', '.join(SCHEMES)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_backend must be auto, sdpa or flex, got {self.attn_backend!r}")
+        if min(self.block_size, self.vocab_size, self.n_layer, self.n_head) < 1:
+            raise ValueError("block_size, vocab_size, n_layer and n_head must all be positive")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config has unknown key(s) {sorted(unknown)}: a checkpoint from another version?")
+        return cls(**d)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, with an explicit position.
+
+    Keys are stored before rotation: RoPE rotates them at each step, which keeps dynamic NTK (frequencies
+    that depend on the current length) exact, at the cost of one cheap elementwise pass over the cache.
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already in the cache
+
+    @property
+    def max_len(self):
+        return self.k.size(3)
+
+    def update(self, layer, k, v):
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout, self.backend = config.n_head, config.dropout, config.attn_backend
+
+    def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), all keys so far, unrotated
+        q, k = scheme.rotate(q, k, q_pos, k_pos)
+        y = self.attend(q, k, v, scheme, q_pos, k_pos)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, scheme, q_pos, k_pos):
+        dropout = self.dropout if self.training else 0.0
+        Tq, Tk = q.size(-2), k.size(-2)
+        score_mod = scheme.score_mod()
+        if score_mod is not None and self.use_flex(q) and Tq == Tk and dropout == 0.0:
+            return flex_causal(q, k, v, score_mod)
+        bias = scheme.attn_bias(q_pos, k_pos)  # (nh, Tq, Tk) or None
+        if bias is None and Tq == Tk:  # no bias, no cache: the flash kernel
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        # Queries at the end of a longer key sequence (KV cache): causal by absolute position.
+        future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
+        if bias is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, dropout_p=dropout)
+        mask = bias.masked_fill(future, float("-inf")).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def use_flex(self, q):
+        if self.backend == "auto":
+            return flex_attention is not None and q.is_cuda
+        return self.backend == "flex"
+
+
+_block_masks = {}  # (T, device) -> causal BlockMask: built once per length, never per call
+_flex_compiled = None
+
+
+def flex_causal(q, k, v, score_mod):
+    """FlexAttention with a causal block mask; compiled on GPU (uncompiled it materializes the scores)."""
+    global _flex_compiled
+    T, device = q.size(-2), q.device
+    if (T, device) not in _block_masks:
+        _block_masks[T, device] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=device)
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention) if q.is_cuda else flex_attention
+    return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=_block_masks[T, device])
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), scheme, q_pos, k_pos, kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            pos=SCHEMES[config.pos_encoding](config),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False, reduction="mean"):
+        """idx (B, T). Without targets: logits (B, T, vocab), or (B, 1, vocab) with last_only, and loss None.
+        With targets: logits None and the loss (mean over targets != -1, or (B, T) with reduction="none"),
+        computed in chunks so the full fp32 logits never exist."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        end = start + T
+        if kv_cache is not None and end > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {end} are needed: make a larger cache")
+        scheme = self.transformer.pos
+        scheme.prepare(end, idx.device)  # tables built once here, sliced by every layer
+        k_pos = torch.arange(end, device=idx.device)
+        q_pos = k_pos[start:]
+        x = self.transformer.wte(idx)  # (B, T, C)
+        pe = scheme.embed(q_pos)
+        if pe is not None:
+            x = x + pe.to(x.dtype)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            if self.config.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, scheme, q_pos, k_pos, use_reentrant=False)
+            else:
+                x = block(x, scheme, q_pos, k_pos, kv_cache, layer)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos = end
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x).float(), None
+        return None, chunked_cross_entropy(x, self.lm_head.weight, targets, reduction)
+
+    def make_kv_cache(self, batch_size, max_len, dtype=None):
+        c = self.config
+        p = self.lm_head.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, dtype or p.dtype)
+
+    def num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out position tables (token embeddings count: they are the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.transformer.pos.parameters())
+        return n
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token, causal-aware: 6N + 6*L*C*T (N: matmul parameters, tied head once)."""
+        N = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and ".pos." not in n)
+        return 6 * N + 6 * self.config.n_layer * self.config.n_embd * T
+
+    def estimate_mfu(self, tokens_per_sec, T, peak_flops):
+        return tokens_per_sec * self.flops_per_token(T) / peak_flops
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; decay every tensor with >= 2 dims (matmuls, embeddings), not biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda"  # the fused kernel: one launch for all parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def chunked_cross_entropy(x, weight, targets, reduction="mean", chunk=LOSS_CHUNK):
+    """Cross-entropy of x @ weight.T against targets, LOSS_CHUNK tokens at a time. With gradients each chunk
+    is checkpointed, so one chunk of logits is alive at a time in backward too (32k context fits)."""
+    C = x.size(-1)
+    xs, ts = x.reshape(-1, C), targets.reshape(-1)
+
+    def chunk_loss(xc, tc):
+        return F.cross_entropy(F.linear(xc, weight).float(), tc, ignore_index=-1, reduction="none")
+
+    many = xs.size(0) > chunk and torch.is_grad_enabled()
+    losses = [checkpoint(chunk_loss, xs[i:i + chunk], ts[i:i + chunk], use_reentrant=False) if many
+              else chunk_loss(xs[i:i + chunk], ts[i:i + chunk]) for i in range(0, xs.size(0), chunk)]
+    per_token = torch.cat(losses).view(targets.shape)  # (B, T); 0 where target == -1
+    if reduction == "none":
+        return per_token
+    return per_token.sum() / (targets != -1).sum().clamp(min=1)
