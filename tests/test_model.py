@@ -1,0 +1,116 @@
+"""Model-level properties, parametrized over the registry so a new scheme is tested automatically."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import model as model_module
+from model import GPT, GPTConfig, chunked_cross_entropy
+from positions import SCHEMES
+
+EXTRAPOLATING = [s for s in SCHEMES if s != "learned"]
+
+
+def tiny(**kw):
+    base = dict(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_causality(scheme):
+    """Changing token t never changes the logits before t."""
+    model = GPT(tiny(pos_encoding=scheme)).eval()
+    idx = torch.randint(0, 128, (1, 32))
+    changed = idx.clone()
+    changed[0, 20] = (idx[0, 20] + 1) % 128
+    a, b = model(idx)[0], model(changed)[0]
+    assert_close(a[:, :20], b[:, :20], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_one_batch_overfits(scheme):
+    model = GPT(tiny(pos_encoding=scheme))
+    idx = torch.randint(0, 128, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    first = None
+    for _ in range(60):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+@pytest.mark.parametrize("scheme", EXTRAPOLATING)
+def test_finite_at_8x_training_length(scheme):
+    model = GPT(tiny(pos_encoding=scheme)).eval()
+    idx = torch.randint(0, 128, (1, 8 * 32))
+    logits, _ = model(idx)
+    assert logits.shape == (1, 256, 128) and torch.isfinite(logits).all()
+
+
+def test_learned_positions_hit_the_wall_with_a_clear_error():
+    model = GPT(tiny(pos_encoding="learned"))
+    model(torch.zeros(1, 32, dtype=torch.long))  # exactly the table: fine
+    with pytest.raises(ValueError, match=r"trained with 32 positions.*cannot extrapolate.*sinusoidal, rope, alibi"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    cache = model.make_kv_cache(1, 64)
+    model(torch.zeros(1, 32, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="33 tokens is past the learned position table"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(pos_encoding="rotary"), "unknown pos_encoding 'rotary'; choose one of learned, sinusoidal"),
+    (dict(n_embd=30), "n_embd=30 is not divisible by n_head=4"),
+    (dict(pos_encoding="rope", rotary_fraction=0.1), "must be an even number"),
+    (dict(pos_encoding="rope", rope_layout="neox"), "rope_layout must be 'half' or 'interleaved'"),
+    (dict(pos_encoding="alibi", rope_scaling={"rope_type": "linear", "factor": 2}), "ALiBi needs no scaling"),
+    (dict(pos_encoding="learned", rope_scaling={"rope_type": "linear", "factor": 2}), "cannot be scaled"),
+    (dict(pos_encoding="sinusoidal", rope_scaling={"rope_type": "yarn", "factor": 2,
+                                                   "original_max_position_embeddings": 32}), "cannot use"),
+    (dict(pos_encoding="rope", rope_scaling={"rope_type": "linear", "factr": 2}), "unknown rope_scaling key"),
+])
+def test_bad_configs_fail_at_construction_with_one_line(kw, message):
+    with pytest.raises(ValueError, match=message) as err:
+        GPT(tiny(**kw))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_alibi_flex_attention_agrees_with_explicit_bias():
+    if model_module.flex_attention is None:
+        pytest.skip("FlexAttention not available in this torch")
+    idx = torch.randint(0, 128, (2, 64))
+    explicit = GPT(tiny(pos_encoding="alibi", attn_backend="sdpa", block_size=64)).eval()
+    flex = GPT(tiny(pos_encoding="alibi", attn_backend="flex", block_size=64)).eval()
+    flex.load_state_dict(explicit.state_dict())
+    with torch.no_grad():  # FlexAttention has no backward on CPU; the forward is what must agree
+        assert_close(flex(idx)[0], explicit(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_cross_entropy_equals_plain_and_its_gradient():
+    x = torch.randn(2, 50, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (2, 50))
+    t[0, :5] = -1  # ignored targets
+    loss = chunked_cross_entropy(x, w, t, chunk=16)
+    ref = torch.nn.functional.cross_entropy((x @ w.T).view(-1, 40), t.view(-1), ignore_index=-1)
+    assert_close(loss, ref)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    assert_close(gx, rx)
+    assert_close(gw, rw)
+    per_token = chunked_cross_entropy(x.detach(), w.detach(), t, reduction="none", chunk=16)
+    assert per_token.shape == (2, 50) and (per_token[0, :5] == 0).all()
+
+
+def test_mfu_uses_the_causal_aware_flop_count():
+    model = GPT(tiny(pos_encoding="learned"))
+    c = model.config
+    N = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n)
+    assert model.flops_per_token(32) == 6 * N + 6 * c.n_layer * c.n_embd * 32
+    assert model.estimate_mfu(1000.0, 32, 1e12) == pytest.approx(1000 * model.flops_per_token(32) / 1e12)

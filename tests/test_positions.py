@@ -1,0 +1,109 @@
+"""Properties of the position schemes themselves: formulas, published values, invariances, precision."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from model import GPT, GPTConfig
+from positions import (ALiBi, Sinusoidal, alibi_slopes, apply_rope, permute_rope_layout, rope_cos_sin,
+                       rope_frequencies, sinusoidal_table)
+
+
+def tiny(**kw):
+    base = dict(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("n_head, expected", [
+    (8, [2.0 ** -(h + 1) for h in range(8)]),
+    (12, [2.0 ** -(h + 1) for h in range(8)] + [0.707107, 0.353553, 0.176777, 0.088388]),
+    (6, [0.25, 0.0625, 0.015625, 0.003906, 0.5, 0.125]),
+])
+def test_alibi_slopes_match_published_values(n_head, expected):
+    assert_close(torch.tensor(alibi_slopes(n_head)), torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_alibi_bias_depends_only_on_distance():
+    scheme = ALiBi(tiny(pos_encoding="alibi", n_head=8))
+    pos = torch.arange(40)
+    bias = scheme.attn_bias(pos, pos)  # (nh, T, T)
+    shifted = scheme.attn_bias(pos + 1000, pos + 1000)
+    assert_close(bias, shifted)
+    for h, m in enumerate(alibi_slopes(8)):
+        i, j = 30, 7
+        assert bias[h, i, j].item() == pytest.approx(-m * (i - j))
+        assert bias[h, i, j].item() == pytest.approx(bias[h, i + 5, j + 5].item())
+
+
+def test_sinusoidal_equals_formula():
+    C, pos = 16, torch.tensor([0, 1, 7, 300, 4097])
+    table = sinusoidal_table(pos, C)
+    for r, p in enumerate(pos.tolist()):
+        for i in range(C // 2):
+            assert table[r, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / C)), abs=1e-6)
+            assert table[r, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / C)), abs=1e-6)
+
+
+def test_sinusoidal_linear_scaling_interpolates_positions():
+    plain = Sinusoidal(tiny(pos_encoding="sinusoidal"))
+    scaled = Sinusoidal(tiny(pos_encoding="sinusoidal", rope_scaling={"rope_type": "linear", "factor": 4}))
+    plain.prepare(64, torch.device("cpu"))
+    scaled.prepare(256, torch.device("cpu"))
+    p = torch.arange(64)
+    assert_close(scaled.embed(4 * p), plain.embed(p))
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rope_score_depends_only_on_relative_position(layout):
+    d = 16
+    inv_freq, _ = rope_frequencies(d, 10000.0)
+    q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+
+    def score(m, n):
+        angles = torch.tensor([m, n], dtype=torch.float64)[:, None] * inv_freq[None]
+        cos, sin = angles.cos(), angles.sin()
+        rq = apply_rope(q[None], cos[:1], sin[:1], layout)
+        rk = apply_rope(k[None], cos[1:], sin[1:], layout)
+        return (rq * rk).sum().item()
+
+    for m, n in [(5, 2), (105, 102), (30002, 29999)]:
+        assert score(m, n) == pytest.approx(score(3, 0), abs=1e-9)
+    assert score(9, 2) != pytest.approx(score(3, 0), abs=1e-6)
+
+
+def test_rope_fp32_tables_match_float64_reference_up_to_32k():
+    inv_freq, _ = rope_frequencies(64, 10000.0)
+    pos = torch.arange(0, 32769, 7)
+    cos, sin = rope_cos_sin(pos, inv_freq)
+    assert cos.dtype == torch.float32
+    angles = pos.double()[:, None] * inv_freq[None]
+    assert_close(cos.double(), angles.cos(), atol=1e-7, rtol=0)
+    assert_close(sin.double(), angles.sin(), atol=1e-7, rtol=0)
+
+
+def test_partial_rotary_leaves_unrotated_dims_unchanged():
+    hs, rot = 16, 4
+    inv_freq, _ = rope_frequencies(rot, 10000.0)
+    cos, sin = rope_cos_sin(torch.arange(10), inv_freq)
+    x = torch.randn(2, 3, 10, hs)
+    y = apply_rope(x, cos, sin, "half")
+    assert_close(y[..., rot:], x[..., rot:], atol=0, rtol=0)
+    assert not torch.allclose(y[..., :rot], x[..., :rot])
+    assert_close(y[..., 0, :rot], x[..., 0, :rot])  # position 0 is the identity rotation
+
+
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_half_and_interleaved_agree_after_weight_permutation(rotary_fraction):
+    half = tiny(pos_encoding="rope", rope_layout="half", rotary_fraction=rotary_fraction)
+    inter = tiny(pos_encoding="rope", rope_layout="interleaved", rotary_fraction=rotary_fraction)
+    a, b = GPT(half).eval(), GPT(inter).eval()
+    idx = torch.randint(0, 128, (2, 32))
+    b.load_state_dict(permute_rope_layout(a.state_dict(), half, "interleaved"))
+    assert_close(b(idx)[0], a(idx)[0], atol=1e-5, rtol=1e-5)
+    b.load_state_dict(a.state_dict())  # same weights, wrong pairing: a different model
+    assert not torch.allclose(b(idx)[0], a(idx)[0], atol=1e-3)
+    back = permute_rope_layout(permute_rope_layout(a.state_dict(), half, "interleaved"), half, "half")
+    for name, w in a.state_dict().items():
+        assert torch.equal(back[name], w)
