@@ -1,0 +1,136 @@
+"""Read the data that prepare.py wrote and sample (x, y) training windows from it.
+
+The .bin files are memory-mapped, so a corpus larger than RAM costs nothing to open. meta.json's document
+boundaries let the sampler keep windows inside long documents (for context-extension training) and let
+evaluation pick whole long documents.
+"""
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _fix(data_dir) -> str:
+    return f"run `python data/prepare.py --out_dir={data_dir}`"
+
+
+def load_meta(data_dir) -> dict:
+    """meta.json of a prepared folder; FileNotFoundError naming the command that creates it."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared data at {data_dir}: {_fix(data_dir)}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"corrupt or mismatched data: {path} is not valid JSON; {_fix(data_dir)}") from None
+
+
+def load_split(data_dir, split: str) -> np.memmap:
+    """The split's uint16 tokens (read-only memmap), checked against the token count in meta.json."""
+    meta = load_meta(data_dir)
+    if split not in meta["tokens"]:
+        raise ValueError(f"unknown split {split!r}: {data_dir} has {', '.join(meta['tokens'])}")
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared data at {path}: {_fix(data_dir)}")
+    n_bytes, expected = path.stat().st_size, meta["tokens"][split]
+    if n_bytes != 2 * expected:  # a stale .bin from another run, or a truncated copy
+        raise ValueError(f"corrupt or mismatched data: {path} holds {n_bytes / 2:g} tokens but meta.json says "
+                         f"{expected}; {_fix(data_dir)}")
+    if n_bytes == 0:  # numpy cannot map an empty file
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def long_documents(data_dir, split: str, min_len: int) -> list[np.ndarray]:
+    """Token arrays (int64, EOT excluded) of the split's documents with at least min_len tokens, in file order."""
+    data, meta = load_split(data_dir, split), load_meta(data_dir)
+    return [np.array(data[start:start + length], dtype=np.int64)
+            for start, length, _ in meta["docs"][split] if length >= min_len]
+
+
+def data_identity(data_dir) -> dict:
+    """What a run saves to name its data: path, source, token counts and the .bin hashes from prepare time."""
+    meta = load_meta(data_dir)
+    for split in meta["tokens"]:
+        load_split(data_dir, split)  # size check, so a run never records data it cannot read
+    return {"path": str(Path(data_dir).resolve()), "source": meta["source"], "tokens": meta["tokens"],
+            "sha256": meta["sha256"], "tokenizer": meta["tokenizer"]["name"], "vocab": meta.get("vocab")}
+
+
+class BatchSampler:
+    """Random windows: x (B, T) and y (B, T) = x shifted by one token, as long tensors on `device`.
+
+    Batch k is drawn by a torch.Generator seeded from (seed, rank, k), so the sampler's state is just k:
+    resuming is exact, and under DDP every rank draws its own windows yet can resume from rank 0's saved state.
+    With min_doc_len, each window lies inside one document of at least min_doc_len (and T + 1) tokens, every
+    such window equally likely (so longer documents are drawn more often); otherwise windows start anywhere in
+    the split and may cross document boundaries, as in nanoGPT.
+    """
+
+    def __init__(self, data_dir, split: str, batch_size: int, block_size: int, seed: int = 0, device="cpu",
+                 min_doc_len: int | None = None, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.data = load_split(data_dir, split)
+        self.split, self.batch_size, self.block_size, self.seed = split, batch_size, block_size, seed
+        self.min_doc_len, self.rank, self.world_size = min_doc_len or None, rank, world_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator()
+        self.step = 0  # batches drawn so far
+        T1 = block_size + 1  # a window holds x plus the one extra target token
+        docs = []
+        if self.min_doc_len:
+            min_len = max(self.min_doc_len, T1)
+            docs = [(start, length) for start, length, _ in load_meta(data_dir)["docs"][split] if length >= min_len]
+            if not docs:
+                warnings.warn(f"no {split} documents of >= {min_len} tokens in {data_dir}: "
+                              f"sampling windows from the whole {split} stream instead")
+        self.n_long_docs = len(docs)
+        if not docs:
+            if len(self.data) < T1:
+                raise ValueError(f"the {split} split of {data_dir} has {len(self.data)} tokens, too few for "
+                                 f"block_size={block_size} (needs {T1}): prepare more data or lower block_size")
+            docs = [(0, len(self.data))]  # the whole split as one segment
+        # window starts in segment i: start_i + [0, length_i - block_size); draw one of all of them uniformly
+        self._seg_start = np.array([s for s, _ in docs], dtype=np.int64)
+        n_windows = np.array([n for _, n in docs], dtype=np.int64) - block_size
+        self._cum = np.cumsum(n_windows)
+        self._cum_before = self._cum - n_windows
+
+    def _batch_seed(self, step: int) -> int:
+        # a hash mixes the three numbers, so (seed, rank) pairs never share streams the way seed + rank would
+        digest = hashlib.sha256(f"{self.seed},{self.rank},{step}".encode()).digest()
+        return int.from_bytes(digest[:8], "little")
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.generator.manual_seed(self._batch_seed(self.step))
+        self.step += 1
+        u = torch.randint(int(self._cum[-1]), (self.batch_size,), generator=self.generator).numpy()
+        seg = np.searchsorted(self._cum, u, side="right")  # which segment each draw falls in
+        starts = self._seg_start[seg] + (u - self._cum_before[seg])
+        w = torch.from_numpy(np.stack([self.data[i:i + self.block_size + 1] for i in starts]).astype(np.int64))
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T) each
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "split": self.split, "batch_size": self.batch_size,
+                "block_size": self.block_size, "min_doc_len": self.min_doc_len}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue the saved stream: the saved seed and step win; a different batch or window shape warns."""
+        changed = [k for k in ("split", "batch_size", "block_size", "min_doc_len") if sd.get(k) != getattr(self, k)]
+        if changed:
+            warnings.warn(f"sampler state saved with different {', '.join(changed)}: batches will not repeat the "
+                          "original run's")
+        self.seed, self.step = sd["seed"], sd["step"]
