@@ -1,0 +1,214 @@
+"""Report pieces for evaluate.py: markdown tables and PNG plots from its results dict (or a results.json).
+
+    from plots import summary_markdown, plot_all
+    results = json.load(open("out/eval/results.json"))
+    print(summary_markdown(results)); plot_all(results, "out/eval")
+
+Matplotlib is optional: without it plot_all returns [] and the tables still carry every number. A model that
+cannot run a length (learned positions past their table) shows "cannot run", never a gap without a reason.
+"""
+
+from pathlib import Path
+
+CANNOT = "cannot run"
+SPANS = {"random": "random tokens of the text: only copying predicts them", "text": "a slice of other text"}
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _cell(entry, fmt):
+    return CANNOT if "cannot_run" in entry else fmt(entry)
+
+
+def _reasons(results, task, entries):
+    """One line per model that could not run part of a task, with the reason."""
+    out = []
+    for label, r in results["models"].items():
+        reasons = {e["cannot_run"] for e in entries(r.get(task)) if "cannot_run" in e} if task in r else set()
+        out += [f"- {label}: {CANNOT}: {reason}" for reason in sorted(reasons)]
+    return out
+
+
+def _multiple(n, L):
+    return f"{n // L}L" if n % L == 0 else f"{n / L:g}L"
+
+
+def summary_markdown(results):
+    """Markdown tables of every task in results, each saying how many documents / tokens / trials it rests on."""
+    models, L, max_len = results["models"], results["base_len"], results["max_len"]
+    labels = list(models)
+    docs = results["documents"]
+    out = ["# Long-context evaluation", "",
+           "Models: " + ", ".join(f"{k} ({m['pos_encoding']}, block_size {m['block_size']}"
+                                  + (f", {m['rope_scaling']}" if m["rope_scaling"] else "") + ")"
+                                  for k, m in models.items()) + ".",
+           f"Base (training) length L = {L}; max_len = {max_len}; data: {results['data_dir']}."]
+    have = lambda task: [k for k in labels if task in models[k]]  # noqa: E731
+
+    if have("position"):
+        ks = have("position")
+        p0 = models[ks[0]]["position"]
+        out += ["", "## Loss by position", "",
+                f"Mean loss ± std across documents, per bucket of positions (position p predicts token p + 1 from "
+                f"p + 1 tokens), on {docs['source']}: {p0['n_docs']} documents × {max_len} positions = "
+                f"{p0['n_docs'] * max_len} tokens per model (fewer where it cannot run). Rows marked ▸ are at or "
+                "past L.", ""]
+        rows = []
+        for i, b in enumerate(p0["buckets"]):
+            row = [f"{'▸ ' if b['lo'] >= L else ''}[{b['lo']}, {b['hi']})", p0["n_docs"] * (b["hi"] - b["lo"])]
+            rows.append(row + [_cell(models[k]["position"]["buckets"][i],
+                                     lambda e: f"{e['mean']:.3f} ± {e['std']:.3f}") for k in ks])
+        out += [_table(["positions", "tokens"] + ks, rows)] + _reasons(results, "position", lambda p: p["buckets"])
+
+    if have("ppl"):
+        ks = have("ppl")
+        wins = [e["window"] for e in models[ks[0]]["ppl"]]
+        n = next((e for k in ks for e in models[k]["ppl"] if "n_tokens" in e), {})
+        out += ["", "## Sliding-window perplexity", "",
+                f"Windows of W tokens, stride min(256, W/2), only the last `stride` targets of each window scored "
+                f"(Press et al.): every window size scores the same {n.get('n_tokens', '?')} tokens of "
+                f"{n.get('n_docs', '?')} documents.", ""]
+        rows = [[k] + [_cell(e, lambda e: f"{e['ppl']:.2f}") for e in models[k]["ppl"]] for k in ks]
+        out += [_table(["model"] + [f"W={w} ({_multiple(w, L)}, S={min(256, w // 2)})" for w in wins], rows)]
+        out += _reasons(results, "ppl", lambda p: p)
+
+    if have("short"):
+        ks = have("short")
+        ref = models[ks[0]]["short"]["loss"]
+        s0 = models[ks[0]]["short"]
+        out += ["", "## Short-context loss", "",
+                f"Mean loss on windows of L = {s0['base_len']} tokens spread over the val split ({s0['n_tokens']} "
+                f"tokens); Δ against {ks[0]}.", ""]
+        rows = [[k, f"{models[k]['short']['loss']:.4f}", f"{models[k]['short']['ppl']:.2f}",
+                 f"{models[k]['short']['loss'] - ref:+.4f}"] for k in ks]
+        out += [_table(["model", "loss", "ppl", "Δ loss"], rows)]
+
+    if have("passkey"):
+        ks = have("passkey")
+        pk = models[ks[0]]["passkey"]
+        lens = [e["length"] for e in pk["by_length"]]
+        out += ["", "## Passkey retrieval", "",
+                f"Accuracy (%) by context length (prompt + 8 generated tokens), greedy decoding; "
+                f"{pk['trials'] * len(pk['depths'])} prompts per cell: {pk['trials']} random key(s) at each depth "
+                f"{', '.join(f'{d:g}' for d in pk['depths'])}.", ""]
+        rows = [[k] + [_cell(e, lambda e: f"{100 * e['accuracy']:.0f}") for e in models[k]["passkey"]["by_length"]]
+                for k in ks]
+        out += [_table(["model"] + [f"{n} ({_multiple(n, L)})" for n in lens], rows)]
+        out += _reasons(results, "passkey", lambda p: p["by_length"])
+
+    if have("recall"):
+        ks = have("recall")
+        rc = models[ks[0]]["recall"]
+        ds = rc["by_distance"]
+        n_probes = next((e["n_probes"] for e in ds if "n_probes" in e), "?")
+        out += ["", "## Long-range recall", "",
+                f"A span of {rc['span_len']} tokens ({SPANS.get(rc['kind'], rc['kind'])}) inside val text, repeated d "
+                f"tokens later. Loss, first copy → second copy (greedy token accuracy, first → second); the first "
+                f"token of each copy is not scored; {n_probes} probes per distance. Distances ≥ L = {L} were never "
+                "seen in training.", ""]
+        rows = [[k] + [_cell(e, lambda e: f"{e['first_copy_loss']:.2f} → {e['loss']:.2f} "
+                                          f"({100 * e['first_copy_accuracy']:.0f}% → {100 * e['accuracy']:.0f}%)")
+                       for e in models[k]["recall"]["by_distance"]] for k in ks]
+        out += [_table(["model"] + [f"d={e['distance']}" for e in ds], rows)]
+        out += _reasons(results, "recall", lambda p: p["by_distance"])
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_all(results, out_dir):
+    """Write the PNGs for the tasks present; returns their paths ([] without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task, fn in (("position", _plot_position), ("ppl", _plot_ppl), ("passkey", _plot_passkey),
+                     ("recall", _plot_recall)):
+        ks = [k for k, r in results["models"].items() if task in r]
+        if ks:
+            fig = fn(plt, results, ks)
+            paths.append(out_dir / f"{task}.png")
+            fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+            plt.close(fig)
+    return paths
+
+
+def _wall(ax, L, label="training length L"):
+    ax.axvline(L, color="gray", linestyle="--", linewidth=1, label=label)
+
+
+def _lines(ax, results, ks, task, entries, x, y, logx=True):
+    """One line per model over its runnable entries; "cannot run" written where the line stops."""
+    for i, k in enumerate(ks):
+        es = entries(results["models"][k][task])
+        ok = [e for e in es if "cannot_run" not in e]
+        line, = ax.plot([x(e) for e in ok], [y(e) for e in ok], marker="o", markersize=3, label=k)
+        if es and "cannot_run" in es[-1] and ok:  # the wall: say where the line stops
+            ax.annotate(f"{k}: {CANNOT} past here →", (x(ok[-1]), y(ok[-1])), color=line.get_color(), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        elif not ok:
+            ax.annotate(f"{k}: {CANNOT}", (0.02, 0.95 - 0.06 * i), xycoords="axes fraction", color=line.get_color(),
+                        fontsize=8)
+    if logx:
+        from matplotlib.ticker import FuncFormatter
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 256, not 2^8
+
+
+def _plot_position(plt, results, ks):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    center = lambda b: ((b["lo"] + 1) * b["hi"]) ** 0.5  # noqa: E731  geometric middle of the context sizes
+    _lines(ax, results, ks, "position", lambda p: p["buckets"], center, lambda b: b["mean"])
+    for k, line in zip(ks, ax.get_lines()):
+        ok = [b for b in results["models"][k]["position"]["buckets"] if "cannot_run" not in b]
+        n = results["models"][k]["position"]["n_docs"]
+        ax.fill_between([center(b) for b in ok], [b["mean"] - b["std"] / n ** 0.5 for b in ok],
+                        [b["mean"] + b["std"] / n ** 0.5 for b in ok], color=line.get_color(), alpha=0.2)
+    _wall(ax, results["base_len"])
+    p0 = results["models"][ks[0]]["position"]
+    ax.set(xlabel="token position (context size)", ylabel="loss (band: ± std error across documents)",
+           title=f"Loss by position: {p0['n_docs']} documents of ≥ {results['max_len'] + 1} tokens")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_ppl(plt, results, ks):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _lines(ax, results, ks, "ppl", lambda p: p, lambda e: e["window"], lambda e: e["ppl"])
+    _wall(ax, results["base_len"])
+    ax.set(xlabel="window (tokens)", ylabel="perplexity", yscale="log", title="Sliding-window perplexity")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_passkey(plt, results, ks):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _lines(ax, results, ks, "passkey", lambda p: p["by_length"], lambda e: e["length"], lambda e: 100 * e["accuracy"])
+    _wall(ax, results["base_len"])
+    ax.set(xlabel="context length (tokens)", ylabel="passkey accuracy (%)", ylim=(-5, 105), title="Passkey retrieval")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_recall(plt, results, ks):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, y, name in ((a1, lambda e: e["loss"], "loss on the second copy"),
+                        (a2, lambda e: 100 * e["accuracy"], "greedy accuracy on the second copy (%)")):
+        _lines(ax, results, ks, "recall", lambda p: p["by_distance"], lambda e: e["distance"], y)
+        for k, line in zip(ks, ax.get_lines()):  # dashed: the first copy, where there is nothing to copy
+            ok = [e for e in results["models"][k]["recall"]["by_distance"] if "cannot_run" not in e]
+            y1 = (lambda e: e["first_copy_loss"]) if ax is a1 else (lambda e: 100 * e["first_copy_accuracy"])
+            ax.plot([e["distance"] for e in ok], [y1(e) for e in ok], linestyle=":", color=line.get_color())
+        _wall(ax, results["base_len"], "distance = L")
+        ax.set(xlabel="distance d between the copies (tokens)", ylabel=f"{name} (dotted: first copy)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Long-range recall ({results['models'][ks[0]]['recall']['span_len']}-token span)")
+    return fig

@@ -1,0 +1,290 @@
+"""evaluate.py on tiny random models (CPU): bucketing, sliding windows, passkey prompts, recall probes, the wall."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
+
+
+def tiny(pos="rope", block_size=32, vocab_size=256, n_layer=1):
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=32,
+                         pos_encoding=pos)).eval()
+
+
+def random_docs(n, length, vocab=256, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, length) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- buckets and loss by position
+
+@pytest.mark.parametrize("max_len, base_len", [(2048, 256), (512, 64), (100, 256), (1000, 48), (64, 64), (32768, 1024)])
+def test_buckets_cover_positions_with_an_edge_at_base_len(max_len, base_len):
+    buckets = ev.position_buckets(max_len, base_len)
+    assert buckets[0][0] == 0 and buckets[-1][1] == max_len
+    assert all(lo < hi for lo, hi in buckets)
+    assert all(a[1] == b[0] for a, b in zip(buckets, buckets[1:]))  # no gaps, no overlaps
+    edges = [lo for lo, _ in buckets]
+    if base_len < max_len:
+        assert base_len in edges
+    assert all(hi / lo <= 2.01 for lo, hi in buckets[1:])  # log-spaced: at most an octave each
+
+
+def direct_position_losses(model, docs, T):
+    x = torch.tensor(np.stack([d[:T] for d in docs]))
+    y = torch.tensor(np.stack([d[1:T + 1] for d in docs]))
+    with torch.no_grad():
+        return model(x, y, reduction="none")[1]  # (n_docs, T)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "sinusoidal"])
+def test_loss_by_position_matches_a_direct_computation(pos):
+    model, docs = tiny(pos), random_docs(5, 80)
+    buckets = ev.position_buckets(64, 16)
+    out = ev.loss_by_position(model, docs, 64, buckets, batch_size=2)
+    direct = direct_position_losses(model, docs, 64)
+    assert out["n_docs"] == 5 and out["n_tokens"] == 5 * 64 and out["cannot_run"] is None
+    for b in out["buckets"]:
+        per_doc = direct[:, b["lo"]:b["hi"]].mean(1)
+        torch.testing.assert_close(b["mean"], direct[:, b["lo"]:b["hi"]].mean().item(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b["std"], per_doc.std().item(), rtol=1e-4, atol=1e-5)
+        assert b["n_tokens"] == 5 * (b["hi"] - b["lo"])
+
+
+def test_a_model_that_knows_nothing_has_loss_ln_vocab_at_every_position():
+    model = tiny("rope")
+    for p in model.parameters():
+        p.data.zero_()  # zero logits: the uniform distribution
+    out = ev.loss_by_position(model, random_docs(3, 70), 64, ev.position_buckets(64, 16))
+    for b in out["buckets"]:
+        assert b["mean"] == pytest.approx(math.log(256), abs=1e-4) and b["std"] == pytest.approx(0, abs=1e-4)
+
+
+def test_learned_positions_past_their_table_cannot_run_instead_of_crashing():
+    model, docs = tiny("learned", block_size=32), random_docs(3, 70)
+    out = ev.loss_by_position(model, docs, 64, ev.position_buckets(64, 32))
+    assert out["evaluated_len"] == 32 and "learned" in out["cannot_run"]
+    direct = direct_position_losses(model, docs, 32)
+    for b in out["buckets"]:
+        if b["hi"] <= 32:
+            assert b["mean"] == pytest.approx(direct[:, b["lo"]:b["hi"]].mean().item(), abs=1e-5)
+        else:
+            assert b["cannot_run"] and "mean" not in b
+    assert "cannot_run" in ev.sliding_window_ppl(model, docs, 64)
+    assert "loss" in ev.sliding_window_ppl(model, docs, 32)
+    rec = ev.recall_by_distance(model, docs[0], [8, 40], span_len=4, trials=2, prefix_len=4)["by_distance"]
+    assert "accuracy" in rec[0] and "cannot_run" in rec[1]
+
+
+# ----------------------------------------------------------------------------- sliding windows
+
+@pytest.mark.parametrize("n, window, stride", [(100, 32, 16), (33, 32, 16), (10, 32, 16), (257, 64, 64), (200, 50, 7)])
+def test_sliding_windows_score_every_target_once_with_enough_context(n, window, stride):
+    scored = []
+    for i, (begin, end, new) in enumerate(ev.sliding_windows(n, window, stride)):
+        assert end - begin <= window and 0 < new <= end - begin
+        scored += range(end - new + 1, end + 1)  # tokens predicted by the last `new` inputs
+        if i > 0:
+            assert end - new - begin >= window - stride  # the first scored token sees >= W - S of context
+    assert sorted(scored) == list(range(1, n))
+
+
+def test_sliding_window_ppl_counts_and_plain_loss():
+    model, docs = tiny("rope"), random_docs(2, 90)
+    out = ev.sliding_window_ppl(model, docs, 32, stride=8, batch_size=3)
+    assert out["n_tokens"] == sum(len(d) - 1 for d in docs) and out["stride"] == 8
+    # batching pads windows of different lengths: the result must not depend on it
+    one_by_one = ev.sliding_window_ppl(model, docs, 32, stride=8, batch_size=1)
+    assert one_by_one["loss"] == pytest.approx(out["loss"], rel=1e-5)
+    # a window that holds the whole document is the plain loss
+    d = docs[0][:30]
+    with torch.no_grad():
+        plain = model(torch.tensor(d[None, :-1]), torch.tensor(d[None, 1:]))[1].item()
+    whole = ev.sliding_window_ppl(model, d, 32)
+    assert whole["n_tokens"] == 29 and whole["loss"] == pytest.approx(plain, rel=1e-5)
+    assert whole["ppl"] == pytest.approx(math.exp(plain), rel=1e-5)
+    assert ev.sliding_window_ppl(model, docs, 32)["stride"] == 16  # default: min(256, window // 2)
+
+
+def test_short_context_loss_is_the_mean_over_its_windows():
+    model, tokens = tiny("alibi"), random_docs(1, 500)[0]
+    out = ev.short_context_loss(model, tokens, 16, n_windows=4, batch_size=3)
+    starts = np.linspace(0, len(tokens) - 17, 4).astype(int)
+    w = torch.tensor(np.stack([tokens[s:s + 17] for s in starts]))
+    with torch.no_grad():
+        expect = model(w[:, :-1], w[:, 1:])[1].item()
+    assert out["loss"] == pytest.approx(expect, rel=1e-5) and out["n_tokens"] == 64
+
+
+# ----------------------------------------------------------------------------- passkey
+
+@pytest.fixture(scope="module")
+def enc():
+    return get_tokenizer()
+
+
+@pytest.mark.parametrize("n_tokens", [100, 333, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_passkey_prompt_is_the_standard_prompt_at_the_requested_depth(enc, n_tokens, depth):
+    tokens = ev.passkey_prompt(enc, n_tokens, depth, 31415)
+    assert n_tokens - 8 < len(tokens) <= n_tokens  # short by less than one filler sentence
+    text = enc.decode(tokens)
+    assert enc.encode(text) == tokens  # the model sees exactly what the text says
+    task, before, key_line, after, question = text.split("\n")
+    assert task == ev.PASSKEY_TASK and question == ev.PASSKEY_QUESTION
+    assert key_line == "The pass key is 31415. Remember it. 31415 is the pass key."
+    cycle = " ".join(ev.PASSKEY_FILLER * 400)
+    assert cycle.startswith(before) and cycle.startswith(after)  # whole filler sentences, in order
+    n_before, n_after = before.count("."), after.count(".")
+    assert n_before + n_after > 0 and abs(n_before - depth * (n_before + n_after)) <= 1
+
+
+def test_passkey_prompt_too_short_says_so(enc):
+    with pytest.raises(ValueError, match="needs at least"):
+        ev.passkey_prompt(enc, 20, 0.5, 1)
+
+
+@pytest.mark.parametrize("text, key", [("12345.", 12345), (" 12345 is the pass key", 12345), ("no number", None),
+                                       ("", None), ("\n 7 and 8", 7), (" 4821", 4821)])
+def test_parse_passkey(text, key):
+    assert ev.parse_passkey(text) == key
+
+
+def test_passkey_accuracy_reads_the_continuation(enc, monkeypatch):
+    import sample
+
+    def oracle(offset):  # a "model" that answers key + offset
+        def generate(model, idx, max_new_tokens, **kw):
+            key = ev.parse_passkey(enc.decode(idx[0].tolist()).split("The pass key is")[1])
+            return torch.cat((idx, torch.tensor([enc.encode(f" {key + offset}. The")])), dim=1)
+        return generate
+
+    model = tiny("rope", vocab_size=50304)
+    monkeypatch.setattr(sample, "generate", oracle(0))
+    out = ev.passkey_accuracy(model, enc, [128, 256], depths=(0.0, 1.0), trials=2)
+    assert [r["accuracy"] for r in out["by_length"]] == [1.0, 1.0]
+    monkeypatch.setattr(sample, "generate", oracle(1))
+    assert ev.passkey_accuracy(model, enc, [128], depths=(0.5,), trials=2)["by_length"][0]["accuracy"] == 0.0
+
+
+def test_passkey_accuracy_on_a_real_model_and_past_the_wall(enc):
+    rope, learned = tiny("rope", vocab_size=50304), tiny("learned", block_size=128, vocab_size=50304)
+    out = ev.passkey_accuracy(rope, enc, [40, 128], depths=(0.0, 0.5), trials=1)
+    assert "prompt needs at least" in out["by_length"][0]["cannot_run"]
+    assert 0.0 <= out["by_length"][1]["accuracy"] <= 1.0 and out["by_length"][1]["n_trials"] == 2
+    out = ev.passkey_accuracy(learned, enc, [128, 256], depths=(0.5,), trials=1)
+    assert "accuracy" in out["by_length"][0] and "learned" in out["by_length"][1]["cannot_run"]
+
+
+# ----------------------------------------------------------------------------- recall probe
+
+@pytest.mark.parametrize("kind", ["random", "text"])
+@pytest.mark.parametrize("span_len, distance, prefix_len", [(4, 4, 0), (8, 50, 5), (16, 300, 32)])
+def test_recall_probe_repeats_the_span_at_exactly_distance_d(kind, span_len, distance, prefix_len):
+    src = np.arange(20000) % 5000  # consecutive ids: ordinary "text" has step 1 outside the copies
+    idx, mask = ev.recall_probe(src, span_len, distance, np.random.default_rng(0), prefix_len, kind)
+    T = prefix_len + distance + span_len
+    assert idx.shape == mask.shape == (T,)
+    first, second = idx[prefix_len:prefix_len + span_len], idx[prefix_len + distance:]
+    assert torch.equal(first, second)
+    expect = torch.zeros(T, dtype=torch.bool)
+    expect[prefix_len + distance + 1:] = True  # the second copy except its first token
+    assert torch.equal(mask, expect)
+    outside = [i for i in range(T) if not (prefix_len <= i < prefix_len + span_len or i >= prefix_len + distance)]
+    steps = [(idx[j] - idx[i]) % 5000 for i, j in zip(outside, outside[1:]) if j == i + 1]
+    assert all(s == 1 for s in steps)  # the rest is an untouched slice of the source
+    with pytest.raises(ValueError, match="overlap"):
+        ev.recall_probe(src, span_len, span_len - 1, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
+def test_recall_scores_equal_the_full_forward(pos):
+    """The KV-cache path (logits only for the second copy) gives the full forward's losses and argmaxes."""
+    model, src = tiny(pos, block_size=64, n_layer=2), random_docs(1, 2000)[0]
+    rng = np.random.default_rng(1)
+    idx, mask = (torch.stack(t) for t in zip(*[ev.recall_probe(src, 6, 20, rng, 8) for _ in range(3)]))
+    loss, hit, m = ev.scored_predictions(model, idx, mask)
+    with torch.no_grad():
+        logits = model(idx[:, :-1])[0]  # (B, T-1, V)
+    full_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")
+    S = m.size(1)
+    torch.testing.assert_close(loss, full_loss[:, -S:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(hit, logits[:, -S:].argmax(-1) == idx[:, -S:]) and torch.equal(m, mask[:, -S:])
+
+
+def test_recall_by_distance_reports_both_copies():
+    model, src = tiny("rope", block_size=64, n_layer=2), random_docs(1, 2000)[0]
+    out = ev.recall_by_distance(model, src, [6, 20], span_len=6, trials=3, prefix_len=8, batch_size=2)
+    # recompute d=20 from the same probes with one full forward: copies at 8..13 and 28..33
+    rng, vocab = np.random.default_rng([0, 20]), np.unique(src)
+    idx = torch.stack([ev.recall_probe(src, 6, 20, rng, 8, "random", vocab)[0] for _ in range(3)])
+    with torch.no_grad():
+        logits = model(idx[:, :-1])[0]
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")
+    hit = (logits.argmax(-1) == idx[:, 1:]).float()
+    r = out["by_distance"][1]
+    assert r["n_tokens"] == 3 * 5 and r["n_probes"] == 3 and r["length"] == 34
+    assert r["first_copy_loss"] == pytest.approx(loss[:, 8:13].mean().item(), rel=1e-4)
+    assert r["loss"] == pytest.approx(loss[:, 28:33].mean().item(), rel=1e-4)
+    assert r["first_copy_accuracy"] == pytest.approx(hit[:, 8:13].mean().item())
+    assert r["accuracy"] == pytest.approx(hit[:, 28:33].mean().item())
+    assert r["exact"] == pytest.approx((hit[:, 28:33] == 1).all(1).float().mean().item())
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from data.prepare import prepare
+    root, out = tmp_path_factory.mktemp("text"), tmp_path_factory.mktemp("prepared")
+    for i in range(10):
+        (root / f"doc{i}.txt").write_text(" ".join(f"word{i}_{j % 97}" for j in range(60 + 40 * i)))
+    prepare(str(root), out, val_fraction=0.4, quiet=True)
+    return out
+
+
+def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
+    models = {"learned": tiny("learned", vocab_size=50304), "rope": tiny("rope", vocab_size=50304)}
+    res = ev.evaluate(models, corpus, 128, tmp_path, n_docs=3, passkey_trials=1, recall_trials=2, span_len=4)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["base_len"] == 32 and set(saved["models"]) == {"learned", "rope"}
+    for r in saved["models"].values():
+        assert set(ev.TASKS) <= set(r)
+    assert [e["window"] for e in res["models"]["rope"]["ppl"]] == [32, 64, 128]
+    assert "cannot_run" in res["models"]["learned"]["ppl"][1] and "ppl" in res["models"]["rope"]["ppl"][2]
+    assert res["documents"]["n_docs"] == 3 and "TRAIN" not in res["documents"]["source"]
+    docs, note = ev.held_out_documents(corpus, 129, 20)  # more than val holds: topped up from train, and said
+    assert "TRAIN" in note and len(docs) > len(ev.held_out_documents(corpus, 129, 3)[0])
+    md = (tmp_path / "summary.md").read_text()
+    for heading in ("Loss by position", "Sliding-window perplexity", "Short-context loss", "Passkey", "recall"):
+        assert heading in md
+    assert "cannot run" in md and "learned positions stop at 32" in md
+    flat = ev.scalars(res)
+    assert "rope/ppl@128" in flat and "learned/ppl@128" not in flat and "learned/short_loss" in flat
+    pytest.importorskip("matplotlib")
+    assert all((tmp_path / f"{t}.png").stat().st_size > 0 for t in ("position", "ppl", "passkey", "recall"))
+
+
+def test_cli_runs_a_checkpoint_and_fails_in_one_line(corpus, tmp_path, capsys):
+    import dataclasses
+    model = tiny("alibi", vocab_size=50304)
+    ckpt = tmp_path / "alibi" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)},
+                "format_version": 1, "step": 0}, ckpt)
+    ev.main([f"--ckpt={ckpt}", f"--data_dir={corpus}", "--max_len=64", f"--out_dir={tmp_path / 'eval'}",
+             "--tasks=position,ppl,short", "--n_docs=2", "--device=cpu"])
+    out = capsys.readouterr()
+    assert "| alibi |" in out.out and "[eval" in out.err
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["alibi"]["pos_encoding"] == "alibi"
+    with pytest.raises(SystemExit, match="evaluate: no checkpoint at"):
+        ev.main([f"--ckpt={tmp_path / 'missing.pt'}", f"--data_dir={corpus}"])
+    with pytest.raises(SystemExit, match="evaluate: no prepared data"):
+        ev.main([f"--ckpt={ckpt}", f"--data_dir={tmp_path / 'nodata'}"])
+    with pytest.raises(SystemExit, match="unknown task"):
+        ev.main([f"--ckpt={ckpt}", f"--data_dir={corpus}", "--tasks=position,wall"])
