@@ -271,6 +271,9 @@ class RoPE(PositionScheme):
 
     scalable = ROPE_TYPES
 
+    def no_scaling_reason(self, config):  # only an unknown rope_type gets here
+        return f"unknown rope_type {config.rope_scaling.get('rope_type')!r}; choose one of {', '.join(ROPE_TYPES)}"
+
     def __init__(self, config):
         super().__init__(config)
         self.rot_dim = self.rotated_dim(config)

@@ -1,0 +1,174 @@
+"""extend_context.py end to end on CPU: train a tiny RoPE model at 32 tokens, extend it x4 with Position
+Interpolation to 128, and check that a few dozen fine-tuning steps beat the unscaled model at 128.
+
+The corpus is a few standard-library packages copied under our own file names, so the train/val split
+(a hash of the name) does not depend on the Python version.
+"""
+
+import glob
+import os
+import re
+import sysconfig
+
+import pytest
+import torch
+
+import extend_context
+import train
+from config import ConfigError, TrainConfig
+from data.loader import BatchSampler
+from data.prepare import prepare
+from model import GPTConfig
+
+BASE_LEN, TARGET_LEN = 32, 128
+PACKAGES = ("email", "json", "http", "logging", "importlib", "asyncio")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extend")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for pkg in PACKAGES for f in glob.glob(os.path.join(stdlib, pkg, "*.py")))
+    (root / "text").mkdir()
+    for i, path in enumerate(files):
+        with open(path, encoding="utf-8") as f:
+            (root / "text" / f"doc{i:03d}.txt").write_text(f.read(), encoding="utf-8")
+    prepare(str(root / "text"), root / "data", val_fraction=0.2, quiet=True)
+    return root
+
+
+def train_tiny(root, name, pos_encoding="rope", max_iters=150):
+    cfg = TrainConfig(out_dir=str(root / name), data_dir=str(root / "data"), batch_size=8, max_iters=max_iters,
+                      learning_rate=3e-3, min_lr=3e-4, warmup_iters=10, eval_interval=10_000, eval_iters=2,
+                      log_interval=50, ckpt_interval=10_000, seed=0,
+                      model=GPTConfig(block_size=BASE_LEN, n_layer=2, n_head=2, n_embd=64, pos_encoding=pos_encoding))
+    return train.main(cfg)["ckpt"]
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(corpus):
+    return train_tiny(corpus, "base")
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(corpus):  # a few steps: enough for tests about files, configs and messages
+    return train_tiny(corpus, "quick", max_iters=5)
+
+
+def val_loss(ckpt, data_dir, T=TARGET_LEN, batches=8):
+    """Mean loss on the same fixed validation windows of length T for every model."""
+    model, _ = train.model_from_checkpoint(ckpt)
+    sampler = BatchSampler(data_dir, "val", 8, T, seed=123)
+    with torch.no_grad():
+        return sum(model(*sampler.next())[1].item() for _ in range(batches)) / batches
+
+
+@pytest.mark.slow
+def test_position_interpolation_fine_tune_beats_the_unscaled_model_at_4x(corpus, trained_ckpt, capsys):
+    base_ckpt = trained_ckpt
+    path = extend_context.extend(base_ckpt, "linear", factor=4, steps=40, out_dir=str(corpus / "pi"),
+                                 learning_rate=1e-3, batch_size=4, eval_iters=2, log_interval=20)
+    out = capsys.readouterr().out
+    assert "training documents have >= 129 tokens" in out
+    assert "step 40 | val loss" in out  # train.py's own loop and logging
+    ckpt = train.load_checkpoint(path)
+    assert ckpt["step"] == 40 and ckpt["config"]["min_doc_len"] == TARGET_LEN + 1
+    assert ckpt["config"]["model"]["block_size"] == TARGET_LEN
+    assert ckpt["config"]["model"]["rope_scaling"] == {"rope_type": "linear", "factor": 4.0,
+                                                       "original_max_position_embeddings": BASE_LEN}
+    record = ckpt["extension"]
+    assert record["method"] == "linear" and record["factor"] == 4.0 and record["steps"] == 40
+    assert record["original_len"] == BASE_LEN and record["base_step"] == 150
+    assert record["base_ckpt"] == os.path.abspath(base_ckpt)
+
+    data = str(corpus / "data")
+    unscaled, extended = val_loss(base_ckpt, data), val_loss(path, data)
+    print(f"loss at {TARGET_LEN}: unscaled base {unscaled:.4f}, PI x4 after 40 steps {extended:.4f} "
+          f"(base at its own length {val_loss(base_ckpt, data, T=BASE_LEN):.4f})")
+    assert extended < unscaled
+
+
+def test_training_free_extension_writes_the_scaled_checkpoint(corpus, base_ckpt):
+    path = extend_context.extend(base_ckpt, "yarn", target_len=TARGET_LEN, steps=0, out_dir=str(corpus / "yarn0"))
+    ckpt, base = train.load_checkpoint(path), train.load_checkpoint(base_ckpt)
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": BASE_LEN}
+    assert ckpt["config"]["model"]["rope_scaling"] == scaling
+    assert ckpt["config"]["model"]["block_size"] == TARGET_LEN
+    assert ckpt["extension"]["steps"] == 0 and ckpt["extension"]["base_step"] == base["step"] == 5
+    for k, v in base["model"].items():  # training-free: the very same weights
+        assert torch.equal(ckpt["model"][k], v), k
+
+    # sampling and evaluation load the scaling from the checkpoint; another one needs an explicit override
+    model, _ = train.model_from_checkpoint(path)
+    assert model.config.rope_scaling == scaling and model.transformer.pos.scaling == scaling
+    other = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": BASE_LEN}
+    model, _ = train.model_from_checkpoint(path, override_scaling=other)
+    assert model.config.rope_scaling == other
+
+    # a second extension counts from the original length, not from the extended one
+    again = extend_context.extend(path, "yarn", target_len=4 * TARGET_LEN, steps=0, out_dir=str(corpus / "yarn1"))
+    assert train.load_checkpoint(again)["config"]["model"]["rope_scaling"] == {**scaling, "factor": 16.0}
+
+
+def test_too_few_long_documents_falls_back_to_concatenated_documents(corpus, base_ckpt, capsys):
+    short = corpus / "short"
+    short.mkdir()
+    for i in range(40):  # ~60 tokens each: no document holds a 129-token window
+        (short / f"doc{i:02d}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(30)))
+    prepare(str(short), corpus / "short_data", val_fraction=0.2, quiet=True)
+    path = extend_context.extend(base_ckpt, "linear", factor=4, steps=2, out_dir=str(corpus / "fallback"),
+                                 data_dir=str(corpus / "short_data"), batch_size=2, eval_iters=1)
+    out = capsys.readouterr().out
+    assert re.search(r"short_data: 0 of \d+ training documents have >= 129 tokens", out)
+    assert "too few long documents" in out and "concatenated documents" in out
+    ckpt = train.load_checkpoint(path)
+    assert ckpt["config"]["min_doc_len"] == 0 and ckpt["extension"]["n_long_docs"] == 0
+
+
+def test_learned_checkpoint_cannot_be_extended(corpus, capsys):
+    learned = train_tiny(corpus, "learned", pos_encoding="learned", max_iters=1)
+    with pytest.raises(ValueError, match="learned positions cannot be scaled"):
+        extend_context.extend(learned, "linear", factor=4, steps=0, out_dir=str(corpus / "nope"))
+    with pytest.raises(SystemExit) as e:  # the command line: one line, no traceback
+        extend_context.main([f"--ckpt={learned}", "--method=yarn", "--factor=4", "--steps=0"])
+    assert str(e.value).startswith("error: cannot extend") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(pos_encoding="alibi"), "ALiBi needs no scaling"),
+    (dict(pos_encoding="none"), "nothing to scale"),
+    (dict(pos_encoding="sinusoidal"), "sinusoidal positions can only be interpolated"),
+    (dict(), "unknown method 'longrope'"),
+])
+def test_schemes_that_cannot_take_the_method_say_why(kw, message):
+    method = "longrope" if not kw else "yarn"
+    with pytest.raises(ValueError, match=message):
+        extend_context.check_extendable(GPTConfig(**kw), method, "ckpt.pt")
+    extend_context.check_extendable(GPTConfig(pos_encoding="sinusoidal"), "linear", "ckpt.pt")  # allowed
+
+
+def test_factor_and_target_len():
+    cfg = GPTConfig(block_size=4096)
+    scaling, target = extend_context.rope_scaling_for(cfg, "yarn", target_len=32768)
+    assert scaling == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}
+    assert target == 32768
+    scaling, target = extend_context.rope_scaling_for(cfg, "llama3", factor=2.5, params={"high_freq_factor": 8})
+    assert target == 10240 and scaling["high_freq_factor"] == 8
+    with pytest.raises(ValueError, match="exactly one of --factor or --target_len"):
+        extend_context.rope_scaling_for(cfg, "linear", factor=4, target_len=16384)
+    with pytest.raises(ValueError, match="factor >= 1"):
+        extend_context.rope_scaling_for(cfg, "linear", target_len=1024)
+    with pytest.raises(ValueError, match="unknown rope_scaling key"):
+        extend_context.rope_scaling_for(cfg, "yarn", factor=4, params={"beta_fats": 16})
+
+
+def test_command_line_keys_are_checked(corpus, base_ckpt):
+    with pytest.raises(ConfigError, match="unknown config key 'stpes' \\(did you mean 'steps'\\?\\)"):
+        extend_context.parse_args([f"--ckpt={base_ckpt}", "--method=linear", "--stpes=3"])
+    with pytest.raises(ConfigError, match="missing --method"):
+        extend_context.parse_args([f"--ckpt={base_ckpt}", "--factor=4"])
+    kwargs = extend_context.parse_args([f"--ckpt={base_ckpt}", "--method=linear", "--factor=4", "--steps=0",
+                                        "--lerning_rate=1e-3"])
+    assert kwargs["factor"] == 4.0 and kwargs["steps"] == 0 and kwargs["base_ckpt"] == base_ckpt
+    with pytest.raises(ConfigError, match="unknown config key 'lerning_rate' \\(did you mean 'learning_rate'\\?\\)"):
+        extend_context.extend(**kwargs, out_dir=str(corpus / "typo"))
