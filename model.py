@@ -60,17 +60,20 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, with an explicit position.
+    """Preallocated keys (already rotated) and values for every layer, with an explicit position.
 
-    Keys are stored before rotation: RoPE rotates them at each step, which keeps dynamic NTK (frequencies
-    that depend on the current length) exact, at the cost of one cheap elementwise pass over the cache.
+    It also keeps the tokens: when the meaning of positions changes with the length (dynamic NTK), every
+    layer's cached keys and values are stale, and the model recomputes them from the tokens. So cached
+    decoding equals the full forward for every scheme and scaling, exactly.
     """
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
         shape = (n_layer, batch_size, n_head, max_len, head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.pos = 0  # tokens already in the cache
+        self.key = None  # the position scheme's cache_key when the cache was filled
 
     @property
     def max_len(self):
@@ -95,9 +98,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k = scheme.rotate(q, k, q_pos)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), all keys so far, unrotated
-        q, k = scheme.rotate(q, k, q_pos, k_pos)
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs): every key so far
         y = self.attend(q, k, v, scheme, q_pos, k_pos)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -111,6 +114,8 @@ class CausalSelfAttention(nn.Module):
         bias = scheme.attn_bias(q_pos, k_pos)  # (nh, Tq, Tk) or None
         if bias is None and Tq == Tk:  # no bias, no cache: the flash kernel
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if Tq == 1:  # one new query sees every key: no mask, so SDPA keeps its fast decode kernels
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         # Queries at the end of a longer key sequence (KV cache): causal by absolute position.
         future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
         if bias is None:
@@ -194,11 +199,15 @@ class GPT(nn.Module):
         With targets: logits None and the loss (mean over targets != -1, or (B, T) with reduction="none"),
         computed in chunks so the full fp32 logits never exist."""
         B, T = idx.size()
+        scheme = self.transformer.pos
         start = kv_cache.pos if kv_cache is not None else 0
         end = start + T
-        if kv_cache is not None and end > kv_cache.max_len:
-            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {end} are needed: make a larger cache")
-        scheme = self.transformer.pos
+        if kv_cache is not None:
+            if end > kv_cache.max_len:
+                raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {end} are needed: make a larger cache")
+            kv_cache.tokens[:, start:end] = idx
+            if scheme.cache_key(end) != kv_cache.key:  # positions changed meaning: recompute the whole cache
+                idx, start, kv_cache.pos, kv_cache.key = kv_cache.tokens[:, :end], 0, 0, scheme.cache_key(end)
         scheme.prepare(end, idx.device)  # tables built once here, sliced by every layer
         k_pos = torch.arange(end, device=idx.device)
         q_pos = k_pos[start:]
@@ -212,7 +221,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, scheme, q_pos, k_pos, use_reentrant=False)
             else:
                 x = block(x, scheme, q_pos, k_pos, kv_cache, layer)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x[:, -T:])  # (B, T, C): only the positions asked for
         if kv_cache is not None:
             kv_cache.pos = end
         if targets is None:

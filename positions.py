@@ -2,7 +2,7 @@
 
 A scheme acts in exactly one of three places, and the model calls all three hooks unconditionally:
   embed(pos)                  -> (T, C) added to the token embeddings    learned, sinusoidal
-  rotate(q, k, q_pos, k_pos)  -> q and k rotated by their positions      rope
+  rotate(q, k, pos)           -> q and k rotated by their positions      rope
   attn_bias(q_pos, k_pos)     -> (nh, Tq, Tk) additive logit bias        alibi
 plus `score_mod()`, the FlexAttention form of the same bias, so a GPU never builds a T x T float tensor.
 
@@ -173,10 +173,15 @@ class PositionScheme(nn.Module):
         """Called once per forward with the total length (cached keys included): build tables, or raise
         if positions 0..seq_len-1 cannot be represented."""
 
+    def cache_key(self, seq_len):
+        """Changes when what a position means changes with the length (dynamic NTK): cached keys and values
+        computed under another key are stale, and the model recomputes them."""
+        return None
+
     def embed(self, pos):
         return None
 
-    def rotate(self, q, k, q_pos, k_pos):
+    def rotate(self, q, k, pos):
         return q, k
 
     def attn_bias(self, q_pos, k_pos):
@@ -246,7 +251,7 @@ class ALiBi(PositionScheme):
 
     def attn_bias(self, q_pos, k_pos):
         distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
-        return -self.slopes[:, None, None] * distance  # (nh, Tq, Tk)
+        return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk); fp32 even after model.half()
 
     def score_mod(self):
         # Built once per device: a new function object on every call would recompile FlexAttention.
@@ -264,9 +269,7 @@ class ALiBi(PositionScheme):
 class RoPE(PositionScheme):
     """Rotary position embedding (RoFormer) with partial rotary, both pairings and optional scaling.
 
-    cos/sin are fp32, built from integer positions (never stored in bf16). Keys arrive unrotated from the
-    KV cache and are rotated here at every call, so dynamic NTK (whose frequencies depend on the current
-    length) gives the same result cached or uncached.
+    cos/sin are fp32, built from integer positions (never stored in bf16, even after model.to(bf16)).
     """
 
     scalable = ROPE_TYPES
@@ -279,10 +282,11 @@ class RoPE(PositionScheme):
         self.rot_dim = self.rotated_dim(config)
         self.layout, self.theta = config.rope_layout, config.rope_theta
         self.scaling = check_scaling(config.rope_scaling)
-        self.dynamic = self.scaling is not None and self.scaling["rope_type"] == "dynamic"
+        dynamic = self.scaling is not None and self.scaling["rope_type"] == "dynamic"
+        self.dynamic_from = self.scaling["original_max_position_embeddings"] if dynamic else None
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
-        self._table_len = None  # dynamic NTK: the length the current table was built for
+        self._table_key = None
 
     @staticmethod
     def rotated_dim(config):
@@ -295,22 +299,23 @@ class RoPE(PositionScheme):
             raise ValueError(f"rope_layout must be 'half' or 'interleaved', got {config.rope_layout!r}")
         return rot_dim
 
+    def cache_key(self, seq_len):
+        # dynamic NTK: frequencies depend on the exact length once it passes the original one
+        return seq_len if self.dynamic_from is not None and seq_len > self.dynamic_from else None
+
     def prepare(self, seq_len, device):
         """Build cos/sin for positions 0..seq_len-1, only when they must change."""
-        L = self.scaling["original_max_position_embeddings"] if self.dynamic else None
-        grows = self.dynamic and seq_len > L  # dynamic NTK: frequencies depend on this exact length
-        key = seq_len if grows else None
-        if self.cos.size(0) < seq_len or key != self._table_len or self.cos.device != device:
-            n = seq_len if grows else max(seq_len, 2 * self.cos.size(0))  # grow by doubling
+        key = self.cache_key(seq_len)
+        if (self.cos.size(0) < seq_len or key != self._table_key or self.cos.device != device
+                or self.cos.dtype != torch.float32):
+            n = seq_len if key is not None else max(seq_len, 2 * self.cos.size(0))  # grow by doubling
             inv_freq, attention_factor = rope_frequencies(self.rot_dim, self.theta, self.scaling, seq_len)
             self.cos, self.sin = rope_cos_sin(torch.arange(n, device=device), inv_freq, attention_factor)
-            self._table_len = key
+            self._table_key = key
 
-    def rotate(self, q, k, q_pos, k_pos):
-        cos, sin = self.cos, self.sin
-        q = apply_rope(q, cos[q_pos], sin[q_pos], self.layout)
-        k = apply_rope(k, cos[k_pos], sin[k_pos], self.layout)
-        return q, k
+    def rotate(self, q, k, pos):
+        cos, sin = self.cos[pos], self.sin[pos]  # (T, rot_dim / 2)
+        return apply_rope(q, cos, sin, self.layout), apply_rope(k, cos, sin, self.layout)
 
 
 SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE}

@@ -157,8 +157,8 @@ def test_linear_at_scaled_positions_equals_unscaled(factor):
     plain.prepare(50, "cpu")
     scaled.prepare(factor * 50, "cpu")
     q, k = torch.randn(2, 1, 2, 50, 16).unbind(0)  # (B, nh, T, hs) each
-    q1, k1 = plain.rotate(q, k, pos, pos)
-    q2, k2 = scaled.rotate(q, k, factor * pos, factor * pos)
+    q1, k1 = plain.rotate(q, k, pos)
+    q2, k2 = scaled.rotate(q, k, factor * pos)
     torch.testing.assert_close(q2, q1)
     torch.testing.assert_close(k2, k1)
     torch.testing.assert_close(q2 @ k2.transpose(-1, -2), q1 @ k1.transpose(-1, -2))
@@ -217,7 +217,7 @@ def test_yarn_attention_factor_reaches_the_model():
     torch.testing.assert_close(scheme.cos[0], torch.full((8,), mscale))
     q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)
     pos = torch.zeros(1, dtype=torch.long)
-    qr, kr = scheme.rotate(q, k, pos, pos)  # position 0: no rotation, only the scale
+    qr, kr = scheme.rotate(q, k, pos)  # position 0: no rotation, only the scale
     torch.testing.assert_close(qr @ kr.transpose(-1, -2), mscale ** 2 * (q @ k.transpose(-1, -2)))
 
 
