@@ -1,0 +1,36 @@
+"""Two processes through torchrun on CPU (gloo): both ranks finish, only rank 0 logs and saves."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+import train
+from data.prepare import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
+def test_two_process_ddp_step_on_cpu(tmp_path):
+    data = tmp_path / "data"
+    prepare(os.path.join(sysconfig.get_paths()["stdlib"], "email", "*.py"), data, val_fraction=0.2, quiet=True)
+    out = tmp_path / "run"
+    flags = dict(data_dir=data, out_dir=out, device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=2,
+                 grad_accum_steps=2, max_iters=3, warmup_iters=1, eval_interval=3, eval_iters=1, log_interval=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *(f"--{k}={v}" for k, v in flags.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]  # rank 0 alone writes
+    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2
+    assert not any(p.name.startswith("ckpt.pt.tmp") for p in out.iterdir())
+    # both ranks keep their own RNG stream (seeded seed + rank)
+    assert not (ckpt["ranks"][0]["rng"]["torch"] == ckpt["ranks"][1]["rng"]["torch"]).all()
