@@ -382,9 +382,10 @@ def evaluate(models, data_dir, max_len, out_dir=None, tasks=TASKS, labels=None, 
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
     tokenizer = None
     if "passkey" in tasks:  # fail now, not after hours of the other tasks
-        from tokenizer import get_tokenizer
+        from data.loader import load_meta
+        from tokenizer import tokenizer_for
         try:
-            tokenizer = get_tokenizer()
+            tokenizer = tokenizer_for(load_meta(data_dir).get("vocab"))  # the data's (and models') vocabulary
         except RuntimeError as e:
             raise ValueError(str(e)) from None
     models = load_models(models, labels, device, rope_scaling)

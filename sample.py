@@ -141,12 +141,13 @@ def to_inference_dtype(model, dtype):
 def load(args):
     """(model, tokenizer, device) from the command line; ValueError/RuntimeError/OSError with one line."""
     scaling = json.loads(args.rope_scaling) if args.rope_scaling else None  # JSONDecodeError is a ValueError
-    from tokenizer import get_tokenizer
+    from tokenizer import tokenizer_for
     from train import model_from_checkpoint
     device = pick_device(args.device)
-    model, _ = model_from_checkpoint(args.ckpt, device, override_scaling=scaling)
+    model, ckpt = model_from_checkpoint(args.ckpt, device, override_scaling=scaling)
     model = to_inference_dtype(model, pick_dtype(args.dtype, device))
-    return (torch.compile(model, dynamic=True) if args.compile else model), get_tokenizer(), device
+    tokenizer = tokenizer_for((ckpt.get("data") or {}).get("vocab"))  # the vocabulary it was trained on
+    return (torch.compile(model, dynamic=True) if args.compile else model), tokenizer, device
 
 
 def main(argv=None):

@@ -99,6 +99,9 @@ class CompactTokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         return self.lut[self.enc.encode_ordinary(text)].tolist()
 
+    def encode(self, text: str, **kwargs) -> list[int]:  # kwargs as tiktoken's (allowed_special=...)
+        return self.lut[self.enc.encode(text, **kwargs)].tolist()
+
     def decode_single_token_bytes(self, token: int) -> bytes:
         if token >= self.unk:
             return self.UNK_TEXT.encode()
