@@ -32,7 +32,7 @@ from positions import SCHEMES
 class Scale:
     """Everything that differs between the two scales; the code is the same."""
     config_prefix: str  # configs/<prefix>_<scheme>.toml
-    data_dir: str
+    data_dir: str  # prepared from `source` (data/prepare.py) unless it already holds meta.json
     vocab_size: int | None  # compact vocabulary (data/prepare.py --vocab_size), None = GPT-2's 50257
     base_len: int
     factor: int = 4  # fine-tuned extensions go to factor * base_len
@@ -41,12 +41,13 @@ class Scale:
     extend_steps: int = 100
     extend: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)  # keyword arguments of evaluate.evaluate
+    source: str = "stdlib"
 
 
 SCALES = {
-    "cpu": Scale("cpu", "data/stdlib8k", 8192, 256, extend_steps=60,
+    "cpu": Scale("cpu", "data/stdlib8k", 8192, 256, extend_steps=250,
                  train={"max_iters": 500, "eval_interval": 250, "ckpt_interval": 250, "log_interval": 50},
-                 extend={"learning_rate": 1e-3, "eval_interval": 30, "eval_iters": 4},
+                 extend={"learning_rate": 1e-3, "eval_interval": 125, "eval_iters": 4},
                  eval=dict(n_docs=12, passkey_trials=2, recall_trials=12)),
     "gpu": Scale("gpu30m", "data/stdlib", None, 4096, extend_steps=100,
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
@@ -111,7 +112,7 @@ def models_to_evaluate(scale, run_dir):
     return {k: (str(v[0]), v[1]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
 
 
-def write_report(scale_name, scale, run_dir, stages, command):
+def write_report(scale, run_dir, stages, command):
     """report.md: what ran, on what, how long, then the evaluation's tables and plots."""
     run_dir = Path(run_dir)
     eval_dir = run_dir / "eval"
@@ -121,7 +122,7 @@ def write_report(scale_name, scale, run_dir, stages, command):
     timing = "\n".join(f"| {name} | {s['seconds']:.0f} |" for name, s in stages.done.items())
     total = sum(s["seconds"] for s in stages.done.values())
     lines = [
-        f"# The wall and the rescue ({scale_name} scale)", "",
+        f"# The wall and the rescue ({scale.config_prefix} configs)", "",
         f"Command: `{command}`  ",
         f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, {device}; "
         f"torch {torch.__version__}, Python {platform.python_version()}.  ",
@@ -155,6 +156,26 @@ def observations(results):
     return out
 
 
+def run(scale, run_dir, command="python reproduce.py"):
+    """Every stage of the experiment at one scale; finished stages are skipped."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = Stages(run_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (Path(scale.data_dir) / "meta.json").exists():
+        stages.done.pop("data", None)
+    stages.run("data", lambda: prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
+    for scheme in SCHEMES:
+        stages.run(f"train {scheme}", lambda s=scheme: train_scheme(scale, s, run_dir))
+    for method in FINE_TUNED:
+        stages.run(f"fine-tune rope with {NAMES[method]}", lambda m=method: fine_tune(scale, m, run_dir))
+    stages.run("evaluate", lambda: evaluate.evaluate(
+        models_to_evaluate(scale, run_dir), scale.data_dir, scale.eval_factor * scale.base_len,
+        out_dir=run_dir / "eval", base_len=scale.base_len, device=device, **scale.eval) and None)
+    write_report(scale, run_dir, stages, command)
+    return run_dir / "report.md"
+
+
 def main(argv):
     args = dict(a.lstrip("-").split("=", 1) for a in argv)
     scale_name = args.pop("scale", "cpu")
@@ -163,21 +184,7 @@ def main(argv):
     run_dir = Path(args.pop("out_dir", f"runs/{scale_name}"))
     if args:
         sys.exit(f"error: unknown option(s) {sorted(args)}; use --scale= and --out_dir=")
-    scale = SCALES[scale_name]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stages = Stages(run_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (Path(scale.data_dir) / "meta.json").exists():
-        stages.done.pop("data", None)
-    stages.run("data", lambda: prepare("stdlib", scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
-    for scheme in SCHEMES:
-        stages.run(f"train {scheme}", lambda s=scheme: train_scheme(scale, s, run_dir))
-    for method in FINE_TUNED:
-        stages.run(f"fine-tune rope with {NAMES[method]}", lambda m=method: fine_tune(scale, m, run_dir))
-    stages.run("evaluate", lambda: evaluate.evaluate(
-        models_to_evaluate(scale, run_dir), scale.data_dir, scale.eval_factor * scale.base_len,
-        out_dir=run_dir / "eval", base_len=scale.base_len, device=device, **scale.eval) and None)
-    write_report(scale_name, scale, run_dir, stages, "python reproduce.py " + " ".join(argv))
+    run(SCALES[scale_name], run_dir, " ".join(["python reproduce.py", *argv]))
 
 
 if __name__ == "__main__":
