@@ -8,6 +8,7 @@ unwrapped GPT, "optimizer", "step", "iter_num", "config": asdict(TrainConfig) wi
 import dataclasses
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +92,14 @@ def load_weights(model: GPT, state_dict: dict, path) -> GPT:
 
 def model_from_checkpoint(path, device="cpu", override_scaling=None):
     """Build the GPT a checkpoint describes and load its weights -> (model in eval mode, checkpoint dict).
-    override_scaling: a rope_scaling dict to evaluate the model with instead of its own."""
+    override_scaling: a rope_scaling dict to use instead of the checkpoint's own ({} for none); saying so."""
     ckpt = load_checkpoint(path, "cpu")
     config = model_config(ckpt, path)
     if override_scaling is not None:
+        override_scaling = override_scaling or None
+        if override_scaling != config.rope_scaling:
+            print(f"note: {path} was trained with rope_scaling={config.rope_scaling}; using {override_scaling} "
+                  "as explicitly asked", file=sys.stderr)
         config = dataclasses.replace(config, rope_scaling=override_scaling)
     model = load_weights(GPT(config), ckpt["model"], path)
     return model.to(device).eval(), ckpt

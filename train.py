@@ -188,7 +188,9 @@ def _train(cfg: TrainConfig, device: str, rank: int, world: int) -> dict:
     elif cfg.init_from != "scratch":  # weights only; this run's block_size and rope_scaling
         init = load_checkpoint(cfg.init_from)
         config = dataclasses.replace(model_config(init, cfg.init_from), block_size=cfg.model.block_size,
-                                     rope_scaling=cfg.model.rope_scaling)
+                                     rope_scaling=cfg.model.rope_scaling, dropout=cfg.model.dropout,
+                                     activation_checkpointing=cfg.model.activation_checkpointing,
+                                     attn_backend=cfg.model.attn_backend)
         cfg = dataclasses.replace(cfg, model=config)
         model = load_weights(GPT(config), init["model"], cfg.init_from)
         del init
