@@ -199,15 +199,21 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def model_config_from_dict(d: dict) -> GPTConfig:
+    """GPTConfig from a checkpoint's dict; an unknown key (a checkpoint from another version) is ConfigError."""
+    for k in d:
+        if k not in _fields(GPTConfig):
+            raise _unknown(k, _fields(GPTConfig))
+    try:
+        return GPTConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad model config: {e}") from None
+
+
 def config_from_dict(d: dict, defaults_cls=TrainConfig) -> TrainConfig:
     """Inverse of config_to_dict; unknown keys raise ConfigError."""
     d = dict(d)
-    model_d = d.pop("model", {})
-    model_from_dict = getattr(GPTConfig, "from_dict", None)
-    try:
-        model = model_from_dict(model_d) if model_from_dict else GPTConfig(**model_d)
-    except TypeError as e:
-        raise ConfigError(f"bad model config: {e}") from None
+    model = model_config_from_dict(d.pop("model", {}))
     train_types = {k: t for k, t in _fields(defaults_cls).items() if k != "model"}
     for k in d:
         if k not in train_types:

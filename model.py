@@ -4,7 +4,7 @@ Module names follow GPT-2 (wte, c_attn, c_proj, ln_f) so weights map key for key
 a module from positions.SCHEMES; the model calls its hooks unconditionally and never asks its name.
 """
 
-import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,14 +50,6 @@ class GPTConfig:
         if min(self.block_size, self.vocab_size, self.n_layer, self.n_head) < 1:
             raise ValueError("block_size, vocab_size, n_layer and n_head must all be positive")
 
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"model config has unknown key(s) {sorted(unknown)}: a checkpoint from another version?")
-        return cls(**d)
-
 
 class KVCache:
     """Preallocated keys (already rotated) and values for every layer, with an explicit position.
@@ -72,12 +64,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
         self.pos = 0  # tokens already in the cache
         self.key = None  # the position scheme's cache_key when the cache was filled
-
-    @property
-    def max_len(self):
-        return self.k.size(3)
 
     def update(self, layer, k, v):
         end = self.pos + k.size(2)
@@ -109,39 +98,33 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         Tq, Tk = q.size(-2), k.size(-2)
         score_mod = scheme.score_mod()
-        if score_mod is not None and self.use_flex(q) and Tq == Tk and dropout == 0.0:
+        if score_mod is not None and Tq == Tk and dropout == 0.0 and self.use_flex(q):
             return flex_causal(q, k, v, score_mod)
         bias = scheme.attn_bias(q_pos, k_pos)  # (nh, Tq, Tk) or None
-        if bias is None and Tq == Tk:  # no bias, no cache: the flash kernel
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        if Tq == 1:  # one new query sees every key: no mask, so SDPA keeps its fast decode kernels
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
-        # Queries at the end of a longer key sequence (KV cache): causal by absolute position.
-        future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
-        if bias is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, dropout_p=dropout)
-        mask = bias.masked_fill(future, float("-inf")).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if bias is None and (Tq == Tk or Tq == 1):  # no bias: the flash kernel; one new query sees every key
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq > 1)
+        if Tq > 1:  # several queries at the end of a longer key sequence (KV cache): causal by absolute position
+            future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
+            bias = (torch.zeros(future.shape, device=q.device) if bias is None else bias).masked_fill(future, -math.inf)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
 
     def use_flex(self, q):
-        if self.backend == "auto":
-            return flex_attention is not None and q.is_cuda
-        return self.backend == "flex"
+        return flex_attention is not None and q.is_cuda if self.backend == "auto" else self.backend == "flex"
 
 
-_block_masks = {}  # (T, device) -> causal BlockMask: built once per length, never per call
-_flex_compiled = None
+@functools.cache
+def causal_block_mask(T, device):
+    """FlexAttention's causal BlockMask for length T: built once per length, never per call."""
+    return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T, device=device)
 
 
 def flex_causal(q, k, v, score_mod):
     """FlexAttention with a causal block mask; compiled on GPU (uncompiled it materializes the scores)."""
-    global _flex_compiled
-    T, device = q.size(-2), q.device
-    if (T, device) not in _block_masks:
-        _block_masks[T, device] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=device)
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention) if q.is_cuda else flex_attention
-    return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=_block_masks[T, device])
+    flex = compiled_flex_attention() if q.is_cuda else flex_attention
+    return flex(q, k, v, score_mod=score_mod, block_mask=causal_block_mask(q.size(-2), q.device))
+
+
+compiled_flex_attention = functools.cache(lambda: torch.compile(flex_attention))
 
 
 class MLP(nn.Module):
@@ -229,16 +212,13 @@ class GPT(nn.Module):
         return None, chunked_cross_entropy(x, self.lm_head.weight, targets, reduction)
 
     def make_kv_cache(self, batch_size, max_len, dtype=None):
-        c = self.config
-        p = self.lm_head.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, dtype or p.dtype)
+        c, w = self.config, self.lm_head.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, w.device, dtype or w.dtype)
 
     def num_params(self, non_embedding=True):
         """Parameters; non_embedding leaves out position tables (token embeddings count: they are the head)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for p in self.transformer.pos.parameters())
-        return n
+        positions = sum(p.numel() for p in self.transformer.pos.parameters()) if non_embedding else 0
+        return sum(p.numel() for p in self.parameters()) - positions
 
     def flops_per_token(self, T):
         """Training FLOPs per token, causal-aware: 6N + 6*L*C*T (N: matmul parameters, tied head once)."""
@@ -270,6 +250,4 @@ def chunked_cross_entropy(x, weight, targets, reduction="mean", chunk=LOSS_CHUNK
     losses = [checkpoint(chunk_loss, xs[i:i + chunk], ts[i:i + chunk], use_reentrant=False) if many
               else chunk_loss(xs[i:i + chunk], ts[i:i + chunk]) for i in range(0, xs.size(0), chunk)]
     per_token = torch.cat(losses).view(targets.shape)  # (B, T); 0 where target == -1
-    if reduction == "none":
-        return per_token
-    return per_token.sum() / (targets != -1).sum().clamp(min=1)
+    return per_token if reduction == "none" else per_token.sum() / (targets != -1).sum().clamp(min=1)

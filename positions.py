@@ -8,8 +8,7 @@ plus `score_mod()`, the FlexAttention form of the same bias, so a GPU never buil
 
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021,
 "Train Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone).
-RoPE scaling: linear = Position Interpolation (Chen et al. 2023), ntk (NTK-aware base change), dynamic NTK,
-YaRN (Peng et al. 2023), llama3. Formulas and reference values: ../shared/REFERENCE.md.
+RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3) is in rope_scaling.py.
 """
 
 import math
@@ -17,79 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
-SCALING_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                "attention_factor", "truncate", "low_freq_factor", "high_freq_factor"}
-
-
-def check_scaling(scaling):
-    """Validate a Hugging Face style `rope_scaling` dict; raise one clear ValueError line if it is wrong."""
-    if scaling is None:
-        return None
-    if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling must be a dict like {{'rope_type': 'linear', 'factor': 4}}, got {scaling!r}")
-    unknown = set(scaling) - SCALING_KEYS
-    if unknown:
-        raise ValueError(f"unknown rope_scaling key(s) {sorted(unknown)}; valid keys: {sorted(SCALING_KEYS)}")
-    kind = scaling.get("rope_type")
-    if kind not in ROPE_TYPES:
-        raise ValueError(f"unknown rope_type {kind!r}; choose one of {', '.join(ROPE_TYPES)}")
-    if not float(scaling.get("factor", 0)) >= 1.0:
-        raise ValueError(f"rope_scaling needs a factor >= 1 (the context multiple), got {scaling.get('factor')!r}")
-    if kind != "linear" and "original_max_position_embeddings" not in scaling:
-        raise ValueError(f"rope_type {kind!r} needs original_max_position_embeddings (the training length)")
-    return scaling
-
-
-def rope_frequencies(head_dim, theta, scaling=None, seq_len=None):
-    """Inverse frequencies (float64, head_dim/2) and attention_factor for RoPE with optional scaling.
-
-    cos and sin get multiplied by attention_factor, so attention logits scale by its square (YaRN).
-    `seq_len` matters only for dynamic NTK, whose base grows with the current length.
-    """
-    d = head_dim
-    i = torch.arange(0, d, 2, dtype=torch.float64)
-    inv_freq = theta ** (-i / d)
-    if check_scaling(scaling) is None:
-        return inv_freq, 1.0
-    kind, s = scaling["rope_type"], float(scaling["factor"])
-    L = scaling.get("original_max_position_embeddings")
-    if kind == "linear":  # Position Interpolation: position m behaves like m / s
-        return inv_freq / s, 1.0
-    if kind == "ntk":  # NTK-aware: stretch the base so the lowest frequency interpolates by s
-        return (theta * s ** (d / (d - 2))) ** (-i / d), 1.0
-    if kind == "dynamic":  # NTK with the factor grown to the current length; unchanged up to L
-        ell = max(seq_len or L, L)
-        return (theta * ((s * ell / L) - (s - 1)) ** (d / (d - 2))) ** (-i / d), 1.0
-    if kind == "yarn":
-        return _yarn(inv_freq, d, theta, s, L, scaling)
-    return _llama3(inv_freq, s, L, scaling)
-
-
-def _yarn(inv_freq, d, theta, s, L, scaling):
-    """YaRN: interpolate the low frequencies, keep the high ones, ramp between (by rotations per L)."""
-    def correction_dim(rotations):  # the dimension that turns `rotations` times over L positions
-        return d * math.log(L / (2 * math.pi * rotations)) / (2 * math.log(theta))
-
-    low, high = correction_dim(scaling.get("beta_fast", 32)), correction_dim(scaling.get("beta_slow", 1))
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, d - 1)
-    if low == high:
-        high += 0.001  # avoid a division by zero in the ramp
-    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-    attention_factor = scaling.get("attention_factor") or (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
-    return inv_freq / s * ramp + inv_freq * (1 - ramp), float(attention_factor)
-
-
-def _llama3(inv_freq, s, L, scaling):
-    """Llama 3: keep short wavelengths, divide long ones by s, blend the band between."""
-    low_ff, high_ff = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    wavelen = 2 * math.pi / inv_freq
-    gamma = ((L / wavelen - low_ff) / (high_ff - low_ff)).clamp(0, 1)  # 1 = keep, 0 = interpolate
-    blended = (1 - gamma) * inv_freq / s + gamma * inv_freq
-    out = torch.where(wavelen > L / low_ff, inv_freq / s, blended)
-    return torch.where(wavelen < L / high_ff, inv_freq, out), 1.0
+from rope_scaling import ROPE_TYPES, check_scaling, rope_frequencies  # noqa: F401 (re-exported)
 
 
 def rope_cos_sin(pos, inv_freq, attention_factor=1.0):
@@ -114,36 +41,11 @@ def apply_rope(x, cos, sin, layout="half"):
     return torch.cat((out.type_as(x), rest), dim=-1)
 
 
-def layout_permutation(head_dim, rot_dim, to_layout):
-    """Index list p with W_new = W_old[p] (per head) converting q/k rows between the two RoPE pairings."""
-    to_half = list(range(0, rot_dim, 2)) + list(range(1, rot_dim, 2))  # interleaved -> half
-    perm = to_half if to_layout == "half" else sorted(range(rot_dim), key=to_half.__getitem__)
-    return perm + list(range(rot_dim, head_dim))
-
-
-def permute_rope_layout(state_dict, config, to_layout):
-    """Convert a RoPE checkpoint's q and k projections to `to_layout` ('half' or 'interleaved').
-    A checkpoint is only right with its own pairing; this makes the same model in the other one."""
-    C, nh = config.n_embd, config.n_head
-    hs = C // nh
-    rot_dim = RoPE.rotated_dim(config)
-    perm = torch.tensor(layout_permutation(hs, rot_dim, to_layout))
-    rows = torch.cat([h * hs + perm for h in range(2 * nh)])  # q heads then k heads; v untouched
-    out = dict(state_dict)
-    for name, w in state_dict.items():
-        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
-            w = w.clone()
-            w[: 2 * C] = w[: 2 * C][rows]
-            out[name] = w
-    return out
-
-
 def alibi_slopes(n_head):
     """Head slopes from the ALiBi paper: a geometric sequence; for non powers of two, the p slopes of
     the nearest lower power of two, then every other slope of the 2p-head list."""
     def power_of_two(n):
-        start = 2 ** (-8 / n)
-        return [start ** (h + 1) for h in range(n)]
+        return [2 ** (-8 * (h + 1) / n) for h in range(n)]
 
     p = 2 ** math.floor(math.log2(n_head))
     return power_of_two(p) + power_of_two(2 * p)[0::2][: n_head - p]
@@ -160,14 +62,13 @@ class PositionScheme(nn.Module):
     """No-op hooks; a scheme overrides the one place where it acts."""
 
     scalable = ()  # rope_types this scheme accepts in config.rope_scaling
+    scaling_error = "position scheme {scheme!r} cannot use rope_scaling {rope_type!r}; remove it"
 
     def __init__(self, config):
         super().__init__()
-        if config.rope_scaling is not None and config.rope_scaling.get("rope_type") not in self.scalable:
-            raise ValueError(self.no_scaling_reason(config))
-
-    def no_scaling_reason(self, config):
-        return f"position scheme {config.pos_encoding!r} cannot use rope_scaling; remove it"
+        scaling = check_scaling(config.rope_scaling)
+        if scaling is not None and scaling["rope_type"] not in self.scalable:
+            raise ValueError(self.scaling_error.format(scheme=config.pos_encoding, rope_type=scaling["rope_type"]))
 
     def prepare(self, seq_len, device):
         """Called once per forward with the total length (cached keys included): build tables, or raise
@@ -198,20 +99,18 @@ class NoPE(PositionScheme):
 class Learned(PositionScheme):
     """GPT-2's learned absolute table: block_size rows and not one more, so it cannot extrapolate."""
 
+    scaling_error = ("learned positions cannot be scaled: positions past the table were never trained; "
+                     "use rope (with rope_scaling) or sinusoidal to extend the context")
+
     def __init__(self, config):
         super().__init__(config)
-        self.n_positions = config.block_size
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
 
-    def no_scaling_reason(self, config):
-        return ("learned positions cannot be scaled: positions past the table were never trained; "
-                "use rope (with rope_scaling) or sinusoidal to extend the context")
-
     def prepare(self, seq_len, device):
-        if seq_len > self.n_positions:
+        if seq_len > self.wpe.num_embeddings:
             raise ValueError(
                 f"sequence of {seq_len} tokens is past the learned position table: this model was trained with "
-                f"{self.n_positions} positions and learned embeddings cannot extrapolate; use sinusoidal, "
+                f"{self.wpe.num_embeddings} positions and learned embeddings cannot extrapolate; use sinusoidal, "
                 "rope, alibi or none to run longer, or crop the input")
 
     def embed(self, pos):
@@ -241,21 +140,20 @@ class Sinusoidal(PositionScheme):
 class ALiBi(PositionScheme):
     """Attention with Linear Biases: logit -= slope_h * (i - j). No parameters, no table, no scaling."""
 
+    scaling_error = "ALiBi needs no scaling: its bias depends only on distance and runs at any length; remove rope_scaling"
+
     def __init__(self, config):
         super().__init__(config)
         self.register_buffer("slopes", torch.tensor(alibi_slopes(config.n_head)), persistent=False)
         self._score_mod = None
-
-    def no_scaling_reason(self, config):
-        return "ALiBi needs no scaling: its bias depends only on distance and runs at any length; remove rope_scaling"
 
     def attn_bias(self, q_pos, k_pos):
         distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
         return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk); fp32 even after model.half()
 
     def score_mod(self):
-        # Built once per device: a new function object on every call would recompile FlexAttention.
-        if self._score_mod is None or self._score_mod.device != self.slopes.device:
+        # One function per device: a new function object on every call would recompile FlexAttention.
+        if getattr(self._score_mod, "device", None) != self.slopes.device:
             slopes = self.slopes
 
             def alibi(score, b, h, q_idx, kv_idx):
@@ -274,16 +172,10 @@ class RoPE(PositionScheme):
 
     scalable = ROPE_TYPES
 
-    def no_scaling_reason(self, config):  # only an unknown rope_type gets here
-        return f"unknown rope_type {config.rope_scaling.get('rope_type')!r}; choose one of {', '.join(ROPE_TYPES)}"
-
     def __init__(self, config):
         super().__init__(config)
         self.rot_dim = self.rotated_dim(config)
-        self.layout, self.theta = config.rope_layout, config.rope_theta
-        self.scaling = check_scaling(config.rope_scaling)
-        dynamic = self.scaling is not None and self.scaling["rope_type"] == "dynamic"
-        self.dynamic_from = self.scaling["original_max_position_embeddings"] if dynamic else None
+        self.layout, self.theta, self.scaling = config.rope_layout, config.rope_theta, config.rope_scaling
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self._table_key = None
@@ -301,7 +193,8 @@ class RoPE(PositionScheme):
 
     def cache_key(self, seq_len):
         # dynamic NTK: frequencies depend on the exact length once it passes the original one
-        return seq_len if self.dynamic_from is not None and seq_len > self.dynamic_from else None
+        s = self.scaling or {}
+        return seq_len if s.get("rope_type") == "dynamic" and seq_len > s["original_max_position_embeddings"] else None
 
     def prepare(self, seq_len, device):
         """Build cos/sin for positions 0..seq_len-1, only when they must change."""

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from checkpoint import permute_rope_layout
 from model import GPT, GPTConfig
-from positions import (ALiBi, Sinusoidal, alibi_slopes, apply_rope, permute_rope_layout, rope_cos_sin,
-                       rope_frequencies, sinusoidal_table)
+from positions import ALiBi, Sinusoidal, alibi_slopes, apply_rope, rope_cos_sin, rope_frequencies, sinusoidal_table
 
 
 def tiny(**kw):
