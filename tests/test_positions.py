@@ -46,6 +46,16 @@ def test_sinusoidal_equals_formula():
             assert table[r, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / C)), abs=1e-6)
 
 
+def test_sinusoidal_positions_are_the_size_of_a_fresh_token_embedding():
+    model = GPT(tiny(pos_encoding="sinusoidal", n_embd=64))
+    scheme = model.transformer.pos
+    scheme.prepare(1024, torch.device("cpu"))
+    pos = torch.arange(1024)
+    assert_close(scheme.embed(pos), sinusoidal_table(pos, 64) * scheme.scale)  # the formula, scaled
+    token_rms = model.transformer.wte.weight.pow(2).mean().sqrt().item()
+    assert scheme.embed(pos).pow(2).mean().sqrt().item() == pytest.approx(token_rms, rel=0.05)
+
+
 def test_sinusoidal_linear_scaling_interpolates_positions():
     plain = Sinusoidal(tiny(pos_encoding="sinusoidal"))
     scaled = Sinusoidal(tiny(pos_encoding="sinusoidal", rope_scaling={"rope_type": "linear", "factor": 4}))
