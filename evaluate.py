@@ -368,15 +368,18 @@ def load_models(models, labels=None, device="cpu", rope_scaling=None):
                 raise FileNotFoundError(f"no checkpoint at {path}")
             from train import model_from_checkpoint
             m, _ = model_from_checkpoint(str(path), device, override_scaling=scaling)
+            stat = Path(path).stat()  # what a result was computed from: a changed checkpoint is evaluated anew
+            m.checkpoint_id = f"{path} {stat.st_size} {stat.st_mtime_ns} {json.dumps(scaling)}"
         out[label] = m.eval()
     return out
 
 
 def evaluate(models, data_dir, max_len, out_dir=None, tasks=TASKS, labels=None, base_len=None, device="cpu",
              n_docs=16, batch_size=1, passkey_trials=5, recall_trials=16, span_len=16, seed=0, wandb="off",
-             rope_scaling=None, recall_kind="random"):
+             rope_scaling=None, recall_kind="random", resume=False):
     """Run `tasks` for every model (see load_models); write results.json, summary.md and plots to out_dir
-    and return the results. batch_size: documents per forward at max_len (shorter windows get more)."""
+    and return the results. batch_size: documents per forward at max_len (shorter windows get more).
+    resume: reuse a checkpoint's results from out_dir/results.json when it and every setting are unchanged."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
@@ -397,13 +400,25 @@ def evaluate(models, data_dir, max_len, out_dir=None, tasks=TASKS, labels=None, 
     stream = load_split(data_dir, "val")
     prefix = min(32, base_len // 4)
     distances = [n - prefix - span_len for n in (base_len // 4, base_len // 2, *lengths) if n - prefix >= 2 * span_len]
+    settings = json.loads(json.dumps(dict(max_len=max_len, base_len=base_len, data_dir=str(data_dir), tasks=tasks,
+                                          n_docs=n_docs, passkey_trials=passkey_trials, recall_trials=recall_trials,
+                                          span_len=span_len, seed=seed, recall_kind=recall_kind)))
     results = {"max_len": max_len, "base_len": base_len, "data_dir": str(data_dir), "tasks": list(tasks),
-               "documents": {"n_docs": len(docs), "doc_len": max_len + 1, "source": note}, "models": {}}
+               "documents": {"n_docs": len(docs), "doc_len": max_len + 1, "source": note}, "models": {},
+               "settings": settings}
+    saved = Path(out_dir or ".") / "results.json"
+    earlier = json.loads(saved.read_text()) if resume and out_dir and saved.exists() else {}
+    earlier = earlier.get("models", {}) if earlier.get("settings") == settings else {}
     for label, model in models.items():
+        checkpoint_id = getattr(model, "checkpoint_id", None)
+        if checkpoint_id and earlier.get(label, {}).get("checkpoint_id") == checkpoint_id:
+            results["models"][label] = earlier[label]
+            log(f"{label}: evaluated in an earlier run with the same checkpoint and settings, reused")
+            continue
         c = model.config
         r = results["models"][label] = {"pos_encoding": c.pos_encoding, "block_size": c.block_size,
                                         "rope_scaling": c.rope_scaling, "training_length": training_length(model),
-                                        "params": model.num_params()}
+                                        "params": model.num_params(), "checkpoint_id": checkpoint_id}
         log(f"{label}: {c.pos_encoding}, block_size {c.block_size}, scaling {c.rope_scaling}")
         if "position" in tasks:
             r["position"] = loss_by_position(model, docs, max_len, position_buckets(max_len, base_len), batch_size)
@@ -484,6 +499,7 @@ def main(argv=None):
     p.add_argument("--rope_scaling", default=None, help="JSON applied to every checkpoint, e.g. "
                    '\'{"rope_type":"dynamic","factor":4,"original_max_position_embeddings":256}\'')
     p.add_argument("--wandb", default="off", choices=("off", "offline", "online"))
+    p.add_argument("--resume", action="store_true", help="reuse results of unchanged checkpoints in out_dir")
     a = p.parse_args(argv)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -494,7 +510,7 @@ def main(argv=None):
         results = evaluate(a.ckpt.split(","), a.data_dir, a.max_len, a.out_dir, a.tasks.split(","),
                            a.labels.split(",") if a.labels else None, a.base_len or None, device, a.n_docs,
                            a.batch_size, a.passkey_trials, a.recall_trials, seed=a.seed, wandb=a.wandb,
-                           rope_scaling=scaling, recall_kind=a.recall_kind)
+                           rope_scaling=scaling, recall_kind=a.recall_kind, resume=a.resume)
     except (OSError, ValueError) as e:
         sys.exit(f"evaluate: {e}")
     from plots import summary_markdown

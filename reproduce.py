@@ -6,7 +6,8 @@
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
 report.md with plots and tables in the run folder. Finished stages are recorded in stages.json and skipped
-on a re-run; an interrupted training stage resumes from its checkpoint.
+on a re-run; an interrupted training stage resumes from its checkpoint, an interrupted evaluation from the
+last model it finished.
 """
 
 import dataclasses
@@ -171,7 +172,7 @@ def run(scale, run_dir, command="python reproduce.py"):
         stages.run(f"fine-tune rope with {NAMES[method]}", lambda m=method: fine_tune(scale, m, run_dir))
     stages.run("evaluate", lambda: evaluate.evaluate(
         models_to_evaluate(scale, run_dir), scale.data_dir, scale.eval_factor * scale.base_len,
-        out_dir=run_dir / "eval", base_len=scale.base_len, device=device, **scale.eval) and None)
+        out_dir=run_dir / "eval", base_len=scale.base_len, device=device, resume=True, **scale.eval) and None)
     write_report(scale, run_dir, stages, command)
     return run_dir / "report.md"
 

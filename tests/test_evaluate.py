@@ -288,3 +288,27 @@ def test_cli_runs_a_checkpoint_and_fails_in_one_line(corpus, tmp_path, capsys):
         ev.main([f"--ckpt={ckpt}", f"--data_dir={tmp_path / 'nodata'}"])
     with pytest.raises(SystemExit, match="unknown task"):
         ev.main([f"--ckpt={ckpt}", f"--data_dir={corpus}", "--tasks=position,wall"])
+
+
+def test_resume_reuses_only_unchanged_checkpoints_with_the_same_settings(corpus, tmp_path, monkeypatch):
+    import dataclasses
+    paths = {}
+    for scheme in ("alibi", "rope"):
+        model = tiny(scheme, vocab_size=50304)
+        paths[scheme] = tmp_path / scheme / "ckpt.pt"
+        paths[scheme].parent.mkdir()
+        torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)},
+                    "format_version": 1, "step": 0}, paths[scheme])
+    evaluated = []
+    real = ev.short_context_loss
+    monkeypatch.setattr(ev, "short_context_loss", lambda model, *a, **k: evaluated.append(model) or real(model, *a, **k))
+    run = lambda **kw: ev.evaluate({s: str(p) for s, p in paths.items()}, corpus, 64, tmp_path / "eval",  # noqa: E731
+                                   tasks=("short",), resume=True, **kw)
+    first = run()
+    assert len(evaluated) == 2
+    assert run()["models"] == first["models"] and len(evaluated) == 2  # nothing changed: nothing recomputed
+    torch.save(torch.load(paths["rope"], weights_only=True) | {"step": 1}, paths["rope"])  # a new checkpoint
+    run()
+    assert len(evaluated) == 3 and evaluated[-1].config.pos_encoding == "rope"
+    run(seed=1)  # another setting: every model again
+    assert len(evaluated) == 5
