@@ -2,10 +2,13 @@
 
     python bench_model.py                                   # CPU: a small model, T=256
     python bench_model.py --T=4096 --batch_size=8 --n_layer=6 --n_head=6 --n_embd=384 --compile  # GPU
+    python bench_model.py --T=32768 --batch_size=1 --n_layer=12 --n_head=12 --n_embd=768 --schemes=rope \
+        --activation_checkpointing=true      # long-context fine-tuning memory, GPT-2-124M shape
 
 Measures; asserts nothing. Prints a table and, with --out=path.json, writes it.
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -61,7 +64,13 @@ def main(argv):
     schemes = args.pop("schemes", ",".join(SCHEMES)).split(",")
     out = args.pop("out", None)
     shape = dict(n_layer=4, n_head=4, n_embd=128) if not cuda else dict(n_layer=6, n_head=6, n_embd=384)
-    shape.update({k: int(v) for k, v in args.items()})  # n_layer, n_head, n_embd, vocab_size
+    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)  # --T and --schemes set the other two
+             if f.type in (int, float, bool, str) and f.name not in ("block_size", "pos_encoding")}
+    for k, v in args.items():  # model fields: n_layer=12, activation_checkpointing=true, rope_theta=5e5, ...
+        if k not in types:
+            sys.exit(f"error: unknown option --{k}; use --T, --batch_size, --steps, --schemes, --compile, --out "
+                     f"or one of {', '.join(types)}")
+        shape[k] = v == "true" if types[k] is bool else types[k](v)
     print(f"device={device} T={T} batch={batch_size} dtype={dtype} compile={compile} {shape}")
     print(f"{'scheme':<11} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9}")
     rows = []
