@@ -67,9 +67,9 @@ def main(argv):
     types = {f.name: f.type for f in dataclasses.fields(GPTConfig)  # --T and --schemes set the other two
              if f.type in (int, float, bool, str) and f.name not in ("block_size", "pos_encoding")}
     for k, v in args.items():  # model fields: n_layer=12, activation_checkpointing=true, rope_theta=5e5, ...
-        if k not in types:
-            sys.exit(f"error: unknown option --{k}; use --T, --batch_size, --steps, --schemes, --compile, --out "
-                     f"or one of {', '.join(types)}")
+        if k not in types or (types[k] is bool and v not in ("true", "false")):
+            sys.exit(f"error: bad option --{k}={v}; use --T, --batch_size, --steps, --schemes, --compile, --out "
+                     f"or one of {', '.join(types)} (booleans: true or false)")
         shape[k] = v == "true" if types[k] is bool else types[k](v)
     print(f"device={device} T={T} batch={batch_size} dtype={dtype} compile={compile} {shape}")
     print(f"{'scheme':<11} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9}")

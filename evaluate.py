@@ -406,8 +406,8 @@ def evaluate(models, data_dir, max_len, out_dir=None, tasks=TASKS, labels=None, 
     results = {"max_len": max_len, "base_len": base_len, "data_dir": str(data_dir), "tasks": list(tasks),
                "documents": {"n_docs": len(docs), "doc_len": max_len + 1, "source": note}, "models": {},
                "settings": settings}
-    saved = Path(out_dir or ".") / "results.json"
-    earlier = json.loads(saved.read_text()) if resume and out_dir and saved.exists() else {}
+    saved = Path(out_dir) / "results.json" if out_dir else None
+    earlier = json.loads(saved.read_text()) if resume and saved and saved.exists() else {}
     earlier = earlier.get("models", {}) if earlier.get("settings") == settings else {}
     for label, model in models.items():
         checkpoint_id = getattr(model, "checkpoint_id", None)
@@ -432,8 +432,8 @@ def evaluate(models, data_dir, max_len, out_dir=None, tasks=TASKS, labels=None, 
         if "recall" in tasks:
             r["recall"] = recall_by_distance(model, stream, distances, span_len, recall_trials, prefix, seed,
                                              kind=recall_kind)
-        if out_dir:
-            write_json(results, Path(out_dir) / "results.json")  # after each model: partial results survive
+        if saved:
+            write_json(results, saved)  # after each model: partial results survive, and --resume reuses them
     if out_dir:
         write_report(results, out_dir, wandb)
     return results
