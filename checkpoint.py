@@ -1,7 +1,7 @@
 """Checkpoints: atomic saves, safe loads (weights_only=True) and one-line errors.
 
 A checkpoint (ckpt.pt) is a dict of plain types and tensors only: {"model": state_dict of the uncompiled,
-unwrapped GPT, "optimizer", "step", "iter_num", "config": asdict(TrainConfig) with the model nested, "rng"
+unwrapped GPT, "optimizer", "step", "config": asdict(TrainConfig) with the model nested, "rng"
 (torch, cuda, numpy, python), "sampler": the train BatchSampler's state_dict, "data": data_identity,
 "best_val_loss", "format_version"}, plus "ranks" (each DDP rank's rng) when trained on several.
 """
@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import model_config_from_dict
+from config import from_dict
 from model import GPT, GPTConfig
-from positions import RoPE
 
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes
 
@@ -66,32 +65,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def layout_permutation(head_dim, rot_dim, to_layout):
-    """Index list p with W_new = W_old[p] (per head) converting q/k rows between the two RoPE pairings."""
-    to_half = list(range(0, rot_dim, 2)) + list(range(1, rot_dim, 2))  # interleaved -> half
-    perm = to_half if to_layout == "half" else sorted(range(rot_dim), key=to_half.__getitem__)
-    return perm + list(range(rot_dim, head_dim))
-
-
-def permute_rope_layout(state_dict, config, to_layout):
-    """Convert a RoPE checkpoint's q and k projections to `to_layout` ('half' or 'interleaved').
-    A checkpoint is only right with its own pairing; this makes the same model in the other one."""
-    C, nh = config.n_embd, config.n_head
-    hs = C // nh
-    rot_dim = RoPE.rotated_dim(config)
-    perm = torch.tensor(layout_permutation(hs, rot_dim, to_layout))
-    rows = torch.cat([h * hs + perm for h in range(2 * nh)])  # q heads then k heads; v untouched
-    out = dict(state_dict)
-    for name, w in state_dict.items():
-        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
-            w = w.clone()
-            w[: 2 * C] = w[: 2 * C][rows]
-            out[name] = w
-    return out
-
 def model_config(ckpt: dict, path) -> GPTConfig:
     try:
-        return model_config_from_dict(ckpt["config"]["model"])
+        return from_dict(GPTConfig, ckpt["config"]["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has a bad model config: {e}") from None
 
@@ -109,8 +85,7 @@ def load_weights(model: GPT, state_dict: dict, path) -> GPT:
         c = model.config
         shape = f"block_size={c.block_size}, n_layer={c.n_layer}, n_embd={c.n_embd}"
         raise CheckpointError(f"checkpoint {path} does not fit a {c.pos_encoding} model with {shape} "
-                              f"({'; '.join(parts)}): another scheme or size? "
-                              "(learned positions cannot change block_size)")
+                              f"({'; '.join(parts)}): another scheme or size?")
     model.load_state_dict(state_dict)
     return model
 

@@ -1,145 +1,184 @@
-"""Typed configuration: dataclass defaults < a TOML file in configs/ < `--key=value` flags.
+"""Typed configuration for every script: dataclass defaults < a TOML file < command-line flags.
 
-    python train.py configs/cpu_rope.toml --max_iters=100 --n_layer=2 --rope_scaling='{"rope_type":"linear","factor":4}'
+    python train.py configs/cpu.toml --pos_encoding=alibi --max_iters=100
+    python reproduce.py --scale cpu          # `--key value` works too; a bare `--flag` means true
 
-Train keys sit at the top level of a TOML file, model keys in a `[model]` table (or flat at the top: the two
-sets of names are disjoint). On the command line model keys are flat (`--n_layer=2`) or dotted
-(`--model.n_layer=2`). An unknown key or a value of the wrong type fails at once with one line (ConfigError).
+Each script owns a dataclass (train.TrainConfig, extend_context.ExtendConfig, sample.SampleConfig, ...); this
+module parses and checks any of them. A field whose type is a dataclass (TrainConfig.model) is a nested table:
+its keys are given flat (`--n_layer=2`) or dotted (`--model.n_layer=2`), in a TOML file flat or under
+`[model]`. Types come from the annotations (bool, int, float, str, Literal choices, X | None, dict, list,
+tuple[X, ...] as a comma-separated list); an unknown key or a bad value fails at once with one line
+(ConfigError) naming the key and what it accepts. Each dataclass checks its values in __post_init__
+(check_fields plus its own ranges), so a config built in Python is checked exactly like a command line.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import json
+import math
 import sys
+import tokenize
 import types
 import typing
-from dataclasses import dataclass, field
 
 try:
     import tomllib  # Python >= 3.11
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from model import GPTConfig
-
 
 class ConfigError(ValueError):
-    """A bad config key or value; scripts print it as one line: sys.exit(f"error: {e}")."""
+    """A bad config key or value, said in one line; the scripts print it as `error: ...`."""
 
 
-@dataclass
-class TrainConfig:
-    out_dir: str = "out/run"
-    data_dir: str = "data/stdlib"
-    seed: int = 1337
-    device: str = "auto"              # auto: cuda if available, else cpu
-    dtype: str = "auto"               # auto: bfloat16 autocast on cuda if supported, else float32
-    compile: bool = False             # torch.compile the model for training (checkpoints stay uncompiled)
-    batch_size: int = 16              # sequences per micro-step (per GPU)
-    grad_accum_steps: int = 1         # micro-steps per optimizer step
-    max_iters: int = 500              # optimizer steps
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4              # cosine decay ends here
-    warmup_iters: int = 50            # linear warmup steps
-    lr_decay_iters: int | None = None  # None: max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0            # 0 disables clipping
-    eval_interval: int = 100          # steps between validation losses (0: only at the end)
-    eval_iters: int = 20              # validation batches per evaluation
-    log_interval: int = 10            # steps between train log lines
-    ckpt_interval: int = 100          # steps between checkpoints (0: only the final one, always written)
-    wandb: str = "off"                # off | offline (no account, no network) | online
-    wandb_project: str = "posenc"
-    run_name: str = ""                # "" : the basename of out_dir
-    resume: bool = False              # continue exactly from <out_dir>/ckpt.pt
-    init_from: str = "scratch"        # scratch | path of a checkpoint whose weights start this run
-    min_doc_len: int = 0              # >0: train only on windows inside documents at least this long
-    peak_flops: float = 989e12        # for MFU: H100 bf16 dense
-    model: GPTConfig = field(default_factory=GPTConfig)
+# ----------------------------------------------------------------------------- fields and values
 
-
-def _fields(cls) -> dict[str, object]:
-    """Field name -> resolved type annotation."""
+@functools.cache
+def field_types(cls) -> dict[str, object]:
+    """Field name -> resolved annotation, for a config dataclass."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _nested(tp) -> bool:
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+@functools.cache
+def flat_keys(cls) -> dict[str, tuple[str, ...]]:
+    """Every key a user may give -> its path: top-level fields, and each nested field flat and dotted."""
+    keys = {}
+    for name, tp in field_types(cls).items():
+        if not _nested(tp):
+            keys[name] = (name,)
+            continue
+        for sub in field_types(tp):
+            if sub in field_types(cls):
+                raise TypeError(f"{cls.__name__}.{name}.{sub} shadows {cls.__name__}.{sub}")  # a bug, not user input
+            keys[sub] = keys[f"{name}.{sub}"] = (name, sub)
+    return keys
+
+
 def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return " or ".join(str(a) for a in args) if len(args) < 3 else ", ".join(map(str, args[:-1])) + f" or {args[-1]}"
+    if origin is tuple:
+        return f"a comma-separated list of {_type_name(args[0])}"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(key: str, value, tp, text: bool):
-    """Convert a value to the field type `tp` or raise ConfigError; text: a command-line string to parse."""
+def convert(key: str, value, tp, text: bool):
+    """value as the annotation `tp` asks, or ConfigError naming the key; text: a command-line string."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"bad value {value!r} for config key '{key}': expected {_type_name(tp)}")
     if origin in (typing.Union, types.UnionType):
-        if value is None or (text and value.lower() in ("none", "null")):
+        if value is None or (text and value.strip().lower() in ("none", "null")):
             if type(None) in args:
                 return None
+            raise bad
         inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _convert(key, value, inner[0], text)
-        raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+        if len(inner) != 1:
+            raise TypeError(f"config key '{key}' has an unsupported type {tp}")
+        return convert(key, value, inner[0], text)
+    if origin is typing.Literal:
+        if value not in args:
+            raise bad
+        return value
+    if origin is tuple:  # tuple[X, ...]: a comma-separated list on the command line
+        items = [s for s in value.split(",") if s.strip()] if text else value
+        if not isinstance(items, (list, tuple)):
+            raise bad
+        return tuple(convert(key, v, args[0], text) for v in items)
     base = origin or tp
-    bad = ConfigError(f"bad value {value!r} for config key '{key}': expected {_type_name(tp)}")
     if text and base is not str:
-        s = value.strip()
-        try:
-            if base is bool:
-                if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise bad
-                return s.lower() in ("true", "1", "yes")
-            if base is int:
-                number = float(s)  # accepts 1e4
-                if not number.is_integer():
-                    raise bad
-                return int(s) if s.lstrip("+-").isdigit() else int(number)
-            if base is float:
-                return float(s)
-            if base in (dict, list):
-                value = json.loads(s)
-        except (ValueError, OverflowError) as e:
-            raise bad from e
+        value = _parse_text(value, base, bad)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is bool and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, base) or (base in (int, float) and isinstance(value, bool)):
         raise bad
-    if base is int and isinstance(value, bool):
-        raise bad
-    if not isinstance(value, base):
-        raise bad
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"bad value {value!r} for config key '{key}': expected a finite number")
     return value
 
 
-def _unknown(key: str, valid) -> ConfigError:
+def _parse_text(s: str, base, bad: ConfigError):
+    s = s.strip()
+    try:
+        if base is bool:
+            if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise bad
+            return s.lower() in ("true", "1", "yes")
+        if base is int:
+            number = float(s)  # accepts 1e4
+            if not number.is_integer():
+                raise bad
+            return int(s) if s.lstrip("+-").isdigit() else int(number)
+        if base is float:
+            return float(s)
+        if base in (dict, list):
+            return json.loads(s)
+    except (ValueError, OverflowError) as e:
+        raise bad from e
+    return s
+
+
+def check_fields(obj) -> None:
+    """Check (and normalize: int -> float) every field of a config dataclass against its annotation.
+    Called first in each config's __post_init__."""
+    for name, tp in field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if _nested(tp):
+            if not isinstance(value, tp):
+                raise ConfigError(f"config key '{name}' must be a {tp.__name__}, got {type(value).__name__}")
+            continue
+        object.__setattr__(obj, name, convert(name, value, tp, text=False))
+
+
+def at_least(obj, low, *names) -> None:
+    """ConfigError unless each named number (None allowed) is >= low."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= low:
+            raise ConfigError(f"bad value {value!r} for config key '{name}': expected a number >= {low}")
+
+
+def unknown_key(key: str, valid) -> ConfigError:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
 
 
-def _apply(cfg: TrainConfig, updates: dict[str, object], text: bool) -> TrainConfig:
-    """Return cfg with flat updates applied; keys may be train keys, model keys or 'model.<key>'."""
-    train_types = {k: t for k, t in _fields(type(cfg)).items() if k != "model"}
-    model_types = _fields(type(cfg.model))
-    train, model = {}, {}
+def apply(cfg, updates: dict[str, object], text: bool = False):
+    """A copy of cfg with flat or dotted updates; every value converted and the result checked."""
+    top, nested = {}, {}
+    keys, types_ = flat_keys(type(cfg)), field_types(type(cfg))
     for key, value in updates.items():
-        name = key.removeprefix("model.")
-        if key in train_types:
-            train[key] = _convert(key, value, train_types[key], text)
-        elif name in model_types:
-            model[name] = _convert(name, value, model_types[name], text)
+        if key not in keys:
+            raise unknown_key(key.rpartition(".")[2], [k for k in keys if "." not in k])
+        path = keys[key]
+        if len(path) == 1:
+            top[path[0]] = convert(path[0], value, types_[path[0]], text)
         else:
-            valid = list(train_types) + list(model_types) if name == key else list(model_types)
-            raise _unknown(name, valid)
-    try:  # GPTConfig checks its own values (e.g. pos_encoding) in __post_init__
-        return dataclasses.replace(cfg, **train, model=dataclasses.replace(cfg.model, **model))
-    except ValueError as e:
+            sub_types = field_types(types_[path[0]])
+            nested.setdefault(path[0], {})[path[1]] = convert(path[1], value, sub_types[path[1]], text)
+    try:
+        for name, sub in nested.items():
+            top[name] = dataclasses.replace(getattr(cfg, name), **sub)
+        return dataclasses.replace(cfg, **top)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a config's own check in __post_init__
         raise ConfigError(str(e)) from None
 
 
-def _flatten_toml(path: str) -> dict[str, object]:
+# ----------------------------------------------------------------------------- files and command lines
+
+def read_toml(path: str, cls) -> dict[str, object]:
+    """A TOML file as flat updates; nested dataclass fields may be tables (`[model]`)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -147,75 +186,194 @@ def _flatten_toml(path: str) -> dict[str, object]:
         raise ConfigError(f"config file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    flat = {k: v for k, v in data.items() if k != "model"}
-    model = data.get("model", {})
-    if not isinstance(model, dict):
-        raise ConfigError(f"config file {path}: 'model' must be a [model] table")
-    model_types = _fields(GPTConfig)
-    for k, v in model.items():
-        if k not in model_types:
-            raise _unknown(k, model_types)
-        flat[f"model.{k}"] = v
+    flat = {}
+    for key, value in data.items():
+        tp = field_types(cls).get(key)
+        if tp is not None and _nested(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config file {path}: '{key}' must be a [{key}] table")
+            for sub, v in value.items():
+                if sub not in field_types(tp):
+                    raise unknown_key(sub, field_types(tp))
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
     return flat
 
 
-def load_config(argv: list[str] | None = None, defaults_cls=TrainConfig) -> TrainConfig:
-    """Defaults, then a TOML file (positional or --config=), then --key=value flags (sys.argv[1:] if None)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text(defaults_cls()))
-        raise SystemExit(0)
-    files, flags = [], {}
-    for arg in argv:
+def split_argv(argv: list[str], keys) -> tuple[list[str], dict[str, str]]:
+    """(positional arguments, {key: raw text}) from `--key=value`, `--key value` and bare `--flag`.
+    `keys` maps known keys to their types (a bare flag is true only for a bool key)."""
+    files, flags, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
         if not arg.startswith("--"):
             files.append(arg)
             continue
         key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
         if key == "config":
-            files.append(value)
-        else:
-            flags[key.replace("-", "_")] = value if eq else "true"  # bare --flag means true
+            files.append(value if eq else argv[i] if i < len(argv) else "")
+            i += 0 if eq else 1
+            continue
+        if not eq:
+            tp = keys.get(key)
+            takes_value = tp is not None and not _is_bool(tp)
+            if takes_value and i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            elif takes_value:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            else:
+                value = "true"  # a bare flag; an unknown key fails later with a did-you-mean
+        flags[key] = value
+    return files, flags
+
+
+def config_file(cls, argv: list[str]) -> str | None:
+    """The TOML file a command line names (positional or --config=), or None."""
+    files, _ = split_argv(argv, _key_types(cls))
+    return files[0] if files else None
+
+
+def _is_bool(tp) -> bool:
+    return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType) and bool in typing.get_args(tp))
+
+
+def _key_types(cls) -> dict[str, object]:
+    out = {}
+    for key, path in flat_keys(cls).items():
+        tp = field_types(cls)[path[0]]
+        out[key] = tp if len(path) == 1 else field_types(tp)[path[1]]
+    return out
+
+
+def parse(cls, argv: list[str] | None = None, defaults=None, passthrough=None, doc: str | None = None):
+    """Defaults (cls() or `defaults`), then a TOML file (positional or --config=), then flags.
+    passthrough: another config class whose keys are accepted here by name and returned unparsed, as
+    `(cfg, ["--key=value", ...])`, for a second parse against defaults known only later (extend_context).
+    -h / --help prints every key with its default and comment, then exits."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    types_ = _key_types(cls) | (_key_types(passthrough) if passthrough else {})
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, doc) + (f"\n\n{help_text(passthrough, '')}" if passthrough else ""))
+        raise SystemExit(0)
+    files, flags = split_argv(argv, types_)
     if len(files) > 1:
         raise ConfigError(f"give one config file, not {len(files)}: {' '.join(files)}")
-    cfg = defaults_cls()
+    cfg = defaults if defaults is not None else cls()
     if files:
-        cfg = _apply(cfg, _flatten_toml(files[0]), text=False)
-    cfg = _apply(cfg, flags, text=True)
-    if cfg.wandb not in ("off", "offline", "online"):
-        raise ConfigError(f"bad value {cfg.wandb!r} for config key 'wandb': expected off, offline or online")
-    return cfg
+        cfg = apply(cfg, read_toml(files[0], cls))
+    own, rest = {}, []
+    for key, value in flags.items():
+        if key in flat_keys(cls):
+            own[key] = value
+        elif passthrough and key in flat_keys(passthrough):
+            rest.append(f"--{key}={value}")
+        else:
+            raise unknown_key(key.rpartition(".")[2], [k for k in types_ if "." not in k])
+    cfg = apply(cfg, own, text=True)
+    return (cfg, rest) if passthrough else cfg
 
 
-def help_text(cfg: TrainConfig) -> str:
-    """Usage and every key with its default, as --help prints them."""
-    lines = [__doc__.strip(), "", "train keys:"]
-    lines += [f"  --{k}={getattr(cfg, k)!r}" for k in _fields(type(cfg)) if k != "model"]
-    lines += ["model keys:"] + [f"  --{k}={getattr(cfg.model, k)!r}" for k in _fields(type(cfg.model))]
-    return "\n".join(lines)
+@functools.cache
+def _comments(cls) -> dict[str, str]:
+    """The `# comment` after each field in the class's source: the help text of that key."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out, name = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and name is None:
+            name = tok.string  # first name on a field line (class body, indent 4)
+        elif tok.type == tokenize.COMMENT and name:
+            out.setdefault(name, tok.string.lstrip("# "))
+        elif tok.type == tokenize.NEWLINE:
+            name = None
+    return out
 
 
-def config_to_dict(cfg: TrainConfig) -> dict:
-    """Plain nested dict (model under 'model'), for config.json and checkpoints."""
+def help_text(cls, doc: str | None = None) -> str:
+    """Usage (the script's docstring) and every key with its default and comment."""
+    lines = [(doc if doc is not None else (cls.__doc__ or "")).strip()]
+    defaults = cls()
+    for name, tp in field_types(cls).items():
+        if _nested(tp):
+            lines += ["", f"{name} keys (flat or as --{name}.KEY):"]
+            sub = getattr(defaults, name)
+            lines += [_help_line(k, getattr(sub, k), _comments(tp).get(k)) for k in field_types(tp)]
+    lines += ["", f"{cls.__name__} keys:"]
+    lines += [_help_line(k, getattr(defaults, k), _comments(cls).get(k)) for k, tp in field_types(cls).items()
+              if not _nested(tp)]
+    return "\n".join(lines).strip()
+
+
+def _help_line(key, default, comment) -> str:
+    if isinstance(default, tuple):
+        text = ",".join(map(str, default))
+    elif isinstance(default, (dict, bool)) or default is None:
+        text = json.dumps(default)  # as the command line takes it: true, null, {"rope_type": ...}
+    else:
+        text = default
+    line = f"  --{key}={text}"
+    return f"{line:<35} # {comment}" if comment else line
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict, for config.json and checkpoints."""
     return dataclasses.asdict(cfg)
 
 
-def model_config_from_dict(d: dict) -> GPTConfig:
-    """GPTConfig from a checkpoint's dict; an unknown key (a checkpoint from another version) is ConfigError."""
-    for k in d:
-        if k not in _fields(GPTConfig):
-            raise _unknown(k, _fields(GPTConfig))
+def from_dict(cls, d: dict):
+    """Inverse of to_dict; an unknown key (a file from another version) is ConfigError with a did-you-mean."""
+    d, kwargs = dict(d), {}
+    for key, value in d.items():
+        tp = field_types(cls).get(key)
+        if tp is None:
+            raise unknown_key(key, field_types(cls))
+        kwargs[key] = from_dict(tp, value) if _nested(tp) and isinstance(value, dict) else value
     try:
-        return GPTConfig(**d)
+        return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad model config: {e}") from None
+        raise ConfigError(str(e)) from None
 
 
-def config_from_dict(d: dict, defaults_cls=TrainConfig) -> TrainConfig:
-    """Inverse of config_to_dict; unknown keys raise ConfigError."""
-    d = dict(d)
-    model = model_config_from_dict(d.pop("model", {}))
-    train_types = {k: t for k, t in _fields(defaults_cls).items() if k != "model"}
-    for k in d:
-        if k not in train_types:
-            raise _unknown(k, train_types)
-    return defaults_cls(**d, model=model)
+# ----------------------------------------------------------------------------- device and dtype
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda, else mps, else cpu; a named device is checked here, so a typo is one line."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"bad value {device!r} for config key 'device': expected auto, cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
+    index = torch.device(device).index
+    if not available or (kind == "cuda" and index is not None and index >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r} is not available on this machine: use --device=auto or cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto -> bfloat16 on a CUDA GPU that supports it, else float32."""
+    import torch
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
+def cli(main, argv=None, errors=(ValueError, OSError, RuntimeError)):
+    """Run a script's main(argv): a ConfigError or any of `errors` is one line `error: ...` and exit 1."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,63 +1,69 @@
-"""Extend a RoPE model's context: scale its frequencies, then optionally fine-tune briefly at the new length.
+r"""Extend a RoPE model's context: scale its frequencies, then optionally fine-tune briefly at the new length.
 
     python extend_context.py --ckpt=out/cpu_rope/ckpt.pt --method=linear --factor=4 --steps=50
-    python extend_context.py --ckpt=out/gpt2_rope/ckpt.pt --method=yarn --target_len=32768 --steps=400 \
+    python extend_context.py --ckpt=out/gpt2_124m_rope/ckpt.pt --method=yarn --target_len=32768 --steps=400 \
         --batch_tokens=65536 --activation_checkpointing=true
-    python extend_context.py --ckpt=out/gpt2_rope/ckpt.pt --method=dynamic --factor=8 --steps=0   # training-free
+    python extend_context.py --ckpt=out/gpt2_124m_rope/ckpt.pt --method=dynamic --factor=8 --steps=0   # training-free
 
-Methods (positions.rope_frequencies): linear = Position Interpolation (Chen et al. 2023), ntk = NTK-aware base,
-dynamic = dynamic NTK, yarn (Peng et al. 2023), llama3. Fine-tuning is train.main with init_from=<ckpt>: the same
-loop, logging, checkpoints, resume (--resume=true) and errors. Defaults follow the PI and YaRN recipes: lr 2e-5,
-no weight decay, a short warmup, then cosine. Any train or model key can be given as --key=value.
---factor and --target_len count from the original training length (a model extended before keeps its original).
-The output checkpoint is a train.py checkpoint whose config holds rope_scaling (method, factor, original length);
-its "extension" record names the base checkpoint and its step.
+Methods are the rope_types of rope_scaling.py: linear = Position Interpolation (Chen et al. 2023), ntk =
+NTK-aware base, dynamic = dynamic NTK, yarn (Peng et al. 2023), llama3. Fine-tuning is train.main with
+init_from=<ckpt>: the same loop, logging, checkpoints, resume (--resume=true) and errors. Defaults follow the PI
+and YaRN recipes: lr 2e-5, no weight decay, a short warmup, then cosine. Any train or model key can be given
+as --key=value. --factor and --target_len count from the original training length (a model extended before
+keeps its original). The output is a train.py checkpoint whose config holds rope_scaling; its "extension"
+record names the base checkpoint and its step.
 """
 import dataclasses
-import difflib
 import json
 import math
 import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import train
-from config import ConfigError, config_from_dict, config_to_dict, load_config
+from checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from config import ConfigError, apply, at_least, check_fields, cli, from_dict, parse, to_dict
 from data.loader import load_meta
 from model import GPT
-from positions import ROPE_TYPES, check_scaling
+from rope_scaling import length_dependent, original_length, scaling_dict
 
 RECIPE = dict(learning_rate=2e-5, min_lr=2e-6, weight_decay=0.0)  # PI and YaRN fine-tune with lr 2e-5, no decay
 MAX_WARMUP = 20  # warmup steps in both recipes (fewer for very short runs: a fifth of the steps)
 MIN_LONG_DOCS = 4  # fewer long training documents than this: windows over concatenated documents instead
-EXTEND_KEYS = {"ckpt": str, "method": str, "factor": float, "target_len": int, "steps": int, "batch_tokens": int,
-               "scaling_params": json.loads}
+SET_BY_EXTENSION = ("block_size", "rope_scaling")
 
 
-def check_extendable(model_cfg, method, path):
-    """Raise one clear line when this checkpoint's position scheme cannot take this method."""
-    scheme = model_cfg.pos_encoding
-    if scheme == "learned":
-        raise ValueError(f"cannot extend {path}: learned positions cannot be scaled (its table has "
-                         f"{model_cfg.block_size} rows and no more were trained); train a rope model to extend")
-    if scheme == "alibi":
-        raise ValueError(f"cannot extend {path}: ALiBi needs no scaling (its bias depends only on distance, so it "
-                         "runs at any length as it is); evaluate it at the target length directly")
-    if scheme == "none":
-        raise ValueError(f"cannot extend {path}: it has no position encoding (NoPE), so there is nothing to scale")
-    if method not in ROPE_TYPES:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ROPE_TYPES)}")
-    if scheme == "sinusoidal" and method != "linear":
-        raise ValueError(f"cannot extend {path} with {method!r}: sinusoidal positions can only be interpolated "
-                         "(--method=linear)")
+@dataclass
+class ExtendConfig:
+    ckpt: str = ""  # the base checkpoint (required)
+    method: str = ""  # a rope_type of rope_scaling.py (required): linear | ntk | dynamic | yarn | llama3
+    factor: float | None = None  # the context multiple, from the original training length ...
+    target_len: int | None = None  # ... or the new length: give exactly one
+    steps: int = 0  # fine-tuning steps; 0: training-free
+    batch_tokens: int | None = None  # tokens per optimizer step (default: the base run's), by accumulation
+    out_dir: str = ""  # "": <base run folder>_<method>_x<factor>
+    scaling_params: dict | None = None  # more rope_scaling keys, e.g. {"beta_fast": 16}
+
+    def __post_init__(self):
+        check_fields(self)
+        at_least(self, 1, "factor", "target_len", "batch_tokens")
+        at_least(self, 0, "steps")
+
+
+def check_extendable(model_cfg, scaling, target_len, path):
+    """The base model's config at the new length and scaling; one clear line if its scheme refuses it."""
+    try:
+        return dataclasses.replace(model_cfg, block_size=target_len, rope_scaling=scaling)
+    except ValueError as e:  # the scheme's own reason (learned: no table past block_size; ALiBi: needs none)
+        raise ValueError(f"cannot extend {path}: {e}") from None
 
 
 def rope_scaling_for(model_cfg, method, factor=None, target_len=None, params=None):
     """The rope_scaling dict for extending this model, and the target length. Both count from the original
     training length: a model that was extended before keeps its original_max_position_embeddings."""
-    base_len = int((model_cfg.rope_scaling or {}).get("original_max_position_embeddings") or model_cfg.block_size)
+    base_len = original_length(model_cfg.rope_scaling, model_cfg.block_size)
     if (factor is None) == (target_len is None):
         raise ValueError("give exactly one of --factor or --target_len")
     factor = float(factor) if factor is not None else target_len / base_len
@@ -65,8 +71,7 @@ def rope_scaling_for(model_cfg, method, factor=None, target_len=None, params=Non
     if factor < 1:
         raise ValueError(f"target length {target_len} is shorter than the training length {base_len}: "
                          "extension needs factor >= 1")
-    scaling = {"rope_type": method, "factor": factor, "original_max_position_embeddings": base_len, **(params or {})}
-    return check_scaling(scaling), target_len
+    return scaling_dict(method, factor, base_len, **(params or {})), target_len
 
 
 def count_long_docs(data_dir, min_len):
@@ -75,51 +80,49 @@ def count_long_docs(data_dir, min_len):
     return sum(length >= min_len for _, length, _ in docs), len(docs)
 
 
-def _as_flags(overrides):
-    """Python values as --key=value strings, so they go through config.load_config's parsing and checks."""
-    def text(v):
-        return v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else str(v)
-    return [f"--{k}={text(v)}" for k, v in overrides.items()]
-
-
-def extend(base_ckpt, method, factor=None, target_len=None, steps=0, batch_tokens=None, out_dir=None,
-           scaling_params=None, **overrides) -> str:
-    """Scale a checkpoint's RoPE to a longer context and fine-tune it for `steps` (0: training-free).
-    batch_tokens: tokens per optimizer step (default: the base run's), reached by gradient accumulation.
-    overrides: any TrainConfig or GPTConfig key. Returns the path of the new checkpoint."""
-    for key in ("block_size", "rope_scaling"):
-        if key in overrides:
+def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
+    """Scale a checkpoint's RoPE to a longer context and fine-tune it for ext.steps (0: training-free).
+    overrides: train or model keys, as a dict of values or a list of --key=value flags.
+    Returns the path of the new checkpoint."""
+    overrides = overrides or {}
+    names = {f.lstrip("-").partition("=")[0] for f in overrides} if isinstance(overrides, list) else set(overrides)
+    for key in SET_BY_EXTENSION:
+        if key in names:
             raise ConfigError(f"extend_context.py sets {key} itself: give --method, --factor or --target_len instead")
+    for key in ("ckpt", "method"):
+        if not getattr(ext, key):
+            raise ConfigError(f"missing --{key}: e.g. --ckpt=out/cpu_rope/ckpt.pt --method=linear --factor=4")
     master = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports and writes
     log = print if master else (lambda *a, **k: None)
-    ckpt = train.load_checkpoint(base_ckpt)
-    base = config_from_dict(ckpt["config"])
-    check_extendable(base.model, method, base_ckpt)
-    scaling, target_len = rope_scaling_for(base.model, method, factor, target_len, scaling_params)
+    ckpt = load_checkpoint(ext.ckpt)
+    base = from_dict(train.TrainConfig, ckpt["config"])
+    scaling, target_len = rope_scaling_for(base.model, ext.method, ext.factor, ext.target_len, ext.scaling_params)
+    model_cfg = check_extendable(base.model, scaling, target_len, ext.ckpt)
     factor, base_len = scaling["factor"], scaling["original_max_position_embeddings"]
-    out_dir = out_dir or f"{Path(base_ckpt).parent}_{method}_x{factor:g}"
+    out_dir = ext.out_dir or f"{Path(ext.ckpt).parent}_{ext.method}_x{factor:g}"
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     # batch: at most the base run's tokens per micro-step (so it fits where the base did), then accumulate
     base_tokens = base.batch_size * base.grad_accum_steps * base.model.block_size * world
-    seqs = max(1, (batch_tokens or base_tokens) // (target_len * world))  # sequences per step per process
-    micro = int(overrides.get("batch_size") or min(seqs, max(1, base.batch_size * base.model.block_size // target_len)))
+    seqs = max(1, (ext.batch_tokens or base_tokens) // (target_len * world))  # sequences per step per process
+    micro = min(seqs, max(1, base.batch_size * base.model.block_size // target_len))
     start = dataclasses.replace(
-        base, **RECIPE, out_dir=out_dir, run_name="", resume=False, init_from=str(base_ckpt), max_iters=steps,
-        lr_decay_iters=None, warmup_iters=min(MAX_WARMUP, steps // 5), min_doc_len=target_len + 1, device="auto",
-        dtype="auto", batch_size=micro, grad_accum_steps=math.ceil(seqs / micro),
-        model=dataclasses.replace(base.model, block_size=target_len, rope_scaling=scaling))
-    cfg = load_config(_as_flags(overrides), defaults_cls=lambda: start)
-    log(f"extending {base_ckpt} (step {ckpt.get('step')}): {method} x{factor:g}, {base_len} -> {target_len} "
-        f"tokens, {steps} fine-tuning steps of {cfg.batch_size * cfg.grad_accum_steps * target_len * world:,} tokens")
+        base, **RECIPE, out_dir=out_dir, run_name="", resume=False, init_from=str(ext.ckpt), max_iters=ext.steps,
+        lr_decay_iters=None, warmup_iters=min(MAX_WARMUP, ext.steps // 5), min_doc_len=target_len + 1,
+        device="auto", dtype="auto", batch_size=micro, grad_accum_steps=math.ceil(seqs / micro), model=model_cfg)
+    cfg = parse(train.TrainConfig, overrides, defaults=start) if isinstance(overrides, list) else apply(start, overrides)
+    if "batch_size" in names and "grad_accum_steps" not in names:  # a smaller micro-batch keeps the step's tokens
+        cfg = dataclasses.replace(cfg, grad_accum_steps=math.ceil(seqs / cfg.batch_size))
+    log(f"extending {ext.ckpt} (step {ckpt.get('step')}): {ext.method} x{factor:g}, {base_len} -> {target_len} "
+        f"tokens, {ext.steps} fine-tuning steps of {cfg.batch_size * cfg.grad_accum_steps * target_len * world:,} tokens")
 
-    record = {"base_ckpt": str(Path(base_ckpt).resolve()), "base_step": ckpt.get("step"), "method": method,
-              "factor": factor, "original_len": base_len, "target_len": target_len, "steps": steps}
-    if steps > 0:
-        if method == "dynamic":
-            log("note: dynamic NTK is meant to be training-free; fine-tuning trains at the target length's "
-                "frequencies, which shorter inputs will not use")
-        if "min_doc_len" not in overrides:
+    record = {"base_ckpt": str(Path(ext.ckpt).resolve()), "base_step": ckpt.get("step"), "method": ext.method,
+              "factor": factor, "original_len": base_len, "target_len": target_len, "steps": ext.steps}
+    if ext.steps > 0:
+        if length_dependent(scaling):
+            log(f"note: {ext.method} scaling changes with the length and is meant to be training-free; fine-tuning "
+                "trains at the target length's frequencies, which shorter inputs will not use")
+        if "min_doc_len" not in names:
             n_long, n_docs = count_long_docs(cfg.data_dir, target_len + 1)
             log(f"{cfg.data_dir}: {n_long} of {n_docs} training documents have >= {target_len + 1} tokens")
             if n_long < MIN_LONG_DOCS:
@@ -131,11 +134,11 @@ def extend(base_ckpt, method, factor=None, target_len=None, steps=0, batch_token
     if master:
         (Path(out_dir) / "extension.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    if steps == 0:  # training-free: the base weights under the new config, in train.py's checkpoint format
+    if ext.steps == 0:  # training-free: the base weights under the new config, in train.py's checkpoint format
         with torch.device("meta"):
             GPT(cfg.model)  # a bad config fails here, as it would at load time
-        new = {"model": ckpt["model"], "optimizer": None, "step": 0, "iter_num": 0, "config": config_to_dict(cfg),
-               "data": ckpt.get("data"), "best_val_loss": float("inf"), "format_version": train.FORMAT_VERSION}
+        new = {"model": ckpt["model"], "optimizer": None, "step": 0, "config": to_dict(cfg),
+               "data": ckpt.get("data"), "best_val_loss": float("inf"), "format_version": FORMAT_VERSION}
         path = Path(out_dir) / "ckpt.pt"
     else:
         del ckpt  # train.main loads the weights itself (init_from)
@@ -145,46 +148,17 @@ def extend(base_ckpt, method, factor=None, target_len=None, steps=0, batch_token
         if result["ckpt"] is None:
             raise train.TrainingError(f"fine-tuning stopped before its first checkpoint; nothing written to {out_dir}")
         path, record["steps"] = result["ckpt"], result["step"]
-        new = train.load_checkpoint(path)
+        new = load_checkpoint(path)
     new["extension"] = record
-    path = train.save_checkpoint(new, path)
+    path = save_checkpoint(new, path)
     log(f"wrote {path}: rope_scaling={json.dumps(scaling)}, block_size={target_len}")
     return path
 
 
-def parse_args(argv):
-    """Extension keys by name; every other --key=value goes to the train/model config (checked there)."""
-    kwargs = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"extend_context.py takes only --key=value flags, got {arg!r}")
-        key, eq, value = arg[2:].partition("=")
-        key, value = key.replace("-", "_"), value if eq else "true"
-        if key in EXTEND_KEYS:
-            try:
-                kwargs[key] = EXTEND_KEYS[key](value)
-            except ValueError:
-                raise ConfigError(f"bad value {value!r} for config key '{key}'") from None
-        else:
-            close = difflib.get_close_matches(key, EXTEND_KEYS, n=1, cutoff=0.8)
-            if close:
-                raise ConfigError(f"unknown config key '{key}' (did you mean '{close[0]}'?)")
-            kwargs[key] = value
-    for key in ("ckpt", "method"):
-        if key not in kwargs:
-            raise ConfigError(f"missing --{key}: e.g. --ckpt=out/cpu_rope/ckpt.pt --method=linear --factor=4")
-    kwargs["base_ckpt"] = kwargs.pop("ckpt")
-    return kwargs
-
-
-def main(argv=None):
-    try:
-        extend(**parse_args(sys.argv[1:] if argv is None else argv))
-    except (ValueError, FileNotFoundError, train.TrainingError) as e:  # ConfigError, CheckpointError: ValueErrors
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+def main(argv=None) -> str:
+    ext, overrides = parse(ExtendConfig, argv, passthrough=train.TrainConfig, doc=__doc__)
+    return extend(ext, overrides)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, errors=(ValueError, OSError, train.TrainingError))

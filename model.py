@@ -6,13 +6,16 @@ a module from positions.SCHEMES; the model calls its hooks unconditionally and n
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from config import at_least, check_fields
 from positions import SCHEMES
 
 try:  # FlexAttention runs ALiBi without a T x T bias tensor (torch >= 2.5)
@@ -21,6 +24,7 @@ except ImportError:
     flex_attention = None
 
 LOSS_CHUNK = 8192  # tokens per cross-entropy chunk: full fp32 logits at 32k x 50k vocab would be 6.6 GB
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, the denominator of MFU
 
 
 @dataclass
@@ -32,23 +36,25 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linears and LayerNorms: GPT-2 had them; a bit better and faster without
-    pos_encoding: str = "rope"  # learned | sinusoidal | alibi | rope | none
+    pos_encoding: str = "rope"  # a name in positions.SCHEMES: learned | sinusoidal | alibi | rope | none
     rope_theta: float = 10000.0  # RoPE base
-    rope_layout: str = "half"  # half (GPT-NeoX / Hugging Face pairing) | interleaved (Meta LLaMA / GPT-J)
+    rope_layout: Literal["half", "interleaved"] = "half"  # half: GPT-NeoX / Hugging Face; interleaved: Meta / GPT-J
     rotary_fraction: float = 1.0  # partial rotary: rotate only this fraction of each head
-    rope_scaling: dict | None = None  # Hugging Face rope_scaling dict; see positions.rope_frequencies
+    rope_scaling: dict | None = None  # Hugging Face rope_scaling dict; see rope_scaling.py
     activation_checkpointing: bool = False  # recompute blocks in backward: long context in less memory
-    attn_backend: str = "auto"  # auto | sdpa | flex: how a logit bias is applied (flex: FlexAttention)
+    attn_backend: Literal["auto", "sdpa", "flex"] = "auto"  # how a logit bias is applied (flex: FlexAttention)
 
     def __post_init__(self):
+        check_fields(self)
         if self.pos_encoding not in SCHEMES:
             raise ValueError(f"unknown pos_encoding {self.pos_encoding!r}; choose one of {', '.join(SCHEMES)}")
+        at_least(self, 1, "block_size", "vocab_size", "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.attn_backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attn_backend must be auto, sdpa or flex, got {self.attn_backend!r}")
-        if min(self.block_size, self.vocab_size, self.n_layer, self.n_head) < 1:
-            raise ValueError("block_size, vocab_size, n_layer and n_head must all be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"bad value {self.dropout!r} for config key 'dropout': expected a number in [0, 1)")
+        at_least(self, 0.0, "rope_theta", "rotary_fraction")
+        SCHEMES[self.pos_encoding].check_config(self)  # the scheme's own rules (scaling, rotary dims, ...)
 
 
 class KVCache:
@@ -87,20 +93,23 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        q, k = scheme.rotate(q, k, q_pos)
+        q, k = scheme.rotate(q, k, q_pos, layer)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs): every key so far
-        y = self.attend(q, k, v, scheme, q_pos, k_pos)
+        y = self.attend(q, k, v, scheme, q_pos, k_pos, layer)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q, k, v, scheme, q_pos, k_pos):
+    def attend(self, q, k, v, scheme, q_pos, k_pos, layer):
         dropout = self.dropout if self.training else 0.0
         Tq, Tk = q.size(-2), k.size(-2)
-        score_mod = scheme.score_mod()
+        score_mod = scheme.score_mod(layer)
         if score_mod is not None and Tq == Tk and dropout == 0.0 and self.use_flex(q):
             return flex_causal(q, k, v, score_mod)
-        bias = scheme.attn_bias(q_pos, k_pos)  # (nh, Tq, Tk) or None
+        bias = scheme.attn_bias(q_pos, k_pos, layer)  # (nh, Tq, Tk) or None
+        if bias is not None and q.is_cuda and score_mod is None:
+            warn_once(f"{type(scheme).__name__} has no score_mod: every attention call on the GPU materializes "
+                      "a (heads, T, T) float bias (12 heads at T=32k: 48 GB); give it a score_mod for FlexAttention")
         if bias is None and (Tq == Tk or Tq == 1):  # no bias: the flash kernel; one new query sees every key
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq > 1)
         if Tq > 1:  # several queries at the end of a longer key sequence (KV cache): causal by absolute position
@@ -110,6 +119,11 @@ class CausalSelfAttention(nn.Module):
 
     def use_flex(self, q):
         return flex_attention is not None and q.is_cuda if self.backend == "auto" else self.backend == "flex"
+
+
+@functools.cache
+def warn_once(message):
+    warnings.warn(message, stacklevel=3)
 
 
 @functools.cache
@@ -185,12 +199,14 @@ class GPT(nn.Module):
         scheme = self.transformer.pos
         start = kv_cache.pos if kv_cache is not None else 0
         end = start + T
+        scheme.check_length(end)  # learned positions refuse past their table, in one line
         if kv_cache is not None:
             if end > kv_cache.max_len:
                 raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {end} are needed: make a larger cache")
             kv_cache.tokens[:, start:end] = idx
-            if scheme.cache_key(end) != kv_cache.key:  # positions changed meaning: recompute the whole cache
-                idx, start, kv_cache.pos, kv_cache.key = kv_cache.tokens[:, :end], 0, 0, scheme.cache_key(end)
+            key = scheme.cache_key(end)
+            if key != kv_cache.key:  # positions changed meaning (dynamic NTK): recompute the whole cache
+                idx, start, kv_cache.pos, kv_cache.key = kv_cache.tokens[:, :end], 0, 0, key
         scheme.prepare(end, idx.device)  # tables built once here, sliced by every layer
         k_pos = torch.arange(end, device=idx.device)
         q_pos = k_pos[start:]
@@ -201,7 +217,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             if self.config.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, scheme, q_pos, k_pos, use_reentrant=False)
+                x = checkpoint(block, x, scheme, q_pos, k_pos, None, layer, use_reentrant=False)
             else:
                 x = block(x, scheme, q_pos, k_pos, kv_cache, layer)
         x = self.transformer.ln_f(x[:, -T:])  # (B, T, C): only the positions asked for
@@ -225,7 +241,7 @@ class GPT(nn.Module):
         N = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and ".pos." not in n)
         return 6 * N + 6 * self.config.n_layer * self.config.n_embd * T
 
-    def estimate_mfu(self, tokens_per_sec, T, peak_flops):
+    def estimate_mfu(self, tokens_per_sec, T, peak_flops=H100_BF16_PEAK_FLOPS):
         return tokens_per_sec * self.flops_per_token(T) / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

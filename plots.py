@@ -10,6 +10,8 @@ cannot run a length (learned positions past their table) shows "cannot run", nev
 
 from pathlib import Path
 
+from tasks import PASSKEY_NEW_TOKENS, default_stride
+
 CANNOT = "cannot run"
 SPANS = {"random": "random tokens of the text: only copying predicts them", "text": "a slice of other text"}
 
@@ -68,11 +70,11 @@ def summary_markdown(results):
         wins = [e["window"] for e in models[ks[0]]["ppl"]]
         n = next((e for k in ks for e in models[k]["ppl"] if "n_tokens" in e), {})
         out += ["", "## Sliding-window perplexity", "",
-                f"Windows of W tokens, stride min(256, W/2), only the last `stride` targets of each window scored "
+                f"Windows of W tokens, stride S = min(256, W/2), only the last S targets of each window scored "
                 f"(Press et al.): every window size scores the same {n.get('n_tokens', '?')} tokens of "
                 f"{n.get('n_docs', '?')} documents.", ""]
         rows = [[k] + [_cell(e, lambda e: f"{e['ppl']:.2f}") for e in models[k]["ppl"]] for k in ks]
-        out += [_table(["model"] + [f"W={w} ({_multiple(w, L)}, S={min(256, w // 2)})" for w in wins], rows)]
+        out += [_table(["model"] + [f"W={w} ({_multiple(w, L)}, S={default_stride(w)})" for w in wins], rows)]
         out += _reasons(results, "ppl", lambda p: p)
 
     if have("short"):
@@ -91,7 +93,7 @@ def summary_markdown(results):
         pk = models[ks[0]]["passkey"]
         lens = [e["length"] for e in pk["by_length"]]
         out += ["", "## Passkey retrieval", "",
-                f"Accuracy (%) by context length (prompt + 8 generated tokens), greedy decoding; "
+                f"Accuracy (%) by context length (prompt + {pk.get('max_new_tokens', PASSKEY_NEW_TOKENS)} generated tokens), greedy decoding; "
                 f"{pk['trials'] * len(pk['depths'])} prompts per cell: {pk['trials']} random key(s) at each depth "
                 f"{', '.join(f'{d:g}' for d in pk['depths'])}.", ""]
         rows = [[k] + [_cell(e, lambda e: f"{100 * e['accuracy']:.0f}") for e in models[k]["passkey"]["by_length"]]

@@ -1,7 +1,7 @@
 """The wall and the rescue, end to end, in one command.
 
     python reproduce.py                  # CPU scale: base 256 -> x4 and x8, a few minutes on 2 cores, offline
-    python reproduce.py --scale=gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
+    python reproduce.py --scale gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
@@ -10,29 +10,38 @@ on a re-run; an interrupted training stage resumes from its checkpoint, an inter
 last model it finished.
 """
 
-import dataclasses
 import json
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 import evaluate
 import extend_context
 import train
-from config import load_config
+from config import check_fields, cli, parse
 from data.loader import load_meta
 from data.prepare import prepare
 from positions import SCHEMES
+from rope_scaling import ROPE_SCALING, scaling_dict
+
+
+@dataclass
+class ReproduceConfig:
+    scale: Literal["cpu", "gpu"] = "cpu"  # cpu: base 256, minutes on 2 cores; gpu: base 4096, one GPU
+    out_dir: str = ""  # "": runs/<scale>
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class Scale:
     """Everything that differs between the two scales; the code is the same."""
-    config_prefix: str  # configs/<prefix>_<scheme>.toml
+    config: str  # configs/<config>.toml, trained once per scheme with --pos_encoding
     data_dir: str  # prepared from `source` (data/prepare.py) unless it already holds meta.json
     vocab_size: int | None  # compact vocabulary (data/prepare.py --vocab_size), None = GPT-2's 50257
     base_len: int
@@ -41,7 +50,7 @@ class Scale:
     train: dict = field(default_factory=dict)  # overrides of the configs, e.g. max_iters
     extend_steps: int = 100
     extend: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)  # keyword arguments of evaluate.evaluate
+    eval: dict = field(default_factory=dict)  # evaluate.EvalConfig fields
     source: str = "stdlib"
 
 
@@ -54,9 +63,9 @@ SCALES = {
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
                  eval=dict(n_docs=8, passkey_trials=2, recall_trials=8)),
 }
-TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # evaluated with no fine-tuning
-FINE_TUNED = ("linear", "yarn")
-NAMES = {"linear": "PI", "ntk": "NTK", "dynamic": "dynamic NTK", "yarn": "YaRN", "llama3": "Llama-3"}
+EXTENDED = "rope"  # the scheme whose context is extended
+TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # rope_types evaluated with no fine-tuning
+FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
 
 
 class Stages:
@@ -82,34 +91,33 @@ class Stages:
 
 def train_scheme(scale, scheme, run_dir):
     out_dir = Path(run_dir) / scheme
-    flags = [f"configs/{scale.config_prefix}_{scheme}.toml", f"--out_dir={out_dir}", f"--data_dir={scale.data_dir}",
-             *(f"--{k}={v}" for k, v in scale.train.items())]
+    flags = [f"configs/{scale.config}.toml", f"--pos_encoding={scheme}", f"--out_dir={out_dir}",
+             f"--data_dir={scale.data_dir}", *(f"--{k}={v}" for k, v in scale.train.items())]
     if scale.vocab_size:
         flags.append(f"--vocab_size={scale.vocab_size}")
     if (out_dir / "ckpt.pt").exists():
         flags.append("--resume=true")  # an interrupted run continues as if never stopped
-    result = train.main(load_config(flags))
+    result = train.main(train.load_config(flags))
     return {"ckpt": str(result["ckpt"]), "val_loss": result.get("val_loss")}
 
 
 def fine_tune(scale, method, run_dir):
-    out_dir = Path(run_dir) / f"rope_{method}_ft"
+    out_dir = Path(run_dir) / f"{EXTENDED}_{method}_ft"
     extra = {"resume": True} if (out_dir / "ckpt.pt").exists() else {}
-    path = extend_context.extend(str(Path(run_dir) / "rope" / "ckpt.pt"), method, factor=scale.factor,
-                                 steps=scale.extend_steps, out_dir=str(out_dir), **scale.extend, **extra)
-    return {"ckpt": str(path)}
+    ext = extend_context.ExtendConfig(ckpt=str(Path(run_dir) / EXTENDED / "ckpt.pt"), method=method,
+                                      factor=scale.factor, steps=scale.extend_steps, out_dir=str(out_dir))
+    return {"ckpt": str(extend_context.extend(ext, {**scale.extend, **extra}))}
 
 
 def models_to_evaluate(scale, run_dir):
     """label -> checkpoint, or (checkpoint, rope_scaling) for a training-free scaling of the RoPE model."""
     run_dir = Path(run_dir)
     models = {scheme: run_dir / scheme / "ckpt.pt" for scheme in SCHEMES}
-    rope = models["rope"]
     for method in TRAINING_FREE:
-        scaling = {"rope_type": method, "factor": scale.factor, "original_max_position_embeddings": scale.base_len}
-        models[f"rope + {NAMES[method]} (no fine-tune)"] = (rope, scaling)
+        scaling = scaling_dict(method, scale.factor, scale.base_len)
+        models[f"{EXTENDED} + {ROPE_SCALING[method].label} (no fine-tune)"] = (models[EXTENDED], scaling)
     for method in FINE_TUNED:
-        models[f"rope + {NAMES[method]} fine-tuned"] = run_dir / f"rope_{method}_ft" / "ckpt.pt"
+        models[f"{EXTENDED} + {ROPE_SCALING[method].label} fine-tuned"] = run_dir / f"{EXTENDED}_{method}_ft" / "ckpt.pt"
     return {k: (str(v[0]), v[1]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
 
 
@@ -123,7 +131,7 @@ def write_report(scale, run_dir, stages, command):
     timing = "\n".join(f"| {name} | {s['seconds']:.0f} |" for name, s in stages.done.items())
     total = sum(s["seconds"] for s in stages.done.values())
     lines = [
-        f"# The wall and the rescue ({scale.config_prefix} configs)", "",
+        f"# The wall and the rescue (configs/{scale.config}.toml)", "",
         f"Command: `{command}`  ",
         f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, {device}; "
         f"torch {torch.__version__}, Python {platform.python_version()}.  ",
@@ -162,34 +170,25 @@ def run(scale, run_dir, command="python reproduce.py"):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if not (Path(scale.data_dir) / "meta.json").exists():
         stages.done.pop("data", None)
     stages.run("data", lambda: prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
     for scheme in SCHEMES:
         stages.run(f"train {scheme}", lambda s=scheme: train_scheme(scale, s, run_dir))
     for method in FINE_TUNED:
-        stages.run(f"fine-tune rope with {NAMES[method]}", lambda m=method: fine_tune(scale, m, run_dir))
-    stages.run("evaluate", lambda: evaluate.evaluate(
-        models_to_evaluate(scale, run_dir), scale.data_dir, scale.eval_factor * scale.base_len,
-        out_dir=run_dir / "eval", base_len=scale.base_len, device=device, resume=True, **scale.eval) and None)
+        stages.run(f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label}", lambda m=method: fine_tune(scale, m, run_dir))
+    eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
+                                   out_dir=str(run_dir / "eval"), base_len=scale.base_len, resume=True, **scale.eval)
+    stages.run("evaluate", lambda: evaluate.evaluate(models_to_evaluate(scale, run_dir), eval_cfg) and None)
     write_report(scale, run_dir, stages, command)
     return run_dir / "report.md"
 
 
-def main(argv):
-    args = dict(a.lstrip("-").split("=", 1) for a in argv)
-    scale_name = args.pop("scale", "cpu")
-    if scale_name not in SCALES:
-        sys.exit(f"error: unknown scale {scale_name!r}; choose one of {', '.join(SCALES)}")
-    run_dir = Path(args.pop("out_dir", f"runs/{scale_name}"))
-    if args:
-        sys.exit(f"error: unknown option(s) {sorted(args)}; use --scale= and --out_dir=")
-    run(SCALES[scale_name], run_dir, " ".join(["python reproduce.py", *argv]))
+def main(argv=None):
+    cfg = parse(ReproduceConfig, argv, doc=__doc__)
+    command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
+    return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    cli(lambda argv: main(argv) and None, errors=(ValueError, OSError, train.TrainingError))

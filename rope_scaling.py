@@ -1,81 +1,156 @@
-"""RoPE scaling: the frequencies of a Hugging Face style `rope_scaling` dict, as one pure function.
+"""RoPE scaling: a registry from Hugging Face's `rope_type` to one function that gives the frequencies.
 
-linear = Position Interpolation (Chen et al. 2023), ntk = NTK-aware base change (bloc97 2023), dynamic =
-NTK with the factor grown to the current length, yarn = YaRN (Peng et al. 2023), llama3 = Llama 3.1's
-wavelength bands. Formulas and reference values: ../shared/REFERENCE.md. positions.RoPE uses it, and
-positions re-exports it, so `from positions import rope_frequencies` works.
+linear = Position Interpolation (Chen et al. 2023), ntk = NTK-aware base change (bloc97 2023), dynamic = NTK
+with the factor grown to the current length, yarn = YaRN (Peng et al. 2023), llama3 = Llama 3.1's wavelength
+bands. Formulas and reference values: ../shared/REFERENCE.md.
+
+Adding a method is one decorated function: `@method("name", "label", options={...})` declares its optional
+keys (with their defaults), whether it needs `original_max_position_embeddings`, and whether its frequencies
+depend on the current length (then cached keys go stale as the sequence grows, and the model recomputes them).
 """
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
-SCALING_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                "attention_factor", "truncate", "low_freq_factor", "high_freq_factor"}
+COMMON_KEYS = ("rope_type", "factor", "original_max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class ScalingMethod:
+    frequencies: Callable  # (inv_freq, *, d, theta, factor, original_len, seq_len, **options) -> (inv_freq, attn factor)
+    options: dict  # optional keys -> default; a key given as null takes its default (as Hugging Face does)
+    needs_original_len: bool  # original_max_position_embeddings (the training length) is required
+    length_dependent: bool  # the frequencies change with the current sequence length
+    label: str  # the name papers and reports use
+
+
+ROPE_SCALING: dict[str, ScalingMethod] = {}  # rope_type -> method; a type without a function cannot exist
+
+
+def method(name, label=None, options=None, needs_original_len=True, length_dependent=False):
+    """Register a scaling function under a rope_type."""
+    def register(fn):
+        ROPE_SCALING[name] = ScalingMethod(fn, dict(options or {}), needs_original_len, length_dependent, label or name)
+        return fn
+    return register
 
 
 def check_scaling(scaling):
-    """Validate a Hugging Face style `rope_scaling` dict (None passes); one clear ValueError line if wrong."""
+    """A Hugging Face style `rope_scaling` dict, checked, with null options dropped (None passes).
+    Raises one clear ValueError line naming what is wrong."""
     if scaling is None:
         return None
-    if not isinstance(scaling, dict) or set(scaling) - SCALING_KEYS:
-        raise ValueError(f"unknown rope_scaling key(s) in {scaling!r}: use a dict with keys from {sorted(SCALING_KEYS)}")
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict like {{\"rope_type\": \"yarn\", \"factor\": 4, ...}}, got {scaling!r}")
     kind = scaling.get("rope_type")
-    if kind not in ROPE_TYPES:
-        raise ValueError(f"unknown rope_type {kind!r}; choose one of {', '.join(ROPE_TYPES)}")
-    if not float(scaling.get("factor", 0)) >= 1.0:
-        raise ValueError(f"rope_scaling needs a factor >= 1 (the context multiple), got {scaling.get('factor')!r}")
-    if kind != "linear" and "original_max_position_embeddings" not in scaling:
+    if kind not in ROPE_SCALING:
+        raise ValueError(f"unknown rope_type {kind!r}; choose one of {', '.join(ROPE_SCALING)}")
+    m = ROPE_SCALING[kind]
+    unknown = set(scaling) - set(COMMON_KEYS) - set(m.options)
+    if unknown:
+        raise ValueError(f"unknown rope_scaling key(s) {sorted(unknown)} for rope_type {kind!r}: it takes "
+                         f"{', '.join(COMMON_KEYS + tuple(m.options))}")
+    factor = scaling.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor < math.inf:
+        raise ValueError(f"rope_scaling needs a finite factor >= 1 (the context multiple), got {factor!r}")
+    L = scaling.get("original_max_position_embeddings")
+    if L is None and m.needs_original_len:
         raise ValueError(f"rope_type {kind!r} needs original_max_position_embeddings (the training length)")
-    return scaling
+    if L is not None and (isinstance(L, bool) or not isinstance(L, int) or L < 1):
+        raise ValueError(f"original_max_position_embeddings must be a positive integer, got {L!r}")
+    for key, default in m.options.items():
+        value = scaling.get(key)
+        if value is not None and (isinstance(value, bool) != isinstance(default, bool)
+                                  or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ValueError(f"bad rope_scaling value {key}={value!r} for rope_type {kind!r}")
+    return {k: v for k, v in scaling.items() if v is not None}
 
 
 def rope_frequencies(head_dim, theta, scaling=None, seq_len=None):
     """Inverse frequencies (float64, head_dim/2) and attention_factor for RoPE with optional scaling.
 
     cos and sin get multiplied by attention_factor, so attention logits scale by its square (YaRN).
-    `seq_len` matters only for dynamic NTK, whose base grows with the current length.
+    `seq_len` matters only for methods whose frequencies depend on the current length (dynamic NTK).
     """
     d = head_dim
-    i = torch.arange(0, d, 2, dtype=torch.float64)
-    inv_freq = theta ** (-i / d)
-    if check_scaling(scaling) is None:
+    inv_freq = inverse_frequencies(theta, d)
+    scaling = check_scaling(scaling)
+    if scaling is None:
         return inv_freq, 1.0
-    kind, s = scaling["rope_type"], float(scaling["factor"])
-    L = scaling.get("original_max_position_embeddings")
-    if kind == "linear":  # Position Interpolation: position m behaves like m / s
-        return inv_freq / s, 1.0
-    if kind == "ntk":  # NTK-aware: stretch the base so the lowest frequency interpolates by s
-        return (theta * s ** (d / (d - 2))) ** (-i / d), 1.0
-    if kind == "dynamic":  # NTK with the factor grown to the current length; unchanged up to L
-        ell = max(seq_len or L, L)
-        return (theta * ((s * ell / L) - (s - 1)) ** (d / (d - 2))) ** (-i / d), 1.0
-    if kind == "yarn":
-        return _yarn(inv_freq, d, theta, s, L, scaling)
-    return _llama3(inv_freq, s, L, scaling)
+    m = ROPE_SCALING[scaling["rope_type"]]
+    options = {k: scaling.get(k, default) for k, default in m.options.items()}
+    inv_freq, attention_factor = m.frequencies(
+        inv_freq, d=d, theta=theta, factor=float(scaling["factor"]), seq_len=seq_len,
+        original_len=scaling.get("original_max_position_embeddings"), **options)
+    return inv_freq, float(attention_factor)
 
 
-def _yarn(inv_freq, d, theta, s, L, scaling):
+def inverse_frequencies(theta, d):
+    """theta^(-2i/d), i = 0 .. d/2 - 1, in float64."""
+    return theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+
+def scaling_dict(method_name, factor, original_len, **options):
+    """The checked rope_scaling dict that extends a model trained at original_len by factor."""
+    return check_scaling({"rope_type": method_name, "factor": float(factor),
+                          "original_max_position_embeddings": int(original_len), **options})
+
+
+def original_length(rope_scaling, block_size):
+    """The length the weights were first trained at: a scaled model keeps original_max_position_embeddings."""
+    return int((rope_scaling or {}).get("original_max_position_embeddings") or block_size)
+
+
+def length_dependent(scaling):
+    """True if this scaling's frequencies change with the sequence length (dynamic NTK)."""
+    return scaling is not None and ROPE_SCALING[scaling["rope_type"]].length_dependent
+
+
+# ----------------------------------------------------------------------------- the methods
+
+@method("linear", "PI", needs_original_len=False)
+def linear(inv_freq, *, factor, **_):
+    """Position Interpolation: position m behaves like m / factor."""
+    return inv_freq / factor, 1.0
+
+
+@method("ntk", "NTK")
+def ntk(inv_freq, *, d, theta, factor, **_):
+    """NTK-aware: stretch the base so that the lowest frequency interpolates by the factor."""
+    return inverse_frequencies(theta * factor ** (d / (d - 2)), d), 1.0
+
+
+@method("dynamic", "dynamic NTK", length_dependent=True)
+def dynamic(inv_freq, *, d, theta, factor, original_len, seq_len, **_):
+    """NTK with the factor grown to the current length; unchanged up to the original length."""
+    ell = max(seq_len or original_len, original_len)
+    return inverse_frequencies(theta * ((factor * ell / original_len) - (factor - 1)) ** (d / (d - 2)), d), 1.0
+
+
+@method("yarn", "YaRN", options={"beta_fast": 32, "beta_slow": 1, "truncate": True, "attention_factor": None})
+def yarn(inv_freq, *, d, theta, factor, original_len, beta_fast, beta_slow, truncate, attention_factor, **_):
     """YaRN: interpolate the low frequencies, keep the high ones, ramp between (by rotations per L)."""
     def correction_dim(rotations):  # the dimension that turns `rotations` times over L positions
-        return d * math.log(L / (2 * math.pi * rotations)) / (2 * math.log(theta))
+        return d * math.log(original_len / (2 * math.pi * rotations)) / (2 * math.log(theta))
 
-    low, high = correction_dim(scaling.get("beta_fast", 32)), correction_dim(scaling.get("beta_slow", 1))
-    if scaling.get("truncate", True):
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, d - 1)
     high += 0.001 if low == high else 0  # avoid a division by zero in the ramp
     ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # 0 = keep, 1 = interpolate
-    attention_factor = scaling.get("attention_factor") or (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
-    return inv_freq / s * ramp + inv_freq * (1 - ramp), float(attention_factor)
+    attention_factor = attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), attention_factor
 
 
-def _llama3(inv_freq, s, L, scaling):
-    """Llama 3: keep short wavelengths, divide long ones by s, blend the band between."""
-    low_ff, high_ff = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    wavelen = 2 * math.pi / inv_freq
-    gamma = ((L / wavelen - low_ff) / (high_ff - low_ff)).clamp(0, 1)  # 1 = keep, 0 = interpolate
-    blended = (1 - gamma) * inv_freq / s + gamma * inv_freq
-    out = torch.where(wavelen > L / low_ff, inv_freq / s, blended)
-    return torch.where(wavelen < L / high_ff, inv_freq, out), 1.0
+@method("llama3", "Llama-3", options={"low_freq_factor": 1.0, "high_freq_factor": 4.0})
+def llama3(inv_freq, *, factor, original_len, low_freq_factor, high_freq_factor, **_):
+    """Llama 3: keep short wavelengths, divide long ones by the factor, blend the band between."""
+    L, wavelen = original_len, 2 * math.pi / inv_freq
+    gamma = ((L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)  # 1 = keep
+    blended = (1 - gamma) * inv_freq / factor + gamma * inv_freq
+    out = torch.where(wavelen > L / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelen < L / high_freq_factor, inv_freq, out), 1.0

@@ -1,26 +1,54 @@
 """Sample from a trained checkpoint, streaming text as it comes; `generate` is importable.
 
-    python sample.py --ckpt=out/run/ckpt.pt --prompt="Once upon a time" --max_new_tokens=200
-    python sample.py --ckpt=out/run/ckpt.pt --prompt_file=long_document.txt --temperature=0
-    cat notes.txt | python sample.py --ckpt=out/run/ckpt.pt --prompt=- --top_p=0.9
+    python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt="Once upon a time" --max_new_tokens=200
+    python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt_file=long_document.txt --temperature=0
+    cat notes.txt | python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt=- --top_p=0.9
 
 The prompt is prefilled in one forward (the fast attention kernels), then each new token goes through the
 model's preallocated KV cache, one position at a time.
 """
 
-import argparse
 import codecs
-import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from checkpoint import model_from_checkpoint
+from config import ConfigError, at_least, check_fields, cli, parse, resolve_device, resolve_dtype
+from tokenizer import tokenizer_for
+
 # Every decode step has a new key length, and cuDNN attention (SDPA's first choice on H100) builds a new
 # plan per shape: ~12 ms of CPU per call. The flash and memory-efficient kernels have no such cost.
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = ""  # a checkpoint written by train.py or extend_context.py (required)
+    prompt: str = "\n"  # prompt text, or - to read stdin
+    prompt_file: str | None = None  # read the prompt from this UTF-8 file (long documents)
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = 200  # sample among the k most likely tokens; None: all
+    top_p: float | None = None  # nucleus sampling: the smallest set with this much probability
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda, else mps, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False  # torch.compile the model (pays off for long generations)
+    rope_scaling: dict | None = None  # run with this rope_scaling instead of the checkpoint's ({}: none)
+
+    def __post_init__(self):
+        check_fields(self)
+        at_least(self, 1, "num_samples", "max_new_tokens", "top_k")
+        at_least(self, 0, "temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"bad value {self.top_p!r} for config key 'top_p': expected a number in (0, 1]")
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -58,8 +86,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if T == 0:
         raise ValueError("empty prompt: give at least one token")
     total = T + max_new_tokens
-    try:  # the scheme says up front if it cannot represent this many positions (learned: its table)
-        model.transformer.pos.prepare(total, idx.device)
+    try:  # the scheme says up front if it cannot run this many positions (learned: its table)
+        model.transformer.pos.check_length(total)
     except ValueError as e:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens: {e}") from None
     cache = model.make_kv_cache(B, total) if use_cache else None
@@ -79,14 +107,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     return idx
 
 
-def read_prompt(args):
+def read_prompt(cfg):
     """The prompt text from --prompt, --prompt_file or stdin (--prompt=-); raise ValueError with one line."""
-    if args.prompt_file is None and args.prompt != "-":
-        source, text = "--prompt", args.prompt
+    if cfg.prompt_file is None and cfg.prompt != "-":
+        source, text = "--prompt", cfg.prompt
     else:
-        source = args.prompt_file or "stdin"
+        source = cfg.prompt_file or "stdin"
         try:
-            data = Path(source).read_bytes() if args.prompt_file else sys.stdin.buffer.read()
+            data = Path(source).read_bytes() if cfg.prompt_file else sys.stdin.buffer.read()
         except OSError as e:
             raise ValueError(f"cannot read prompt file {source}: {e.strerror}") from None
         if b"\0" in data:
@@ -100,67 +128,32 @@ def read_prompt(args):
     return text
 
 
-def pick_device(device):
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def pick_dtype(dtype, device):
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", default="out/run/ckpt.pt", help="checkpoint written by train.py")
-    p.add_argument("--prompt", default="\n", help="prompt text, or - to read stdin")
-    p.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file (long documents)")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for long runs)")
-    p.add_argument("--rope_scaling", default=None,
-                   help="JSON rope_scaling dict to run with instead of the checkpoint's (positions.rope_frequencies)")
-    return p.parse_args(argv)
-
-
 def to_inference_dtype(model, dtype):
     """Cast weights to dtype but keep the position scheme in fp32: RoPE cos/sin in bf16 are a known
     long-context precision bug, and Module.to() casts buffers too."""
-    model.to(dtype).transformer.pos.float()
+    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype).transformer.pos.float()
     return model.eval()
 
 
-def load(args):
-    """(model, tokenizer, device) from the command line; ValueError/RuntimeError/OSError with one line."""
-    scaling = json.loads(args.rope_scaling) if args.rope_scaling else None  # JSONDecodeError is a ValueError
-    from tokenizer import tokenizer_for
-    from train import model_from_checkpoint
-    device = pick_device(args.device)
-    model, ckpt = model_from_checkpoint(args.ckpt, device, override_scaling=scaling)
-    model = to_inference_dtype(model, pick_dtype(args.dtype, device))
+def load(cfg):
+    """(model, tokenizer, device) for a SampleConfig; ValueError/RuntimeError/OSError with one line."""
+    if not cfg.ckpt:
+        raise ConfigError("missing --ckpt: e.g. --ckpt=out/cpu_rope/ckpt.pt")
+    device = resolve_device(cfg.device)
+    model, ckpt = model_from_checkpoint(cfg.ckpt, device, override_scaling=cfg.rope_scaling)
+    model = to_inference_dtype(model, resolve_dtype(cfg.dtype, device))
     tokenizer = tokenizer_for((ckpt.get("data") or {}).get("vocab"))  # the vocabulary it was trained on
-    return (torch.compile(model, dynamic=True) if args.compile else model), tokenizer, device
+    return (torch.compile(model, dynamic=True) if cfg.compile else model), tokenizer, device
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        text = read_prompt(args)
-        model, enc, device = load(args)
-    except (ValueError, RuntimeError, OSError) as e:
-        sys.exit(f"error: {e}")
+    cfg = parse(SampleConfig, argv, doc=__doc__)
+    text = read_prompt(cfg)
+    model, enc, device = load(cfg)
     prompt = torch.tensor([enc.encode(text, allowed_special="all")], device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     n_new, t0 = 0, time.perf_counter()
-    for i in range(args.num_samples):
+    for i in range(cfg.num_samples):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two tokens
 
         def stream(tok):
@@ -169,16 +162,13 @@ def main(argv=None):
             sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(t) if t < enc.n_vocab else b""))
             sys.stdout.flush()
 
-        try:
-            generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                     generator=generator, on_token=stream)
-        except ValueError as e:  # e.g. a learned model asked past its position table
-            sys.exit(f"error: {e}")
-        sys.stdout.write(utf8.decode(b"", final=True) + ("\n---------------\n" if i + 1 < args.num_samples else "\n"))
+        generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                 generator=generator, on_token=stream)
+        sys.stdout.write(utf8.decode(b"", final=True) + ("\n---------------\n" if i + 1 < cfg.num_samples else "\n"))
     dt = time.perf_counter() - t0
     print(f"{n_new} tokens in {dt:.2f} s: {n_new / dt:.1f} tokens/s (prompt {prompt.size(1)} tokens, {device})",
           file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

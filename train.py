@@ -1,10 +1,12 @@
 """Train a GPT: AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast on CUDA.
 
-    python train.py configs/cpu_rope.toml --max_iters=200
-    python train.py configs/cpu_rope.toml --resume=true           # continue exactly from <out_dir>/ckpt.pt
-    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m_rope.toml   # DDP
+    python train.py configs/cpu.toml --pos_encoding=alibi           # -> out/cpu_alibi
+    python train.py configs/cpu.toml --max_iters=200 --n_layer=2    # flags override the file
+    python train.py configs/cpu.toml --pos_encoding=alibi --resume=true   # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.toml   # DDP
 
-`main(cfg)` is the whole loop; extend_context.py and the tests call it instead of copying it. Metrics go to
+`main(cfg)` is the whole loop, a short sequence of named steps (setup, evaluate, save, train_step, log_step)
+that extend_context.py, reproduce.py and the tests call instead of copying it. Metrics go to
 <out_dir>/metrics.jsonl (one JSON object per line), the resolved config to <out_dir>/config.json.
 """
 import dataclasses
@@ -17,26 +19,95 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (CheckpointError, FORMAT_VERSION, load_checkpoint, load_weights, model_config,  # noqa: F401
-                        model_from_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from config import ConfigError, TrainConfig, config_to_dict, load_config
+from checkpoint import (CheckpointError, FORMAT_VERSION, load_checkpoint, load_weights, model_config, rng_state,
+                        save_checkpoint, set_rng_state)
+from config import (ConfigError, at_least, check_fields, cli, config_file, flat_keys, parse, resolve_device,
+                    resolve_dtype, to_dict)
 from data.loader import BatchSampler, data_identity
-from model import GPT
+from metrics import WANDB_PROJECT, MetricsLog, start_wandb
+from model import GPT, GPTConfig, H100_BF16_PEAK_FLOPS
 
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/{config}_{pos_encoding}"  # {config}: the TOML file's name ("run" without one), {key}: its value
+    data_dir: str = "data/stdlib"
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda, else mps, else cpu
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on a GPU that has it
+    compile: bool = False  # torch.compile the model for training (checkpoints stay uncompiled)
+    batch_size: int = 16  # sequences per micro-step (per GPU)
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    max_iters: int = 500  # optimizer steps
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay ends here
+    warmup_iters: int = 50  # linear warmup steps
+    lr_decay_iters: int | None = None  # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 100  # steps between validation losses (0: only at the end)
+    eval_iters: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # steps between train log lines
+    ckpt_interval: int = 100  # steps between checkpoints (0: only the final one, always written)
+    wandb: Literal["off", "offline", "online"] = "off"  # offline: no account, no network
+    wandb_project: str = WANDB_PROJECT
+    run_name: str = ""  # "": the basename of out_dir
+    resume: bool = False  # continue exactly from <out_dir>/ckpt.pt
+    init_from: str = "scratch"  # scratch | path of a checkpoint whose weights start this run
+    min_doc_len: int = 0  # >0: train only on windows inside documents at least this long
+    peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+    def __post_init__(self):
+        check_fields(self)
+        at_least(self, 1, "batch_size", "grad_accum_steps", "eval_iters", "log_interval", "peak_flops")
+        at_least(self, 0, "max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "ckpt_interval",
+                 "min_doc_len", "learning_rate", "min_lr", "weight_decay", "grad_clip")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"beta1={self.beta1} and beta2={self.beta2} must lie in [0, 1)")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss)."""
 
 
-# ----------------------------------------------------------------------------- helpers
+def load_config(argv=None) -> TrainConfig:
+    """TrainConfig from the command line; out_dir's {config} is the config file's name."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse(TrainConfig, argv, doc=__doc__)
+    file = config_file(TrainConfig, argv)
+    return with_out_dir(cfg, Path(file).stem if file else "run")
+
+
+def with_out_dir(cfg: TrainConfig, config_name: str = "run") -> TrainConfig:
+    """out_dir with its {key} placeholders filled in (any flat config key, and {config})."""
+    values = {k: getattr(cfg.model if k in flat_keys(GPTConfig) else cfg, k)
+              for k in flat_keys(TrainConfig) if "." not in k}
+    try:
+        out_dir = cfg.out_dir.format(config=config_name, **values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"bad value {cfg.out_dir!r} for config key 'out_dir': no config key {e}") from None
+    return dataclasses.replace(cfg, out_dir=out_dir)
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill in out_dir, device, dtype and lr_decay_iters for this machine."""
+    device = resolve_device(cfg.device)
+    decay = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    return dataclasses.replace(with_out_dir(cfg), device=device, dtype=resolve_dtype(cfg.dtype, device),
+                               lr_decay_iters=decay)
+
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
@@ -47,31 +118,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill in device, dtype and lr_decay_iters ("auto" / None) for this machine."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"bad value {dtype!r} for config key 'dtype': expected auto, float32 or bfloat16")
-    decay = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    return dataclasses.replace(cfg, device=device, dtype=dtype, lr_decay_iters=decay)
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-def _every(step: int, interval: int) -> bool:
-    return interval > 0 and step % interval == 0
 
 
 @torch.no_grad()
@@ -86,7 +132,7 @@ def estimate_loss(model, sampler, start_state, eval_iters, autocast, device) -> 
             _, loss = model(x, y)
         total += loss.float()
     model.train()
-    return total / max(1, eval_iters)
+    return total / eval_iters
 
 
 class StopOnInterrupt:
@@ -112,43 +158,220 @@ class StopOnInterrupt:
             signal.signal(s, handler)
 
 
-def start_wandb(cfg: TrainConfig, out_dir: Path):
-    """None when off or unavailable. 'online' without an API key falls back to 'offline' instead of hanging."""
-    if cfg.wandb == "off":
+# ----------------------------------------------------------------------------- the steps of a run
+
+@dataclass
+class Run:
+    """What the loop carries from step to step."""
+    cfg: TrainConfig
+    device: str
+    rank: int
+    world: int
+    model: GPT  # the plain module: checkpoints, MFU
+    step_model: torch.nn.Module  # compiled and/or DDP-wrapped: training steps
+    eval_model: torch.nn.Module  # compiled, not DDP-wrapped: validation
+    optimizer: torch.optim.Optimizer
+    autocast: object
+    train_sampler: BatchSampler
+    val_sampler: BatchSampler
+    val_start: dict
+    data: dict
+    step: int = 0
+    start_step: int = 0
+    best_val: float = float("inf")
+    val_loss: float | None = None
+    train_loss: float | None = None
+    tokens_per_sec: float | None = None
+    mfu: float | None = None
+    last_ckpt: str | None = None
+    interrupted: bool = False
+    step_times: list = field(default_factory=list)
+    metrics: MetricsLog | None = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def out_dir(self):
+        return Path(self.cfg.out_dir)
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+
+
+def build_model(cfg: TrainConfig) -> tuple[TrainConfig, GPT, dict | None]:
+    """(config, model, checkpoint to restore): from scratch, from init_from's weights, or resumed."""
+    if cfg.resume:  # the checkpoint's architecture wins
+        ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        ckpt = load_checkpoint(ckpt_path)
+        saved = model_config(ckpt, ckpt_path)
+        changed = [f"{f.name}={getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(saved)
+                   if getattr(saved, f.name) != getattr(cfg.model, f.name)]
+        if changed and int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: resuming with the checkpoint's model config; ignoring {', '.join(changed)}")
+        cfg = dataclasses.replace(cfg, model=saved)
+        return cfg, load_weights(GPT(saved), ckpt["model"], ckpt_path), ckpt
+    if cfg.init_from != "scratch":  # weights only; this run's length, scaling and training-time settings
+        init = load_checkpoint(cfg.init_from)
+        config = dataclasses.replace(model_config(init, cfg.init_from), block_size=cfg.model.block_size,
+                                     rope_scaling=cfg.model.rope_scaling, dropout=cfg.model.dropout,
+                                     activation_checkpointing=cfg.model.activation_checkpointing,
+                                     attn_backend=cfg.model.attn_backend)
+        cfg = dataclasses.replace(cfg, model=config)
+        return cfg, load_weights(GPT(config), init["model"], cfg.init_from), None
+    return cfg, GPT(cfg.model), None
+
+
+def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
+    """Seeds, model, optimizer, samplers and run folder; a resumed run restores everything it saved."""
+    device_type = device.split(":")[0]
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    cfg, model, ckpt = build_model(cfg)
+    model = model.to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    eval_model = torch.compile(model) if cfg.compile else model
+    step_model = eval_model
+    if world > 1:
+        step_model = DDP(eval_model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    T = cfg.model.block_size
+    train_sampler = BatchSampler(cfg.data_dir, "train", cfg.batch_size, T, cfg.seed, device,
+                                 min_doc_len=cfg.min_doc_len or None, rank=rank, world_size=world)
+    val_sampler = BatchSampler(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed + 1, device, rank=rank, world_size=world)
+    run = Run(cfg, device, rank, world, model, step_model, eval_model, optimizer, autocast, train_sampler,
+              val_sampler, val_sampler.state_dict(), data_identity(cfg.data_dir))
+    if ckpt is not None:
+        restore(run, ckpt)
+    run.metrics = MetricsLog(run.out_dir, run.start_step if cfg.resume else None, enabled=run.master,
+                             wandb_run=start_wandb(cfg.wandb, run.out_dir, cfg.run_name or run.out_dir.resolve().name,
+                                                   to_dict(cfg)) if run.master else None)
+    if run.master:
+        info = {"config": to_dict(cfg), "data": run.data, "seed": cfg.seed, "torch": torch.__version__,
+                "world_size": world, "start_step": run.start_step, "n_params": model.num_params()}
+        (run.out_dir / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    return run
+
+
+def restore(run: Run, ckpt: dict) -> None:
+    """Step, optimizer, sampler and RNG state of a checkpoint: the run continues as if never stopped."""
+    run.step = run.start_step = ckpt["step"]
+    run.best_val = ckpt.get("best_val_loss", float("inf"))
+    run.last_ckpt = str(run.out_dir / "ckpt.pt")
+    if ckpt.get("optimizer"):  # a training-free checkpoint (extend_context.py --steps=0) has none
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("sampler"):
+        run.train_sampler.load_state_dict(ckpt["sampler"])  # the same for every rank: a seed and a batch count
+    ranks = ckpt.get("ranks") or [{"rng": ckpt.get("rng")}]
+    if len(ranks) == run.world and ranks[run.rank]["rng"]:
+        set_rng_state(ranks[run.rank]["rng"])
+    else:
+        run.log(f"warning: the checkpoint has no RNG state for {run.world} process(es): dropout restarts from the seed")
+    if {**(ckpt.get("data") or {}), "path": None} != {**run.data, "path": None}:  # same tokens, wherever they lie
+        run.log(f"warning: the data at {run.cfg.data_dir} differs from the data this checkpoint was trained on")
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def evaluate(run: Run) -> float:
+    """Validation loss on the same batches every time (averaged over ranks), recorded."""
+    val = estimate_loss(run.eval_model, run.val_sampler, run.val_start, run.cfg.eval_iters, run.autocast, run.device)
+    if run.world > 1:
+        dist.all_reduce(val)
+    run.val_loss = val.item() / run.world
+    run.best_val = min(run.best_val, run.val_loss)
+    run.log(f"step {run.step} | val loss {run.val_loss:.4f}")
+    run.metrics.record(kind="val", step=run.step, loss=run.val_loss)
+    return run.val_loss
+
+
+def save(run: Run) -> str | None:
+    """Checkpoint everything a resumed run needs, atomically; a failed save keeps the previous one."""
+    ranks = [{"rng": rng_state()}] * run.world
+    if run.world > 1:  # each rank's own RNG (dropout); the sampler state is the same on every rank
+        dist.all_gather_object(ranks, ranks[0])
+    if not run.master:
         return None
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
+            "config": to_dict(run.cfg), "rng": ranks[0]["rng"], "sampler": run.train_sampler.state_dict(),
+            "data": run.data, "best_val_loss": run.best_val, "format_version": FORMAT_VERSION}
+    if run.world > 1:
+        ckpt["ranks"] = ranks
     try:
-        import wandb
-    except ImportError:
-        print(f"warning: wandb={cfg.wandb} but wandb is not installed (pip install wandb); "
-              "metrics go to metrics.jsonl only", file=sys.stderr)
-        return None
-    mode = cfg.wandb
-    if mode == "online" and not _wandb_key():
-        print("warning: wandb=online but no API key (WANDB_API_KEY or ~/.netrc): logging offline", file=sys.stderr)
-        mode = "offline"
-    run_name = cfg.run_name or out_dir.resolve().name
-    try:
-        return wandb.init(project=cfg.wandb_project, name=run_name, dir=str(out_dir), mode=mode,
-                          config=config_to_dict(cfg), settings=wandb.Settings(init_timeout=60))
-    except Exception as e:
-        print(f"warning: wandb could not start ({str(e).splitlines()[0]}): metrics.jsonl only", file=sys.stderr)
-        return None
+        run.last_ckpt = save_checkpoint(ckpt, run.out_dir / "ckpt.pt")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+    return run.last_ckpt
 
 
-def _wandb_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+def train_step(run: Run, stop: StopOnInterrupt | None = None) -> float:
+    """One optimizer step over grad_accum_steps micro-batches; returns the mean loss. Every rank learns of a
+    stop request (a signal until now) here, so all stop at the same step. A non-finite loss stops before the
+    optimizer step."""
+    cfg, model = run.cfg, run.step_model
+    lr = get_lr(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum_steps):
+        x, y = run.train_sampler.next()
+        sync = model.no_sync() if run.world > 1 and micro < cfg.grad_accum_steps - 1 else nullcontext()
+        with sync:  # DDP all-reduces gradients on the last micro-step only
+            with run.autocast:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum_steps).backward()
+        loss_sum += loss.detach().float()
+    stop_flag = torch.tensor(float(stop is not None and stop.requested > 0), device=run.device)
+    stats = torch.stack([loss_sum / cfg.grad_accum_steps, stop_flag])
+    if run.world > 1:
+        dist.all_reduce(stats)
+    run.train_loss, run.interrupted = stats[0].item() / run.world, bool(stats[1].item() > 0)
+    if not math.isfinite(run.train_loss):
+        raise TrainingError(f"non-finite loss ({run.train_loss}) at step {run.step + 1}: stopped before the "
+                            f"optimizer step; last checkpoint: {run.last_ckpt or 'none'}. Try a lower learning_rate")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    dt = time.perf_counter() - t0  # the loss .item() above waited for the GPU
+    if run.step > run.start_step + 1:  # the first step pays for compilation
+        run.step_times.append(dt)
+    log_step(run, lr, dt)
+    return run.train_loss
 
 
-# ----------------------------------------------------------------------------- the loop
+def log_step(run: Run, lr: float, dt: float) -> None:
+    """Every log_interval steps: loss, throughput and MFU over the steps since the last line."""
+    cfg = run.cfg
+    if not (_every(run.step, cfg.log_interval) or run.step == cfg.max_iters):
+        return
+    times = run.step_times or [dt]
+    T = cfg.model.block_size
+    run.tokens_per_sec = cfg.batch_size * T * cfg.grad_accum_steps * run.world * len(times) / sum(times)
+    run.mfu = run.model.estimate_mfu(run.tokens_per_sec / run.world, T, cfg.peak_flops)
+    ms = 1000 * sum(times) / len(times)
+    run.log(f"step {run.step} | loss {run.train_loss:.4f} | lr {lr:.2e} | {run.tokens_per_sec:,.0f} tok/s | "
+            f"mfu {100 * run.mfu:.2f}% | {ms:.1f} ms/step")
+    run.metrics.record(kind="train", step=run.step, loss=run.train_loss, lr=lr, tokens_per_sec=run.tokens_per_sec,
+               mfu=run.mfu, ms_per_step=ms)
+    run.step_times = []
 
-def main(cfg: TrainConfig) -> dict:
-    """Train; returns the final metrics and the path of the last checkpoint."""
+
+def main(cfg: TrainConfig | list[str] | None = None) -> dict:
+    """Train (cfg: a TrainConfig, or command-line arguments); returns the final metrics and the last checkpoint."""
+    if not isinstance(cfg, TrainConfig):
+        cfg = load_config(cfg)
     rank, world, local_rank = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))  # torchrun's
     ddp, world = world > 1, max(world, 1)
     cfg = resolve(cfg)
@@ -159,189 +382,36 @@ def main(cfg: TrainConfig) -> dict:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
-        return _train(cfg, device, rank, world)
+        run = setup(cfg, device, rank, world)
+        return loop(run)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, device: str, rank: int, world: int) -> dict:
-    master, device_type = rank == 0, device.split(":")[0]
-    log = print if master else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out_dir, ckpt_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    if ckpt is not None:  # the checkpoint's architecture wins
-        saved = model_config(ckpt, ckpt_path)
-        changed = [f"{f.name}={getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(saved)
-                   if getattr(saved, f.name) != getattr(cfg.model, f.name)]
-        if changed:
-            log(f"warning: resuming with the checkpoint's model config; ignoring {', '.join(changed)}")
-        cfg = dataclasses.replace(cfg, model=saved)
-        model = load_weights(GPT(saved), ckpt["model"], ckpt_path)
-    elif cfg.init_from != "scratch":  # weights only; this run's block_size and rope_scaling
-        init = load_checkpoint(cfg.init_from)
-        config = dataclasses.replace(model_config(init, cfg.init_from), block_size=cfg.model.block_size,
-                                     rope_scaling=cfg.model.rope_scaling, dropout=cfg.model.dropout,
-                                     activation_checkpointing=cfg.model.activation_checkpointing,
-                                     attn_backend=cfg.model.attn_backend)
-        cfg = dataclasses.replace(cfg, model=config)
-        model = load_weights(GPT(config), init["model"], cfg.init_from)
-        del init
-    else:
-        model = GPT(cfg.model)
-    raw_model = model.to(device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    if cfg.compile:
-        model = torch.compile(model)
-    eval_model = model
-    if world > 1:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
-
-    T = cfg.model.block_size
-    train_sampler = BatchSampler(cfg.data_dir, "train", cfg.batch_size, T, cfg.seed, device,
-                                 min_doc_len=cfg.min_doc_len or None, rank=rank, world_size=world)
-    val_sampler = BatchSampler(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed + 1, device,
-                               rank=rank, world_size=world)
-    val_start = val_sampler.state_dict()
-    data = data_identity(cfg.data_dir)
-
-    step, best_val = 0, float("inf")
-    if ckpt is not None:
-        step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
-        if ckpt.get("optimizer"):  # a training-free checkpoint (extend_context.py --steps=0) has none
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("sampler"):
-            train_sampler.load_state_dict(ckpt["sampler"])  # the same for every rank: a seed and a batch count
-        ranks = ckpt.get("ranks") or [{"rng": ckpt.get("rng")}]
-        if len(ranks) == world and ranks[rank]["rng"]:
-            set_rng_state(ranks[rank]["rng"])
-        else:
-            log(f"warning: the checkpoint has no RNG state for {world} process(es): dropout restarts from the seed")
-        if {**(ckpt.get("data") or {}), "path": None} != {**data, "path": None}:  # same tokens, wherever they lie
-            log(f"warning: the data at {cfg.data_dir} differs from the data this checkpoint was trained on")
-        del ckpt
-    start_step = step
-
-    metrics_path = out_dir / "metrics.jsonl"
-    wandb_run = None
-    if master:
-        old = metrics_path.read_text().splitlines() if cfg.resume and metrics_path.exists() else []
-        metrics_path.write_text("".join(ln + "\n" for ln in old if _step_of(ln) <= start_step))  # drop the unsaved tail
-        info = {"config": config_to_dict(cfg), "data": data, "seed": cfg.seed, "torch": torch.__version__,
-                "world_size": world, "start_step": start_step, "n_params": raw_model.num_params()}
-        (out_dir / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-        wandb_run = start_wandb(cfg, out_dir)
-
-    def record(**metrics):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if wandb_run is not None:
-                wandb_run.log({f"{metrics['kind']}/{k}": v for k, v in metrics.items() if k not in ("kind", "step")},
-                              step=metrics["step"])
-
-    def save(step):
-        ranks = [{"rng": rng_state()}] * world
-        if world > 1:  # each rank's own RNG (dropout); the sampler state is the same on every rank
-            dist.all_gather_object(ranks, ranks[0])
-        if not master:
-            return None
-        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "iter_num": step,
-                "config": config_to_dict(cfg), "rng": ranks[0]["rng"], "sampler": train_sampler.state_dict(),
-                "data": data, "best_val_loss": best_val, "format_version": FORMAT_VERSION}
-        if world > 1:
-            ckpt["ranks"] = ranks
-        try:
-            return save_checkpoint(ckpt, ckpt_path)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return None
-
-    log(f"{cfg.model.pos_encoding}: {raw_model.num_params() / 1e6:.2f}M parameters, T={T}, device={device}, "
-        f"dtype={cfg.dtype}, world={world}, steps {start_step}->{cfg.max_iters}")
-    tokens_per_step = cfg.batch_size * T * cfg.grad_accum_steps * world
-    last_ckpt = str(ckpt_path) if cfg.resume else None
-    val_loss = train_loss = tokens_per_sec = mfu = None
-    step_times, interrupted = [], False
+def loop(run: Run) -> dict:
+    """Evaluate, checkpoint and step until max_iters or an interrupt (which saves first)."""
+    cfg = run.cfg
+    run.log(f"{cfg.model.pos_encoding}: {run.model.num_params() / 1e6:.2f}M parameters, T={cfg.model.block_size}, "
+            f"device={run.device}, dtype={cfg.dtype}, world={run.world}, steps {run.start_step}->{cfg.max_iters}")
     try:
         with StopOnInterrupt() as stop:
             while True:
-                last = step >= cfg.max_iters
-                if (not interrupted and (last or _every(step, cfg.eval_interval))
-                        and not (cfg.resume and step == start_step)):
-                    val = estimate_loss(eval_model, val_sampler, val_start, cfg.eval_iters, autocast, device)
-                    if world > 1:
-                        dist.all_reduce(val)
-                    val_loss = val.item() / world
-                    best_val = min(best_val, val_loss)
-                    log(f"step {step} | val loss {val_loss:.4f}")
-                    record(kind="val", step=step, loss=val_loss)
-                if step > start_step and (last or interrupted or _every(step, cfg.ckpt_interval)):
-                    last_ckpt = save(step) or last_ckpt
-                if last or interrupted:
+                last = run.step >= cfg.max_iters
+                if (not run.interrupted and (last or _every(run.step, cfg.eval_interval))
+                        and not (cfg.resume and run.step == run.start_step)):
+                    evaluate(run)
+                if run.step > run.start_step and (last or run.interrupted or _every(run.step, cfg.ckpt_interval)):
+                    save(run)
+                if last or run.interrupted:
                     break
-
-                lr = get_lr(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum_steps):
-                    x, y = train_sampler.next()
-                    sync = model.no_sync() if world > 1 and micro < cfg.grad_accum_steps - 1 else nullcontext()
-                    with sync:  # DDP all-reduces gradients on the last micro-step only
-                        with autocast:
-                            _, loss = model(x, y)
-                        (loss / cfg.grad_accum_steps).backward()
-                    loss_sum += loss.detach().float()
-                stop_flag = torch.tensor(float(stop.requested > 0), device=device)
-                stats = torch.stack([loss_sum / cfg.grad_accum_steps, stop_flag])
-                if world > 1:  # every rank sees the same loss and stop request, so all stop at the same step
-                    dist.all_reduce(stats)
-                train_loss, interrupted = stats[0].item() / world, bool(stats[1].item() > 0)
-                if not math.isfinite(train_loss):
-                    raise TrainingError(f"non-finite loss ({train_loss}) at step {step + 1}: stopped before the "
-                                        f"optimizer step; last checkpoint: {last_ckpt or 'none'}. "
-                                        "Try a lower learning_rate")
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-
-                dt = time.perf_counter() - t0  # the loss .item() above waited for the GPU
-                if step > start_step + 1:  # the first step pays for compilation
-                    step_times.append(dt)
-                if _every(step, cfg.log_interval) or step == cfg.max_iters:
-                    times = step_times or [dt]
-                    tokens_per_sec = tokens_per_step * len(times) / sum(times)
-                    mfu = raw_model.estimate_mfu(tokens_per_sec / world, T, cfg.peak_flops)
-                    ms = 1000 * sum(times) / len(times)
-                    log(f"step {step} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s | "
-                        f"mfu {100 * mfu:.2f}% | {ms:.1f} ms/step")
-                    record(kind="train", step=step, loss=train_loss, lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu,
-                           ms_per_step=ms)
-                    step_times = []
+                train_step(run, stop)
     finally:
-        if wandb_run is not None:
-            wandb_run.finish()
-    return {"step": step, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val,
-            "tokens_per_sec": tokens_per_sec, "mfu": mfu, "ckpt": last_ckpt, "out_dir": str(out_dir),
-            "interrupted": interrupted}
+        run.metrics.close()
+    return {"step": run.step, "train_loss": run.train_loss, "val_loss": run.val_loss, "best_val_loss": run.best_val,
+            "tokens_per_sec": run.tokens_per_sec, "mfu": run.mfu, "ckpt": run.last_ckpt, "out_dir": str(run.out_dir),
+            "interrupted": run.interrupted}
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(sys.argv[1:]))
-    except (ValueError, FileNotFoundError, TrainingError) as e:  # ConfigError and CheckpointError are ValueErrors
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("aborted")
+    cli(main, errors=(ValueError, OSError, TrainingError))

@@ -118,11 +118,6 @@ class BatchSampler:
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "split": self.split, "batch_size": self.batch_size,
                 "block_size": self.block_size, "min_doc_len": self.min_doc_len}

@@ -202,7 +202,7 @@ def test_compact_vocabulary_keeps_frequent_tokens_and_round_trips(corpus, prepar
     from tokenizer import tokenizer_for
 
     meta = prepare(str(corpus[0]), tmp_path, val_fraction=0.3, vocab_size=64, quiet=True)
-    vocab, full = meta["vocab"], prepared[1]
+    vocab = meta["vocab"]
     assert meta["vocab_size"] == 64 and len(vocab["ids"]) == 63 and EOT in vocab["ids"]
     tok = tokenizer_for(vocab)
     for split in ("train", "val"):

@@ -1,19 +1,25 @@
 """evaluate.py on tiny random models (CPU): bucketing, sliding windows, passkey prompts, recall probes, the wall."""
 import json
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 
-import evaluate as ev
-from model import GPT, GPTConfig
+import evaluate
+import tasks as ev
+from config import cli
+from conftest import tiny_config
+from evaluate import EvalConfig
+from model import GPT
 from tokenizer import get_tokenizer
 
 
 def tiny(pos="rope", block_size=32, vocab_size=256, n_layer=1):
-    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=32,
-                         pos_encoding=pos)).eval()
+    """Smaller than conftest's: 1 layer, 2 heads, a 256-token vocabulary."""
+    return GPT(tiny_config(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=2,
+                           pos_encoding=pos)).eval()
 
 
 def random_docs(n, length, vocab=256, seed=0):
@@ -176,7 +182,12 @@ def test_passkey_accuracy_on_a_real_model_and_past_the_wall(enc):
     rope, learned = tiny("rope", vocab_size=50304), tiny("learned", block_size=128, vocab_size=50304)
     out = ev.passkey_accuracy(rope, enc, [40, 128], depths=(0.0, 0.5), trials=1)
     assert "prompt needs at least" in out["by_length"][0]["cannot_run"]
-    assert 0.0 <= out["by_length"][1]["accuracy"] <= 1.0 and out["by_length"][1]["n_trials"] == 2
+    # the documented prompts (key from seed, length, depth and trial) through passkey_trial, one by one
+    hits = [ev.passkey_trial(rope, enc, 128 - ev.PASSKEY_NEW_TOKENS, d, random.Random(f"0-128-{d}-0").randint(1, 50000))
+            for d in (0.0, 0.5)]
+    row = out["by_length"][1]
+    assert [r["accuracy"] for r in row["by_depth"]] == [float(h) for h in hits] and row["n_trials"] == 2
+    assert row["accuracy"] == sum(hits) / 2
     out = ev.passkey_accuracy(learned, enc, [128, 256], depths=(0.5,), trials=1)
     assert "accuracy" in out["by_length"][0] and "learned" in out["by_length"][1]["cannot_run"]
 
@@ -250,7 +261,8 @@ def corpus(tmp_path_factory):
 
 def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
     models = {"learned": tiny("learned", vocab_size=50304), "rope": tiny("rope", vocab_size=50304)}
-    res = ev.evaluate(models, corpus, 128, tmp_path, n_docs=3, passkey_trials=1, recall_trials=2, span_len=4)
+    res = evaluate.evaluate(models, EvalConfig(data_dir=str(corpus), max_len=128, out_dir=str(tmp_path), n_docs=3,
+                                               passkey_trials=1, recall_trials=2, span_len=4))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["base_len"] == 32 and set(saved["models"]) == {"learned", "rope"}
     for r in saved["models"].values():
@@ -258,13 +270,13 @@ def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
     assert [e["window"] for e in res["models"]["rope"]["ppl"]] == [32, 64, 128]
     assert "cannot_run" in res["models"]["learned"]["ppl"][1] and "ppl" in res["models"]["rope"]["ppl"][2]
     assert res["documents"]["n_docs"] == 3 and "TRAIN" not in res["documents"]["source"]
-    docs, note = ev.held_out_documents(corpus, 129, 20)  # more than val holds: topped up from train, and said
-    assert "TRAIN" in note and len(docs) > len(ev.held_out_documents(corpus, 129, 3)[0])
+    docs, note = evaluate.held_out_documents(corpus, 129, 20)  # more than val holds: topped up from train, and said
+    assert "TRAIN" in note and len(docs) > len(evaluate.held_out_documents(corpus, 129, 3)[0])
     md = (tmp_path / "summary.md").read_text()
     for heading in ("Loss by position", "Sliding-window perplexity", "Short-context loss", "Passkey", "recall"):
         assert heading in md
     assert "cannot run" in md and "learned positions stop at 32" in md
-    flat = ev.scalars(res)
+    flat = evaluate.scalars(res)
     assert "rope/ppl@128" in flat and "learned/ppl@128" not in flat and "learned/short_loss" in flat
     pytest.importorskip("matplotlib")
     assert all((tmp_path / f"{t}.png").stat().st_size > 0 for t in ("position", "ppl", "passkey", "recall"))
@@ -277,17 +289,20 @@ def test_cli_runs_a_checkpoint_and_fails_in_one_line(corpus, tmp_path, capsys):
     ckpt.parent.mkdir()
     torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)},
                 "format_version": 1, "step": 0}, ckpt)
-    ev.main([f"--ckpt={ckpt}", f"--data_dir={corpus}", "--max_len=64", f"--out_dir={tmp_path / 'eval'}",
+    cli(evaluate.main, [f"--ckpt={ckpt}", f"--data_dir={corpus}", "--max_len=64", f"--out_dir={tmp_path / 'eval'}",
              "--tasks=position,ppl,short", "--n_docs=2", "--device=cpu"])
     out = capsys.readouterr()
     assert "| alibi |" in out.out and "[eval" in out.err
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["alibi"]["pos_encoding"] == "alibi"
-    with pytest.raises(SystemExit, match="evaluate: no checkpoint at"):
-        ev.main([f"--ckpt={tmp_path / 'missing.pt'}", f"--data_dir={corpus}"])
-    with pytest.raises(SystemExit, match="evaluate: no prepared data"):
-        ev.main([f"--ckpt={ckpt}", f"--data_dir={tmp_path / 'nodata'}"])
-    with pytest.raises(SystemExit, match="unknown task"):
-        ev.main([f"--ckpt={ckpt}", f"--data_dir={corpus}", "--tasks=position,wall"])
+    for argv, message in [([f"--ckpt={tmp_path / 'missing.pt'}"], "error: no checkpoint at"),
+                          ([f"--data_dir={tmp_path / 'nodata'}"], "error: no prepared data"),
+                          (["--tasks=position,wall"], "config key 'tasks': choose from position, ppl"),
+                          (["--max_len=16"], "max_len=16 is shorter than the base length L=32"),
+                          (["--max_len=0"], "config key 'max_len': expected a number >= 1"),
+                          (["--recall_kind=words"], "config key 'recall_kind': expected random or text")]:
+        with pytest.raises(SystemExit) as e:
+            cli(evaluate.main, [f"--ckpt={ckpt}", f"--data_dir={corpus}", *argv])
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_resume_reuses_only_unchanged_checkpoints_with_the_same_settings(corpus, tmp_path, monkeypatch):
@@ -300,10 +315,10 @@ def test_resume_reuses_only_unchanged_checkpoints_with_the_same_settings(corpus,
         torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)},
                     "format_version": 1, "step": 0}, paths[scheme])
     evaluated = []
-    real = ev.short_context_loss
-    monkeypatch.setattr(ev, "short_context_loss", lambda model, *a, **k: evaluated.append(model) or real(model, *a, **k))
-    run = lambda **kw: ev.evaluate({s: str(p) for s, p in paths.items()}, corpus, 64, tmp_path / "eval",  # noqa: E731
-                                   tasks=("short",), resume=True, **kw)
+    real = ev.TASKS["short"]
+    monkeypatch.setitem(ev.TASKS, "short", lambda model, data: evaluated.append(model) or real(model, data))
+    run = lambda **kw: evaluate.evaluate({s: str(p) for s, p in paths.items()}, EvalConfig(  # noqa: E731
+        data_dir=str(corpus), max_len=64, out_dir=str(tmp_path / "eval"), tasks=("short",), resume=True, **kw))
     first = run()
     assert len(evaluated) == 2
     assert run()["models"] == first["models"] and len(evaluated) == 2  # nothing changed: nothing recomputed

@@ -15,10 +15,13 @@ import torch
 
 import extend_context
 import train
-from config import ConfigError, TrainConfig
+from checkpoint import load_checkpoint, model_from_checkpoint
+from config import cli
 from data.loader import BatchSampler
 from data.prepare import prepare
+from extend_context import ExtendConfig, extend
 from model import GPTConfig
+from train import TrainConfig
 
 BASE_LEN, TARGET_LEN = 32, 128
 PACKAGES = ("email", "json", "http", "logging", "importlib", "asyncio")
@@ -57,7 +60,7 @@ def base_ckpt(corpus):  # a few steps: enough for tests about files, configs and
 
 def val_loss(ckpt, data_dir, T=TARGET_LEN, batches=8):
     """Mean loss on the same fixed validation windows of length T for every model."""
-    model, _ = train.model_from_checkpoint(ckpt)
+    model, _ = model_from_checkpoint(ckpt)
     sampler = BatchSampler(data_dir, "val", 8, T, seed=123)
     with torch.no_grad():
         return sum(model(*sampler.next())[1].item() for _ in range(batches)) / batches
@@ -66,12 +69,12 @@ def val_loss(ckpt, data_dir, T=TARGET_LEN, batches=8):
 @pytest.mark.slow
 def test_position_interpolation_fine_tune_beats_the_unscaled_model_at_4x(corpus, trained_ckpt, capsys):
     base_ckpt = trained_ckpt
-    path = extend_context.extend(base_ckpt, "linear", factor=4, steps=40, out_dir=str(corpus / "pi"),
-                                 learning_rate=1e-3, batch_size=4, eval_iters=2, log_interval=20)
+    path = extend(ExtendConfig(ckpt=base_ckpt, method="linear", factor=4, steps=40, out_dir=str(corpus / "pi")),
+                  dict(learning_rate=1e-3, batch_size=4, eval_iters=2, log_interval=20))
     out = capsys.readouterr().out
     assert "training documents have >= 129 tokens" in out
     assert "step 40 | val loss" in out  # train.py's own loop and logging
-    ckpt = train.load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     assert ckpt["step"] == 40 and ckpt["config"]["min_doc_len"] == TARGET_LEN + 1
     assert ckpt["config"]["model"]["block_size"] == TARGET_LEN
     assert ckpt["config"]["model"]["rope_scaling"] == {"rope_type": "linear", "factor": 4.0,
@@ -89,8 +92,8 @@ def test_position_interpolation_fine_tune_beats_the_unscaled_model_at_4x(corpus,
 
 
 def test_training_free_extension_writes_the_scaled_checkpoint(corpus, base_ckpt):
-    path = extend_context.extend(base_ckpt, "yarn", target_len=TARGET_LEN, steps=0, out_dir=str(corpus / "yarn0"))
-    ckpt, base = train.load_checkpoint(path), train.load_checkpoint(base_ckpt)
+    path = extend(ExtendConfig(ckpt=base_ckpt, method="yarn", target_len=TARGET_LEN, out_dir=str(corpus / "yarn0")))
+    ckpt, base = load_checkpoint(path), load_checkpoint(base_ckpt)
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": BASE_LEN}
     assert ckpt["config"]["model"]["rope_scaling"] == scaling
     assert ckpt["config"]["model"]["block_size"] == TARGET_LEN
@@ -99,15 +102,15 @@ def test_training_free_extension_writes_the_scaled_checkpoint(corpus, base_ckpt)
         assert torch.equal(ckpt["model"][k], v), k
 
     # sampling and evaluation load the scaling from the checkpoint; another one needs an explicit override
-    model, _ = train.model_from_checkpoint(path)
+    model, _ = model_from_checkpoint(path)
     assert model.config.rope_scaling == scaling and model.transformer.pos.scaling == scaling
     other = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": BASE_LEN}
-    model, _ = train.model_from_checkpoint(path, override_scaling=other)
+    model, _ = model_from_checkpoint(path, override_scaling=other)
     assert model.config.rope_scaling == other
 
     # a second extension counts from the original length, not from the extended one
-    again = extend_context.extend(path, "yarn", target_len=4 * TARGET_LEN, steps=0, out_dir=str(corpus / "yarn1"))
-    assert train.load_checkpoint(again)["config"]["model"]["rope_scaling"] == {**scaling, "factor": 16.0}
+    again = extend(ExtendConfig(ckpt=path, method="yarn", target_len=4 * TARGET_LEN, out_dir=str(corpus / "yarn1")))
+    assert load_checkpoint(again)["config"]["model"]["rope_scaling"] == {**scaling, "factor": 16.0}
 
 
 def test_too_few_long_documents_falls_back_to_concatenated_documents(corpus, base_ckpt, capsys):
@@ -116,35 +119,41 @@ def test_too_few_long_documents_falls_back_to_concatenated_documents(corpus, bas
     for i in range(40):  # ~60 tokens each: no document holds a 129-token window
         (short / f"doc{i:02d}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(30)))
     prepare(str(short), corpus / "short_data", val_fraction=0.2, quiet=True)
-    path = extend_context.extend(base_ckpt, "linear", factor=4, steps=2, out_dir=str(corpus / "fallback"),
-                                 data_dir=str(corpus / "short_data"), batch_size=2, eval_iters=1)
+    path = extend(ExtendConfig(ckpt=base_ckpt, method="linear", factor=4, steps=2, out_dir=str(corpus / "fallback")),
+                  dict(data_dir=str(corpus / "short_data"), batch_size=2, eval_iters=1))
     out = capsys.readouterr().out
     assert re.search(r"short_data: 0 of \d+ training documents have >= 129 tokens", out)
     assert "too few long documents" in out and "concatenated documents" in out
-    ckpt = train.load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     assert ckpt["config"]["min_doc_len"] == 0 and ckpt["extension"]["n_long_docs"] == 0
 
 
 def test_learned_checkpoint_cannot_be_extended(corpus, capsys):
     learned = train_tiny(corpus, "learned", pos_encoding="learned", max_iters=1)
     with pytest.raises(ValueError, match="learned positions cannot be scaled"):
-        extend_context.extend(learned, "linear", factor=4, steps=0, out_dir=str(corpus / "nope"))
+        extend(ExtendConfig(ckpt=learned, method="linear", factor=4, out_dir=str(corpus / "nope")))
     with pytest.raises(SystemExit) as e:  # the command line: one line, no traceback
-        extend_context.main([f"--ckpt={learned}", "--method=yarn", "--factor=4", "--steps=0"])
+        cli(extend_context.main, [f"--ckpt={learned}", "--method=yarn", "--factor=4", "--steps=0"])
     assert str(e.value).startswith("error: cannot extend") and "\n" not in str(e.value)
+    assert not (corpus / "learned_yarn_x4").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(pos_encoding="alibi"), "ALiBi needs no scaling"),
-    (dict(pos_encoding="none"), "nothing to scale"),
-    (dict(pos_encoding="sinusoidal"), "sinusoidal positions can only be interpolated"),
-    (dict(), "unknown method 'longrope'"),
+@pytest.mark.parametrize("scheme, method, message", [
+    ("alibi", "yarn", "ALiBi needs no scaling"),
+    ("none", "yarn", "nothing to scale"),
+    ("sinusoidal", "yarn", "sinusoidal positions can only be interpolated"),
+    ("learned", "linear", "learned positions cannot be scaled"),
 ])
-def test_schemes_that_cannot_take_the_method_say_why(kw, message):
-    method = "longrope" if not kw else "yarn"
-    with pytest.raises(ValueError, match=message):
-        extend_context.check_extendable(GPTConfig(**kw), method, "ckpt.pt")
-    extend_context.check_extendable(GPTConfig(pos_encoding="sinusoidal"), "linear", "ckpt.pt")  # allowed
+def test_schemes_that_cannot_take_the_method_say_why(scheme, method, message):
+    cfg = GPTConfig(pos_encoding=scheme)
+    scaling, target_len = extend_context.rope_scaling_for(cfg, method, factor=4)
+    with pytest.raises(ValueError, match=f"cannot extend ckpt.pt: .*{message}"):
+        extend_context.check_extendable(cfg, scaling, target_len, "ckpt.pt")
+    scaling, target_len = extend_context.rope_scaling_for(cfg, "linear", factor=4)
+    if scheme == "sinusoidal":  # interpolation is what a sinusoidal table can take
+        assert extend_context.check_extendable(cfg, scaling, target_len, "ckpt.pt").block_size == 4 * cfg.block_size
+    with pytest.raises(ValueError, match="unknown rope_type 'not_a_rope_type'"):
+        extend_context.rope_scaling_for(cfg, "not_a_rope_type", factor=4)
 
 
 def test_factor_and_target_len():
@@ -162,13 +171,18 @@ def test_factor_and_target_len():
         extend_context.rope_scaling_for(cfg, "yarn", factor=4, params={"beta_fats": 16})
 
 
-def test_command_line_keys_are_checked(corpus, base_ckpt):
-    with pytest.raises(ConfigError, match="unknown config key 'stpes' \\(did you mean 'steps'\\?\\)"):
-        extend_context.parse_args([f"--ckpt={base_ckpt}", "--method=linear", "--stpes=3"])
-    with pytest.raises(ConfigError, match="missing --method"):
-        extend_context.parse_args([f"--ckpt={base_ckpt}", "--factor=4"])
-    kwargs = extend_context.parse_args([f"--ckpt={base_ckpt}", "--method=linear", "--factor=4", "--steps=0",
-                                        "--lerning_rate=1e-3"])
-    assert kwargs["factor"] == 4.0 and kwargs["steps"] == 0 and kwargs["base_ckpt"] == base_ckpt
-    with pytest.raises(ConfigError, match="unknown config key 'lerning_rate' \\(did you mean 'learning_rate'\\?\\)"):
-        extend_context.extend(**kwargs, out_dir=str(corpus / "typo"))
+@pytest.mark.parametrize("argv, message", [
+    (["--method=linear", "--stpes=3"], "unknown config key 'stpes' (did you mean 'steps'?)"),
+    (["--method=linear", "--factor=4", "--lerning_rate=1e-3"], "unknown config key 'lerning_rate' (did you mean "
+                                                                "'learning_rate'?)"),
+    (["--factor=4"], "missing --method"),
+    (["--method=linear", "--factor=inf"], "config key 'factor': expected a finite number"),
+    (["--method=linear", "--factor=nan"], "config key 'factor': expected a finite number"),
+    (["--method=linear", "--factor=0.5"], "config key 'factor': expected a number >= 1"),
+    (["--method=linear", "--factor=4", "--block_size=64"], "extend_context.py sets block_size itself"),
+    (["--method=linear", "--factor=4", "--batch_size=0"], "config key 'batch_size': expected a number >= 1"),
+])
+def test_command_line_errors_are_one_line(base_ckpt, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli(extend_context.main, [f"--ckpt={base_ckpt}", *argv, "--steps=1"])
+    assert message in str(e.value) and str(e.value).startswith("error: ") and "\n" not in str(e.value)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model import GPT, GPTConfig
-from positions import ROPE_TYPES, SCHEMES
+from conftest import tiny_config
+from model import GPT
+from positions import SCHEMES
+from rope_scaling import ROPE_SCALING, length_dependent
 from sample import generate
 
 BLOCK = 32  # training length of the tiny models; sequences below go past it
@@ -24,20 +26,22 @@ def scaling(rope_type):
 
 
 CASES = {name: dict(pos_encoding=name) for name in SCHEMES}
-CASES.update({f"rope-{t}": dict(pos_encoding="rope", rope_scaling=scaling(t)) for t in ROPE_TYPES})
+CASES.update({f"rope-{t}": dict(pos_encoding="rope", rope_scaling=scaling(t)) for t in ROPE_SCALING})
+CASES.update({f"rope-{t}-interleaved": dict(pos_encoding="rope", rope_layout="interleaved", rope_scaling=scaling(t))
+              for t in ("yarn", "dynamic")})
 CASES["rope-interleaved-partial"] = dict(pos_encoding="rope", rope_layout="interleaved", rotary_fraction=0.5)
 CASES["sinusoidal-linear"] = dict(pos_encoding="sinusoidal", rope_scaling=scaling("linear"))
-STATIC = [c for c in CASES if c != "rope-dynamic"]  # the whole-sequence forward is a valid reference
+# the whole-sequence forward is a valid reference where positions mean the same at every length
+STATIC = [c for c, kw in CASES.items() if not length_dependent(kw.get("rope_scaling"))]
 
 
 def tiny(case, **overrides):
-    kw = dict(block_size=BLOCK, vocab_size=128, n_layer=2, n_head=4, n_embd=32) | CASES[case] | overrides
-    return GPT(GPTConfig(**kw)).eval()
+    return GPT(tiny_config(**CASES[case], **overrides)).eval()
 
 
 def seq_len(model):
-    """Past the training length, except for learned positions, which have exactly BLOCK rows."""
-    return BLOCK if model.config.pos_encoding == "learned" else BLOCK + 16
+    """Past the training length, except for a scheme that stops at its table (learned: exactly BLOCK rows)."""
+    return min(BLOCK + 16, model.transformer.pos.max_len or BLOCK + 16)
 
 
 @torch.no_grad()
@@ -93,7 +97,7 @@ def test_chunked_prefill_equals_one_shot(case):
         first = model(idx[:, :T1], kv_cache=cache)[0]
         second = model(idx[:, T1:], kv_cache=cache)[0]  # fewer queries than keys
     assert_close(second, one_shot[:, T1:], **TIGHT)  # dynamic too: both use the frequencies of the full length
-    if case != "rope-dynamic":
+    if case in STATIC:
         assert_close(first, one_shot[:, :T1], **TIGHT)
 
 
@@ -121,7 +125,7 @@ def test_greedy_generation_same_with_and_without_cache(case):
     assert torch.equal(with_cache, without)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "learned"])
+@pytest.mark.parametrize("case", [c for c in CASES if tiny(c).transformer.pos.max_len is None])
 def test_prompt_longer_than_training_length(case):
     model = tiny(case)
     prompt = torch.randint(0, 128, (1, 2 * BLOCK + 3))

@@ -5,21 +5,17 @@ import torch
 from torch.testing import assert_close
 
 import model as model_module
-from model import GPT, GPTConfig, chunked_cross_entropy
+from conftest import tiny_config
+from model import GPT, chunked_cross_entropy
 from positions import SCHEMES
 
-EXTRAPOLATING = [s for s in SCHEMES if s != "learned"]
-
-
-def tiny(**kw):
-    base = dict(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=32)
-    return GPTConfig(**{**base, **kw})
+EXTRAPOLATING = [s for s, cls in SCHEMES.items() if GPT(tiny_config(pos_encoding=s)).transformer.pos.max_len is None]
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_causality(scheme):
+def test_causality(scheme, tiny):
     """Changing token t never changes the logits before t."""
-    model = GPT(tiny(pos_encoding=scheme)).eval()
+    model = tiny(pos_encoding=scheme)
     idx = torch.randint(0, 128, (1, 32))
     changed = idx.clone()
     changed[0, 20] = (idx[0, 20] + 1) % 128
@@ -29,8 +25,8 @@ def test_causality(scheme):
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_one_batch_overfits(scheme):
-    model = GPT(tiny(pos_encoding=scheme))
+def test_one_batch_overfits(scheme, tiny):
+    model = tiny(pos_encoding=scheme).train()
     idx = torch.randint(0, 128, (4, 33))
     x, y = idx[:, :-1], idx[:, 1:]
     opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
@@ -45,15 +41,16 @@ def test_one_batch_overfits(scheme):
 
 
 @pytest.mark.parametrize("scheme", EXTRAPOLATING)
-def test_finite_at_8x_training_length(scheme):
-    model = GPT(tiny(pos_encoding=scheme)).eval()
+def test_finite_at_8x_training_length(scheme, tiny):
+    model = tiny(pos_encoding=scheme)
     idx = torch.randint(0, 128, (1, 8 * 32))
     logits, _ = model(idx)
     assert logits.shape == (1, 256, 128) and torch.isfinite(logits).all()
 
 
-def test_learned_positions_hit_the_wall_with_a_clear_error():
-    model = GPT(tiny(pos_encoding="learned"))
+def test_learned_positions_hit_the_wall_with_a_clear_error(tiny):
+    model = tiny(pos_encoding="learned")
+    assert model.transformer.pos.max_len == 32
     model(torch.zeros(1, 32, dtype=torch.long))  # exactly the table: fine
     with pytest.raises(ValueError, match=r"trained with 32 positions.*cannot extrapolate.*sinusoidal, rope, alibi"):
         model(torch.zeros(1, 33, dtype=torch.long))
@@ -67,7 +64,9 @@ def test_learned_positions_hit_the_wall_with_a_clear_error():
     (dict(pos_encoding="rotary"), "unknown pos_encoding 'rotary'; choose one of learned, sinusoidal"),
     (dict(n_embd=30), "n_embd=30 is not divisible by n_head=4"),
     (dict(pos_encoding="rope", rotary_fraction=0.1), "must be an even number"),
-    (dict(pos_encoding="rope", rope_layout="neox"), "rope_layout must be 'half' or 'interleaved'"),
+    (dict(pos_encoding="rope", rope_layout="neox"), "config key 'rope_layout': expected half or interleaved"),
+    (dict(dropout=1.5), "config key 'dropout': expected a number in"),
+    (dict(n_layer=0), "config key 'n_layer': expected a number >= 1"),
     (dict(pos_encoding="alibi", rope_scaling={"rope_type": "linear", "factor": 2}), "ALiBi needs no scaling"),
     (dict(pos_encoding="learned", rope_scaling={"rope_type": "linear", "factor": 2}), "cannot be scaled"),
     (dict(pos_encoding="sinusoidal", rope_scaling={"rope_type": "yarn", "factor": 2,
@@ -76,7 +75,7 @@ def test_learned_positions_hit_the_wall_with_a_clear_error():
 ])
 def test_bad_configs_fail_at_construction_with_one_line(kw, message):
     with pytest.raises(ValueError, match=message) as err:
-        GPT(tiny(**kw))
+        tiny_config(**kw)
     assert "\n" not in str(err.value)
 
 
@@ -85,8 +84,8 @@ def test_alibi_flex_attention_agrees_with_explicit_bias():
     if model_module.flex_attention is None:
         pytest.skip("FlexAttention not available in this torch")
     idx = torch.randint(0, 128, (2, 64))
-    explicit = GPT(tiny(pos_encoding="alibi", attn_backend="sdpa", block_size=64)).eval()
-    flex = GPT(tiny(pos_encoding="alibi", attn_backend="flex", block_size=64)).eval()
+    explicit = GPT(tiny_config(pos_encoding="alibi", attn_backend="sdpa", block_size=64)).eval()
+    flex = GPT(tiny_config(pos_encoding="alibi", attn_backend="flex", block_size=64)).eval()
     flex.load_state_dict(explicit.state_dict())
     with torch.no_grad():  # FlexAttention has no backward on CPU; the forward is what must agree
         assert_close(flex(idx)[0], explicit(idx)[0], atol=1e-5, rtol=1e-5)
@@ -108,9 +107,18 @@ def test_chunked_cross_entropy_equals_plain_and_its_gradient():
     assert per_token.shape == (2, 50) and (per_token[0, :5] == 0).all()
 
 
-def test_mfu_uses_the_causal_aware_flop_count():
-    model = GPT(tiny(pos_encoding="learned"))
+def test_flop_count_is_the_measured_matmuls_with_causal_attention_halved(tiny):
+    """flops_per_token against torch's FLOP counter on a real forward+backward: the matmuls of the weights
+    (6N per token) exactly, and half of what the non-causal attention matmuls of the math kernel cost."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model, T = tiny(pos_encoding="learned", block_size=64).train(), 64
+    x, y = torch.randint(0, 128, (2, 2, T)).unbind(0)  # batch 2
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, y)[1].backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    weights, attention = by_op["aten.mm"] / (2 * T), by_op["aten.bmm"] / (2 * T)  # per token
     c = model.config
-    N = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n)
-    assert model.flops_per_token(32) == 6 * N + 6 * c.n_layer * c.n_embd * 32
-    assert model.estimate_mfu(1000.0, 32, 1e12) == pytest.approx(1000 * model.flops_per_token(32) / 1e12)
+    assert model.flops_per_token(T) == weights + attention / 2
+    assert attention / 2 == 6 * c.n_layer * c.n_embd * T
+    assert model.estimate_mfu(1000.0, T, 1e12) == pytest.approx(1000 * model.flops_per_token(T) / 1e12)

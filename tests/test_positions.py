@@ -6,14 +6,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from checkpoint import permute_rope_layout
-from model import GPT, GPTConfig
-from positions import ALiBi, Sinusoidal, alibi_slopes, apply_rope, rope_cos_sin, rope_frequencies, sinusoidal_table
-
-
-def tiny(**kw):
-    base = dict(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=32)
-    return GPTConfig(**{**base, **kw})
+from conftest import tiny_config
+from positions import ALiBi, Sinusoidal, alibi_slopes, apply_rope, permute_rope_layout, rope_cos_sin, sinusoidal_table
+from rope_scaling import rope_frequencies
 
 
 @pytest.mark.parametrize("n_head, expected", [
@@ -26,10 +21,10 @@ def test_alibi_slopes_match_published_values(n_head, expected):
 
 
 def test_alibi_bias_depends_only_on_distance():
-    scheme = ALiBi(tiny(pos_encoding="alibi", n_head=8))
+    scheme = ALiBi(tiny_config(pos_encoding="alibi", n_head=8))
     pos = torch.arange(40)
-    bias = scheme.attn_bias(pos, pos)  # (nh, T, T)
-    shifted = scheme.attn_bias(pos + 1000, pos + 1000)
+    bias = scheme.attn_bias(pos, pos, 0)  # (nh, T, T)
+    shifted = scheme.attn_bias(pos + 1000, pos + 1000, 0)
     assert_close(bias, shifted)
     for h, m in enumerate(alibi_slopes(8)):
         i, j = 30, 7
@@ -46,8 +41,8 @@ def test_sinusoidal_equals_formula():
             assert table[r, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / C)), abs=1e-6)
 
 
-def test_sinusoidal_positions_are_the_size_of_a_fresh_token_embedding():
-    model = GPT(tiny(pos_encoding="sinusoidal", n_embd=64))
+def test_sinusoidal_positions_are_the_size_of_a_fresh_token_embedding(tiny):
+    model = tiny(pos_encoding="sinusoidal", n_embd=64)
     scheme = model.transformer.pos
     scheme.prepare(1024, torch.device("cpu"))
     pos = torch.arange(1024)
@@ -56,13 +51,16 @@ def test_sinusoidal_positions_are_the_size_of_a_fresh_token_embedding():
     assert scheme.embed(pos).pow(2).mean().sqrt().item() == pytest.approx(token_rms, rel=0.05)
 
 
-def test_sinusoidal_linear_scaling_interpolates_positions():
-    plain = Sinusoidal(tiny(pos_encoding="sinusoidal"))
-    scaled = Sinusoidal(tiny(pos_encoding="sinusoidal", rope_scaling={"rope_type": "linear", "factor": 4}))
+@pytest.mark.parametrize("factor", [2, 4])
+def test_sinusoidal_linear_scaling_interpolates_positions(factor):
+    """Position Interpolation on the sinusoidal table: the scaled scheme at position s*p is the plain one at p."""
+    plain = Sinusoidal(tiny_config(pos_encoding="sinusoidal"))
+    scaled = Sinusoidal(tiny_config(pos_encoding="sinusoidal", rope_scaling={"rope_type": "linear", "factor": factor}))
     plain.prepare(64, torch.device("cpu"))
-    scaled.prepare(256, torch.device("cpu"))
+    scaled.prepare(64 * factor, torch.device("cpu"))
     p = torch.arange(64)
-    assert_close(scaled.embed(4 * p), plain.embed(p))
+    assert_close(scaled.embed(factor * p), plain.embed(p))
+    assert not torch.allclose(scaled.embed(p[1:]), plain.embed(p[1:]))
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
@@ -105,10 +103,10 @@ def test_partial_rotary_leaves_unrotated_dims_unchanged():
 
 
 @pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
-def test_half_and_interleaved_agree_after_weight_permutation(rotary_fraction):
-    half = tiny(pos_encoding="rope", rope_layout="half", rotary_fraction=rotary_fraction)
-    inter = tiny(pos_encoding="rope", rope_layout="interleaved", rotary_fraction=rotary_fraction)
-    a, b = GPT(half).eval(), GPT(inter).eval()
+def test_half_and_interleaved_agree_after_weight_permutation(rotary_fraction, tiny):
+    a = tiny(pos_encoding="rope", rope_layout="half", rotary_fraction=rotary_fraction)
+    b = tiny(pos_encoding="rope", rope_layout="interleaved", rotary_fraction=rotary_fraction)
+    half = a.config
     idx = torch.randint(0, 128, (2, 32))
     b.load_state_dict(permute_rope_layout(a.state_dict(), half, "interleaved"))
     assert_close(b(idx)[0], a(idx)[0], atol=1e-5, rtol=1e-5)

@@ -8,13 +8,8 @@ import torch
 
 import sample
 from checkpoint import FORMAT_VERSION, save_checkpoint
-from model import GPT, GPTConfig
+from config import cli
 from sample import filter_logits, generate
-
-
-def tiny(**kw):
-    cfg = dict(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=32) | kw
-    return GPT(GPTConfig(**cfg)).eval()
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -38,7 +33,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p):
     assert torch.equal(filter_logits(logits, top_p=1.0), logits)
 
 
-def test_top_k_1_and_tiny_top_p_equal_greedy():
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
     model = tiny()
     prompt = torch.randint(0, 128, (2, 5))
     greedy = generate(model, prompt, 12, temperature=0.0)
@@ -47,7 +42,7 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
     assert torch.equal(generate(model, prompt, 12, temperature=1.5, top_p=1e-6, generator=g), greedy)
 
 
-def test_sampling_is_seeded_and_top_k_restricts_choices():
+def test_sampling_is_seeded_and_top_k_restricts_choices(tiny):
     model = tiny()
     prompt = torch.randint(0, 128, (4, 5))
 
@@ -62,7 +57,7 @@ def test_sampling_is_seeded_and_top_k_restricts_choices():
     assert (logits.topk(3).indices == out[:, 5:, None]).any(-1).all()
 
 
-def test_on_token_streams_every_token_and_stop_token_stops():
+def test_on_token_streams_every_token_and_stop_token_stops(tiny):
     model = tiny()
     prompt = torch.randint(0, 128, (1, 4))
     seen = []
@@ -74,7 +69,7 @@ def test_on_token_streams_every_token_and_stop_token_stops():
     assert stopped.size(1) == 4 + first + 1 and stopped[0, -1].item() == stop
 
 
-def test_empty_prompt_tensor_is_an_error():
+def test_empty_prompt_tensor_is_an_error(tiny):
     with pytest.raises(ValueError, match="empty prompt"):
         generate(tiny(), torch.zeros(1, 0, dtype=torch.long), 3)
 
@@ -83,7 +78,7 @@ def test_empty_prompt_tensor_is_an_error():
 
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        sample.main(argv)
+        cli(sample.main, argv)
     return str(exc.value.code), capsys.readouterr()
 
 
@@ -99,7 +94,7 @@ def test_cli_empty_prompt(tmp_path, capsys, monkeypatch):
     msg, _ = run_cli([f"--prompt_file={tmp_path}/empty.txt"], capsys)
     assert msg.startswith("error: empty prompt") and "empty.txt" in msg
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    msg, _ = run_cli(["--prompt=-"], capsys)
+    msg, _ = run_cli(["--prompt", "-"], capsys)  # `--key value` works too
     assert msg.startswith("error: empty prompt from stdin")
 
 
@@ -115,7 +110,7 @@ def test_cli_bad_prompt_files(tmp_path, capsys):
 
 
 @pytest.fixture
-def ckpt(tmp_path):
+def ckpt(tmp_path, tiny):
     """A train.py-format checkpoint of an untrained model with GPT-2's vocabulary."""
     def make(**kw):
         model = tiny(vocab_size=50304, n_layer=1, **kw)
@@ -146,3 +141,20 @@ def test_cli_learned_prompt_too_long(ckpt, capsys):
     assert msg.startswith("error: prompt of 40 tokens + 5 new tokens") and "trained with 32 positions" in msg
     msg, _ = run_cli([f"--ckpt={path}", "--prompt=word", "--max_new_tokens=40"], capsys)
     assert "prompt of 1 tokens + 40 new tokens" in msg
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--top_k=0", "config key 'top_k': expected a number >= 1"),
+    ("--top_k=-3", "config key 'top_k': expected a number >= 1"),
+    ("--top_p=0", "config key 'top_p': expected a number in (0, 1]"),
+    ("--max_new_tokens=-5", "config key 'max_new_tokens': expected a number >= 1"),
+    ("--temperature=-1", "config key 'temperature': expected a number >= 0"),
+    ("--temperature=nan", "config key 'temperature': expected a finite number"),
+    ("--dtype=float8", "config key 'dtype': expected auto, float32, bfloat16 or float16"),
+    ("--device=bogus", "config key 'device': expected auto, cpu, cuda, cuda:N or mps"),
+    ("--top_kk=3", "unknown config key 'top_kk' (did you mean 'top_k'?)"),
+])
+def test_cli_bad_values_are_one_line(flag, message, ckpt, capsys):
+    msg, _ = run_cli([f"--ckpt={ckpt(pos_encoding='rope')}", "--prompt=hi", flag], capsys)
+    assert msg == f"error: {message}" or (msg.startswith("error: ") and message in msg), msg
+    assert "\n" not in msg

@@ -12,8 +12,9 @@ import random
 import pytest
 import torch
 
-from model import GPT, GPTConfig
-from positions import RoPE, Sinusoidal, rope_cos_sin, rope_frequencies
+from conftest import tiny_config
+from positions import RoPE, rope_cos_sin
+from rope_scaling import ROPE_SCALING, check_scaling, rope_frequencies
 
 L4K = 4096
 IDX = [0, 8, 16, 24, 31]
@@ -137,8 +138,8 @@ def test_no_scaling_is_the_plain_rope_base():
 
 # ----------------------------------------------------------------------- what each method promises
 
-def rope_scheme(scaling=None, n_embd=32, n_head=2, block_size=16):
-    return RoPE(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=block_size, rope_scaling=scaling))
+def rope_scheme(scaling=None):
+    return RoPE(tiny_config(n_head=2, block_size=16, rope_scaling=scaling))
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8])
@@ -157,21 +158,11 @@ def test_linear_at_scaled_positions_equals_unscaled(factor):
     plain.prepare(50, "cpu")
     scaled.prepare(factor * 50, "cpu")
     q, k = torch.randn(2, 1, 2, 50, 16).unbind(0)  # (B, nh, T, hs) each
-    q1, k1 = plain.rotate(q, k, pos)
-    q2, k2 = scaled.rotate(q, k, factor * pos)
+    q1, k1 = plain.rotate(q, k, pos, 0)
+    q2, k2 = scaled.rotate(q, k, factor * pos, 0)
     torch.testing.assert_close(q2, q1)
     torch.testing.assert_close(k2, k1)
     torch.testing.assert_close(q2 @ k2.transpose(-1, -2), q1 @ k1.transpose(-1, -2))
-
-
-def test_linear_at_scaled_positions_equals_unscaled_for_sinusoidal():
-    plain = Sinusoidal(GPTConfig(pos_encoding="sinusoidal", n_embd=32, n_head=2))
-    scaled = Sinusoidal(GPTConfig(pos_encoding="sinusoidal", n_embd=32, n_head=2,
-                                  rope_scaling={"rope_type": "linear", "factor": 4}))
-    plain.prepare(40, "cpu")
-    scaled.prepare(160, "cpu")
-    pos = torch.arange(40)
-    torch.testing.assert_close(scaled.embed(4 * pos), plain.embed(pos))
 
 
 def test_yarn_ramp_boundaries():
@@ -217,7 +208,7 @@ def test_yarn_attention_factor_reaches_the_model():
     torch.testing.assert_close(scheme.cos[0], torch.full((8,), mscale))
     q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)
     pos = torch.zeros(1, dtype=torch.long)
-    qr, kr = scheme.rotate(q, k, pos)  # position 0: no rotation, only the scale
+    qr, kr = scheme.rotate(q, k, pos, 0)  # position 0: no rotation, only the scale
     torch.testing.assert_close(qr @ kr.transpose(-1, -2), mscale ** 2 * (q @ k.transpose(-1, -2)))
 
 
@@ -258,52 +249,15 @@ def test_dynamic_ntk_unchanged_up_to_the_original_length_and_growing_past_it():
     torch.testing.assert_close(rope_frequencies(64, 1e4, scaling, 4 * L)[0], ntk)
 
 
-def tiny_gpt(scaling, **kw):
-    torch.manual_seed(0)
-    cfg = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, rope_scaling=scaling)
-    return GPT(GPTConfig(**{**cfg, **kw})).eval()
-
-
-def test_dynamic_ntk_model_equals_unscaled_model_up_to_the_original_length():
-    plain = tiny_gpt(None)
-    dynamic = tiny_gpt({"rope_type": "dynamic", "factor": 4, "original_max_position_embeddings": 16})
+def test_dynamic_ntk_model_equals_unscaled_model_up_to_the_original_length(tiny):
+    plain = tiny(block_size=16, vocab_size=64)
+    dynamic = tiny(block_size=16, vocab_size=64,
+                   rope_scaling={"rope_type": "dynamic", "factor": 4, "original_max_position_embeddings": 16})
     dynamic.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 64, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(dynamic(idx[:, :16])[0], plain(idx[:, :16])[0], rtol=0, atol=0)
         assert not torch.allclose(dynamic(idx)[0][:, -1], plain(idx)[0][:, -1], atol=1e-4)
-
-
-METHODS = [
-    {"rope_type": "linear", "factor": 4},
-    {"rope_type": "ntk", "factor": 4, "original_max_position_embeddings": 16},
-    {"rope_type": "dynamic", "factor": 4, "original_max_position_embeddings": 16},
-    {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 16},
-    {"rope_type": "llama3", "factor": 4, "original_max_position_embeddings": 16},
-]
-
-
-@pytest.mark.parametrize("scaling", METHODS, ids=[m["rope_type"] for m in METHODS])
-@pytest.mark.parametrize("layout", ["half", "interleaved"])
-def test_cached_decoding_equals_full_forward(scaling, layout):
-    """Prefill 10 tokens, then decode one at a time, past the original length (16) up to 40.
-    Static methods: every step's logits equal the full forward's at that position. Dynamic NTK's
-    frequencies depend on the current length, so step t must equal the last logits of a full forward
-    on the prefix of length t + 1 (what HF's dynamic scaling computes without a cache)."""
-    model = tiny_gpt(scaling, rope_layout=layout)
-    idx = torch.randint(0, 64, (2, 40))
-    cache = model.make_kv_cache(2, 40)
-    with torch.no_grad():
-        logits = [model(idx[:, :10], kv_cache=cache)[0]]
-        logits += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(10, 40)]
-        cached = torch.cat(logits, dim=1)  # (B, 40, V)
-        if scaling["rope_type"] == "dynamic":
-            for t in range(10, 40):
-                full = model(idx[:, :t + 1], last_only=True)[0][:, 0]
-                torch.testing.assert_close(cached[:, t], full, rtol=1e-4, atol=1e-5, msg=f"step {t}")
-            assert not torch.allclose(cached, model(idx)[0], atol=1e-4)  # the property is not vacuous
-        else:
-            torch.testing.assert_close(cached, model(idx)[0], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------- errors are one clear line
@@ -314,7 +268,11 @@ def test_cached_decoding_equals_full_forward(scaling, layout):
     (dict(pos_encoding="alibi", rope_scaling={"rope_type": "linear", "factor": 4}), "ALiBi needs no scaling"),
     (dict(pos_encoding="sinusoidal", rope_scaling={"rope_type": "yarn", "factor": 4,
                                                    "original_max_position_embeddings": 16}), "sinusoidal"),
-    (dict(rope_scaling={"rope_type": "longrope", "factor": 4}), "unknown rope_type 'longrope'"),
+    (dict(rope_scaling={"rope_type": "no_such_rope_type", "factor": 4}), "unknown rope_type 'no_such_rope_type'"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": float("inf")}), "finite factor >= 1"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2, "beta_fast": 32}), "for rope_type 'linear'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 16.5}),
+     "original_max_position_embeddings must be a positive integer"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 0.5}), "factor >= 1"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4}), "original_max_position_embeddings"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4, "beta_fats": 32,
@@ -322,17 +280,36 @@ def test_cached_decoding_equals_full_forward(scaling, layout):
 ])
 def test_bad_scaling_fails_with_one_line(kw, message):
     with pytest.raises(ValueError, match=message) as e:
-        GPT(GPTConfig(**{**dict(n_layer=1, n_head=2, n_embd=32, vocab_size=64), **kw}))
+        tiny_config(**kw)
     assert "\n" not in str(e.value)
-
-
-def test_sinusoidal_allows_linear_scaling():
-    GPT(GPTConfig(pos_encoding="sinusoidal", n_layer=1, n_head=2, n_embd=32, vocab_size=64,
-                  rope_scaling={"rope_type": "linear", "factor": 4}))
 
 
 def test_rope_frequencies_rejects_bad_scaling_directly():
     with pytest.raises(ValueError, match="unknown rope_type"):
-        rope_frequencies(64, 1e4, {"rope_type": "su", "factor": 4})
+        rope_frequencies(64, 1e4, {"rope_type": "not_a_rope_type", "factor": 4})
     with pytest.raises(ValueError, match="factor >= 1"):
         rope_frequencies(64, 1e4, {"rope_type": "yarn", "factor": 0.25, "original_max_position_embeddings": 16})
+
+
+def test_null_options_take_their_defaults():
+    """As in Hugging Face configs, an optional key given as null (None) means its default."""
+    given = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": L4K}
+    nulls = {**given, "beta_fast": None, "beta_slow": None, "attention_factor": None, "truncate": None}
+    assert check_scaling(nulls) == given
+    (a, fa), (b, fb) = rope_frequencies(64, 1e4, nulls), rope_frequencies(64, 1e4, given)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fa == fb
+    with pytest.raises(ValueError, match="needs original_max_position_embeddings"):
+        check_scaling({**given, "original_max_position_embeddings": None})  # required keys stay required
+
+
+def test_every_registered_method_declares_what_the_model_asks():
+    """A rope_type exists only as a registered function; each one runs through a model and says whether its
+    frequencies depend on the length (only those change the model's cache key)."""
+    for name, m in ROPE_SCALING.items():
+        scaling = {"rope_type": name, "factor": 4.0, "original_max_position_embeddings": 16}
+        scheme = rope_scheme(scaling)
+        inv_freq, attention_factor = rope_frequencies(16, 1e4, scaling, 64)
+        assert inv_freq.shape == (8,) and torch.isfinite(inv_freq).all() and attention_factor > 0
+        keys = {scheme.cache_key(n) for n in (8, 16, 17, 64)}
+        assert (len(keys) > 1) == m.length_dependent, name

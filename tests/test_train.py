@@ -14,10 +14,11 @@ import torch
 
 import model as model_module
 import train
-from config import load_config
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.loader import BatchSampler
 from data.prepare import prepare
 from positions import SCHEMES
+from train import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,7 @@ def test_every_scheme_trains_and_its_checkpoint_reloads(scheme, data_dir, tmp_pa
     losses = metrics(tmp_path)
     assert sorted(losses) == list(range(1, 7)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
     assert result["step"] == 6 and result["ckpt"] == str(tmp_path / "ckpt.pt")
-    model, ckpt = train.model_from_checkpoint(result["ckpt"])
+    model, ckpt = model_from_checkpoint(result["ckpt"])
     assert model.config.pos_encoding == scheme and ckpt["step"] == 6 and not model.training
     # the saved weights are the trained ones: they give the final validation loss again, on the same batches
     sampler = BatchSampler(data_dir, "val", 4, 32, ckpt["config"]["seed"] + 1)
@@ -119,7 +120,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tmp_path, s
     monkeypatch.setattr(BatchSampler, "next", next_then_interrupt)
     result = train.main(tiny(data_dir, tmp_path, **RESUME))
     assert result["interrupted"] and result["step"] == 3
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(BatchSampler, "next", original)
     assert train.main(tiny(data_dir, tmp_path, **RESUME, resume=True))["step"] == 8
     torch.testing.assert_close(metrics(tmp_path), losses, rtol=0, atol=1e-6)
@@ -140,7 +141,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "error: could not save checkpoint" in err and "No space left on device" in err
     assert result["step"] == 4 and result["ckpt"] == str(tmp_path / "ckpt.pt")
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no tmp file
 
 
@@ -149,29 +150,29 @@ def test_bad_checkpoints_give_one_clear_line(tmp_path, straight):
     cases = {"truncated.pt": path.read_bytes()[: path.stat().st_size // 2], "garbage.pt": os.urandom(4096)}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(train.CheckpointError, match=f"checkpoint {tmp_path / name} is corrupt or truncated: "):
-            train.load_checkpoint(tmp_path / name)
-    with pytest.raises(train.CheckpointError, match="no checkpoint at"):
-        train.load_checkpoint(tmp_path / "missing.pt")
+        with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / name} is corrupt or truncated: "):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(train.CheckpointError, match="is not a train.py checkpoint"):
-        train.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="is not a train.py checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
     torch.save({"model": {}, "config": {}, "format_version": 1, "path": Path("x")}, tmp_path / "unsafe.pt")
-    with pytest.raises(train.CheckpointError, match="holds objects that a safe load refuses"):
-        train.load_checkpoint(tmp_path / "unsafe.pt")
-    with pytest.raises(train.CheckpointError) as e:
+    with pytest.raises(CheckpointError, match="holds objects that a safe load refuses"):
+        load_checkpoint(tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError) as e:
         train.main(load_config([f"--out_dir={tmp_path}", "--resume=true"]))  # tmp_path/ckpt.pt does not exist
     assert "\n" not in str(e.value)
 
 
 def test_state_dict_mismatch_is_one_line(data_dir, tmp_path, straight):
-    ckpt = train.load_checkpoint(straight[0]["ckpt"])  # a rope model: no position table
+    ckpt = load_checkpoint(straight[0]["ckpt"])  # a rope model: no position table
     ckpt["config"]["model"]["pos_encoding"] = "learned"  # ... whose config claims learned positions
-    train.save_checkpoint(ckpt, tmp_path / "mixed.pt")
-    with pytest.raises(train.CheckpointError, match=r"does not fit a learned model .*missing: transformer\.pos\.wpe"):
-        train.model_from_checkpoint(tmp_path / "mixed.pt")
+    save_checkpoint(ckpt, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match=r"does not fit a learned model .*missing: transformer\.pos\.wpe"):
+        model_from_checkpoint(tmp_path / "mixed.pt")
     learned = train.main(tiny(data_dir, tmp_path / "learned", pos_encoding="learned", max_iters=1))
-    with pytest.raises(train.CheckpointError, match="shape: transformer.pos.wpe.weight .*cannot change block_size"):
+    with pytest.raises(CheckpointError, match=r"does not fit a learned model .*shape: transformer\.pos\.wpe\.weight"):
         train.main(tiny(data_dir, tmp_path / "longer", init_from=learned["ckpt"], block_size=64))
 
 
@@ -198,7 +199,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(data_dir, tmp_path, mon
     monkeypatch.setattr(model_module.GPT, "forward", nan_from_step_4)
     with pytest.raises(train.TrainingError, match=r"non-finite loss \(nan\) at step 4: stopped before the optimizer"):
         train.main(tiny(data_dir, tmp_path, ckpt_interval=2))
-    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
