@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves, safe loads (weights_only=True) and one-line errors.
+"""Checkpoints: atomic saves, safe loads (weights_only=True) and one-line errors, and the model a run starts
+from (build_model: scratch, another run's weights, or its own checkpoint, resumed only if it is the same run).
 
 A checkpoint (ckpt.pt) is a dict of plain types and tensors only: {"model": state_dict of the uncompiled,
 unwrapped GPT, "optimizer", "step", "config": asdict(TrainConfig) with the model nested, "rng"
@@ -8,14 +9,19 @@ unwrapped GPT, "optimizer", "step", "config": asdict(TrainConfig) with the model
 import dataclasses
 import os
 import random
+import re
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import from_dict
-from model import GPT, GPTConfig
+from config import flat_keys, from_dict
+from data.loader import check_vocabulary, data_identity, same_data
+from model import GPT, GPTConfig, RUNTIME_FIELDS
+from run_folder import holds_run
 
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes
 
@@ -47,15 +53,21 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py ... --out_dir={path.parent})")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns (in several lines) about pickles it then refuses
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, non-plain objects: torch's messages span many lines
         msg = " ".join(str(e).split()) or type(e).__name__
+        unsafe = re.search(r"GLOBAL ([\w.]+)", msg)
+        if unsafe:  # a readable pickle, but with code or objects that train.py never writes
+            raise CheckpointError(f"checkpoint {path} holds pickled code or objects that a safe load refuses "
+                                  f"({unsafe.group(1)}): it was not written by train.py and is not loaded "
+                                  "(loading it unsafely could run that code)") from None
+        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] == b"\x80":  # pickle's PROTO opcode
+            raise CheckpointError(f"checkpoint {path} is a plain pickle, not a file train.py writes: it is not loaded "
+                                  "(a pickle can run code)") from None
         reason = msg.partition("WeightsUnpickler error:")[2].partition(" Check the documentation")[0].strip()
-        if reason.startswith("Unsupported global"):  # a readable file, but with objects we never write
-            raise CheckpointError(f"checkpoint {path} holds objects that a safe load refuses (not written by "
-                                  f"train.py?): {reason.partition(' was not')[0]}") from None
-        reason = reason or msg.partition(". ")[0]
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {reason}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {reason or msg.partition('. ')[0]}") from None
     missing = [k for k in ("model", "config", "format_version") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a train.py checkpoint (no {', '.join(missing)})")
@@ -103,6 +115,54 @@ def model_from_checkpoint(path, device="cpu", override_scaling=None):
         config = dataclasses.replace(config, rope_scaling=override_scaling)
     model = load_weights(GPT(config), ckpt["model"], path)
     return model.to(device).eval(), ckpt
+
+
+def build_model(cfg):
+    """(config, model, checkpoint to restore) for a train.TrainConfig: from scratch, from init_from's weights, or
+    resumed from out_dir/ckpt.pt."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        check_resumable(cfg, ckpt, ckpt_path)
+        saved = dataclasses.replace(model_config(ckpt, ckpt_path), **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
+        cfg = dataclasses.replace(cfg, model=saved)
+        return cfg, load_weights(GPT(saved), ckpt["model"], ckpt_path), ckpt
+    if cfg.resume and not holds_run(cfg.out_dir):
+        raise CheckpointError(f"nothing to resume in {cfg.out_dir}: no run was started there (drop --resume=true)")
+    if cfg.resume:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: the run in {cfg.out_dir} stopped before its first checkpoint: it starts again from step 0")
+        cfg = dataclasses.replace(cfg, resume=False)
+    if cfg.init_from != "scratch":  # weights only; this run's length, scaling and runtime settings
+        init = load_checkpoint(cfg.init_from)
+        check_vocabulary(init.get("data"), data_identity(cfg.data_dir), f"init_from checkpoint {cfg.init_from}")
+        config = dataclasses.replace(model_config(init, cfg.init_from), block_size=cfg.model.block_size,
+                                     rope_scaling=cfg.model.rope_scaling,
+                                     **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
+        cfg = dataclasses.replace(cfg, model=config)
+        return cfg, load_weights(GPT(config), init["model"], cfg.init_from), None
+    return cfg, GPT(cfg.model), None
+
+
+def check_resumable(cfg, ckpt: dict, path) -> None:
+    """A resumed run is the same run: the architecture and the data may not change (ValueError naming the
+    difference); optimizer and schedule settings may, and the changes are printed."""
+    saved_model, saved = model_config(ckpt, path), ckpt["config"]
+    arch = [f"{f.name}={getattr(cfg.model, f.name)!r} (the checkpoint has {getattr(saved_model, f.name)!r})"
+            for f in dataclasses.fields(GPTConfig)
+            if f.name not in RUNTIME_FIELDS and getattr(cfg.model, f.name) != getattr(saved_model, f.name)]
+    if arch:
+        raise ValueError(f"cannot resume {path} with another architecture: {', '.join(arch)}; resume with the run's "
+                         f"own settings, or start a new run from these weights with --init_from={path}")
+    if not same_data(ckpt.get("data"), data_identity(cfg.data_dir)):
+        raise ValueError(f"cannot resume {path} on other data: {cfg.data_dir} holds other tokens than this run was "
+                         f"trained on; resume with its data_dir, or start a new run from these weights with "
+                         f"--init_from={path}")
+    skip = {"resume", "overwrite", "model", "init_from", "device", "out_dir", "run_name", "wandb"}
+    changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in saved
+               if k not in skip and k in flat_keys(type(cfg)) and saved[k] != getattr(cfg, k)]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: resuming {path} with changed settings: {', '.join(changed)}")
 
 
 def rng_state() -> dict:

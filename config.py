@@ -20,7 +20,9 @@ import inspect
 import io
 import json
 import math
+import signal
 import sys
+import threading
 import tokenize
 import types
 import typing
@@ -369,11 +371,35 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the work early; the message says what was kept. Exit status 128 + signal
+    (130 for SIGINT, 143 for SIGTERM), as shells report a process killed by that signal."""
+
+    def __init__(self, signum, message="interrupted"):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+
 def cli(main, argv=None, errors=(ValueError, OSError, RuntimeError)):
-    """Run a script's main(argv): a ConfigError or any of `errors` is one line `error: ...` and exit 1."""
+    """Run a script's main(argv): a ConfigError or any of `errors` is one line `error: ...` and exit 1; an
+    interrupt (Ctrl-C, or SIGTERM, which raises Interrupted here) is one line and exit 130 or 143."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return main(sys.argv[1:] if argv is None else argv)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        print("interrupted: stopped by SIGINT", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except errors as e:
         raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

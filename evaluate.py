@@ -11,6 +11,7 @@ checkpoint and settings are unchanged since the last run is not evaluated again.
 """
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,8 +19,9 @@ from typing import Literal
 
 from checkpoint import model_from_checkpoint
 from config import ConfigError, at_least, check_fields, cli, parse, resolve_device
-from data.loader import load_meta, load_split, long_documents
+from data.loader import check_vocabulary, data_identity, load_meta, load_split, long_documents
 from metrics import start_wandb
+from run_folder import claim, clear
 from tasks import TASKS, EvalData, log, training_length
 
 
@@ -43,6 +45,7 @@ class EvalConfig:
     rope_scaling: dict | None = None  # applied to every checkpoint given by path ({}: none)
     wandb: Literal["off", "offline", "online"] = "off"
     resume: bool = False  # reuse results of unchanged checkpoints and settings in out_dir/results.json
+    overwrite: bool = False  # replace an earlier evaluation in out_dir (without it, or resume, it is refused)
 
     def __post_init__(self):
         check_fields(self)
@@ -88,9 +91,10 @@ def load_models(models, labels=(), device="cpu", rope_scaling=None):
     for label, m in models.items():
         if isinstance(m, (str, Path, tuple)):
             path, scaling = m if isinstance(m, tuple) else (m, rope_scaling)
-            m, _ = model_from_checkpoint(str(path), device, override_scaling=scaling)
+            m, ckpt = model_from_checkpoint(str(path), device, override_scaling=scaling)
             stat = Path(path).stat()  # what a result was computed from: a changed checkpoint is evaluated anew
             m.checkpoint_id = f"{path} {stat.st_size} {stat.st_mtime_ns} {json.dumps(scaling)}"
+            m.trained_on = ckpt.get("data")  # its data's identity: the vocabulary must match the evaluation data
         out[label] = m.eval()
     return out
 
@@ -124,6 +128,9 @@ def evaluate(models, cfg: EvalConfig):
     (if set) and return the results. With cfg.resume, reuse a checkpoint's results from out_dir/results.json
     when it and every setting are unchanged."""
     models = load_models(models, cfg.labels, resolve_device(cfg.device), cfg.rope_scaling)
+    identity = data_identity(cfg.data_dir)
+    for label, model in models.items():
+        check_vocabulary(getattr(model, "trained_on", None), identity, f"model {label!r}")
     base_len = cfg.base_len or min(training_length(m) for m in models.values())
     if base_len > cfg.max_len:
         raise ConfigError(f"max_len={cfg.max_len} is shorter than the base length L={base_len}: evaluate at least L")
@@ -131,27 +138,32 @@ def evaluate(models, cfg: EvalConfig):
     settings = cfg.settings(base_len)
     results = {"max_len": cfg.max_len, "base_len": base_len, "data_dir": str(cfg.data_dir), "tasks": list(cfg.tasks),
                "documents": {"n_docs": len(data.docs), "doc_len": cfg.max_len + 1, "source": note}, "models": {},
-               "settings": settings}
-    saved = Path(cfg.out_dir) / "results.json" if cfg.out_dir else None
-    earlier = json.loads(saved.read_text()) if cfg.resume and saved and saved.exists() else {}
-    earlier = earlier.get("models", {}) if earlier.get("settings") == settings else {}
-    for label, model in models.items():
-        checkpoint_id = getattr(model, "checkpoint_id", None)
-        if checkpoint_id and earlier.get(label, {}).get("checkpoint_id") == checkpoint_id:
-            results["models"][label] = earlier[label]
-            log(f"{label}: evaluated in an earlier run with the same checkpoint and settings, reused")
-            continue
-        c = model.config
-        r = results["models"][label] = {"pos_encoding": c.pos_encoding, "block_size": c.block_size,
-                                        "rope_scaling": c.rope_scaling, "training_length": training_length(model),
-                                        "params": model.num_params(), "checkpoint_id": checkpoint_id}
-        log(f"{label}: {c.pos_encoding}, block_size {c.block_size}, scaling {c.rope_scaling}")
-        for task in cfg.tasks:
-            r[task] = TASKS[task](model, data)
-        if saved:
-            write_json(results, saved)  # after each model: partial results survive, and --resume reuses them
-    if cfg.out_dir:
-        write_report(results, cfg.out_dir, cfg.wandb)
+               "settings": settings, "complete": False}
+    owner = claim(cfg.out_dir, cfg.resume, cfg.overwrite, what="evaluation") if cfg.out_dir else nullcontext()
+    with owner:
+        saved = Path(cfg.out_dir) / "results.json" if cfg.out_dir else None
+        earlier = json.loads(saved.read_text()) if cfg.resume and saved and saved.exists() else {}
+        if cfg.out_dir and cfg.overwrite and not cfg.resume:
+            clear(cfg.out_dir)
+        earlier = earlier.get("models", {}) if earlier.get("settings") == settings else {}
+        for label, model in models.items():
+            checkpoint_id = getattr(model, "checkpoint_id", None)
+            if checkpoint_id and earlier.get(label, {}).get("checkpoint_id") == checkpoint_id:
+                results["models"][label] = earlier[label]
+                log(f"{label}: evaluated in an earlier run with the same checkpoint and settings, reused")
+                continue
+            c = model.config
+            r = results["models"][label] = {"pos_encoding": c.pos_encoding, "block_size": c.block_size,
+                                            "rope_scaling": c.rope_scaling, "training_length": training_length(model),
+                                            "params": model.num_params(), "checkpoint_id": checkpoint_id}
+            log(f"{label}: {c.pos_encoding}, block_size {c.block_size}, scaling {c.rope_scaling}")
+            for task in cfg.tasks:
+                r[task] = TASKS[task](model, data)
+            if saved:
+                write_json(results, saved)  # after each model: partial results survive, and --resume reuses them
+        results["complete"] = True
+        if cfg.out_dir:
+            write_report(results, cfg.out_dir, cfg.wandb)
     return results
 
 

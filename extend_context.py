@@ -27,7 +27,8 @@ from checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from config import ConfigError, apply, at_least, check_fields, cli, from_dict, parse, to_dict
 from data.loader import load_meta
 from model import GPT
-from rope_scaling import length_dependent, original_length, scaling_dict
+from run_folder import claim, clear
+from rope_scaling import ROPE_SCALING, length_dependent, original_length, scaling_dict
 
 RECIPE = dict(learning_rate=2e-5, min_lr=2e-6, weight_decay=0.0)  # PI and YaRN fine-tune with lr 2e-5, no decay
 MAX_WARMUP = 20  # warmup steps in both recipes (fewer for very short runs: a fifth of the steps)
@@ -50,6 +51,8 @@ class ExtendConfig:
         check_fields(self)
         at_least(self, 1, "factor", "target_len", "batch_tokens")
         at_least(self, 0, "steps")
+        if self.method and self.method not in ROPE_SCALING:
+            raise ConfigError(f"bad value {self.method!r} for config key 'method': choose one of {', '.join(ROPE_SCALING)}")
 
 
 def check_extendable(model_cfg, scaling, target_len, path):
@@ -130,27 +133,27 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
                 cfg = dataclasses.replace(cfg, min_doc_len=0)
             record["n_long_docs"] = n_long
         record["min_doc_len"] = cfg.min_doc_len
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if master:
-        (Path(out_dir) / "extension.json").write_text(json.dumps(record, indent=2) + "\n")
-
     if ext.steps == 0:  # training-free: the base weights under the new config, in train.py's checkpoint format
         with torch.device("meta"):
             GPT(cfg.model)  # a bad config fails here, as it would at load time
-        new = {"model": ckpt["model"], "optimizer": None, "step": 0, "config": to_dict(cfg),
-               "data": ckpt.get("data"), "best_val_loss": float("inf"), "format_version": FORMAT_VERSION}
-        path = Path(out_dir) / "ckpt.pt"
-    else:
-        del ckpt  # train.main loads the weights itself (init_from)
+        with claim(out_dir, resume=False, overwrite=cfg.overwrite, what="extension"):
+            clear(out_dir)
+            new = {"model": ckpt["model"], "optimizer": None, "step": 0, "config": to_dict(cfg),
+                   "data": ckpt.get("data"), "best_val_loss": float("inf"), "format_version": FORMAT_VERSION,
+                   "extension": record}
+            path = save_checkpoint(new, Path(out_dir) / "ckpt.pt")
+    else:  # train.main loads the weights itself (init_from), owns out_dir, and raises if interrupted
+        del ckpt
         result = train.main(cfg)
         if not master:
             return result["ckpt"]
         if result["ckpt"] is None:
-            raise train.TrainingError(f"fine-tuning stopped before its first checkpoint; nothing written to {out_dir}")
-        path, record["steps"] = result["ckpt"], result["step"]
-        new = load_checkpoint(path)
-    new["extension"] = record
-    path = save_checkpoint(new, path)
+            raise train.TrainingError(f"fine-tuning could not save a checkpoint in {out_dir} (see the error above)")
+        new = load_checkpoint(result["ckpt"])
+        new["extension"] = record | {"steps": result["step"]}
+        path = save_checkpoint(new, result["ckpt"])
+    if master:  # written last: it says the extension is complete
+        (Path(out_dir) / "extension.json").write_text(json.dumps(new["extension"], indent=2) + "\n")
     log(f"wrote {path}: rope_scaling={json.dumps(scaling)}, block_size={target_len}")
     return path
 

@@ -25,6 +25,8 @@ except ImportError:
 
 LOSS_CHUNK = 8192  # tokens per cross-entropy chunk: full fp32 logits at 32k x 50k vocab would be 6.6 GB
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, the denominator of MFU
+RUNTIME_FIELDS = ("dropout", "activation_checkpointing", "attn_backend")  # GPTConfig keys that are not the
+# architecture: a resumed run, or one started from another's weights, may set them anew
 
 
 @dataclass

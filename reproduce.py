@@ -27,6 +27,7 @@ from data.loader import load_meta
 from data.prepare import prepare
 from positions import SCHEMES
 from rope_scaling import ROPE_SCALING, scaling_dict
+from run_folder import holds_run
 
 
 @dataclass
@@ -95,7 +96,7 @@ def train_scheme(scale, scheme, run_dir):
              f"--data_dir={scale.data_dir}", *(f"--{k}={v}" for k, v in scale.train.items())]
     if scale.vocab_size:
         flags.append(f"--vocab_size={scale.vocab_size}")
-    if (out_dir / "ckpt.pt").exists():
+    if holds_run(out_dir):
         flags.append("--resume=true")  # an interrupted run continues as if never stopped
     result = train.main(train.load_config(flags))
     return {"ckpt": str(result["ckpt"]), "val_loss": result.get("val_loss")}
@@ -103,7 +104,7 @@ def train_scheme(scale, scheme, run_dir):
 
 def fine_tune(scale, method, run_dir):
     out_dir = Path(run_dir) / f"{EXTENDED}_{method}_ft"
-    extra = {"resume": True} if (out_dir / "ckpt.pt").exists() else {}
+    extra = {"resume": True} if holds_run(out_dir) else {}
     ext = extend_context.ExtendConfig(ckpt=str(Path(run_dir) / EXTENDED / "ckpt.pt"), method=method,
                                       factor=scale.factor, steps=scale.extend_steps, out_dir=str(out_dir))
     return {"ckpt": str(extend_context.extend(ext, {**scale.extend, **extra}))}

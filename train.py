@@ -28,13 +28,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (CheckpointError, FORMAT_VERSION, load_checkpoint, load_weights, model_config, rng_state,
-                        save_checkpoint, set_rng_state)
-from config import (ConfigError, at_least, check_fields, cli, config_file, flat_keys, parse, resolve_device,
-                    resolve_dtype, to_dict)
+from checkpoint import CheckpointError, FORMAT_VERSION, build_model, rng_state, save_checkpoint, set_rng_state
+from config import (ConfigError, Interrupted, at_least, check_fields, cli, config_file, flat_keys, from_dict, parse,
+                    resolve_device, resolve_dtype, to_dict)
 from data.loader import BatchSampler, data_identity
 from metrics import WANDB_PROJECT, MetricsLog, start_wandb
 from model import GPT, GPTConfig, H100_BF16_PEAK_FLOPS
+from run_folder import claim, clear
 
 
 @dataclass
@@ -63,7 +63,8 @@ class TrainConfig:
     wandb: Literal["off", "offline", "online"] = "off"  # offline: no account, no network
     wandb_project: str = WANDB_PROJECT
     run_name: str = ""  # "": the basename of out_dir
-    resume: bool = False  # continue exactly from <out_dir>/ckpt.pt
+    resume: bool = False  # continue the run in out_dir exactly; its saved settings are the defaults
+    overwrite: bool = False  # replace the run in out_dir (a fresh run refuses a folder that holds one)
     init_from: str = "scratch"  # scratch | path of a checkpoint whose weights start this run
     min_doc_len: int = 0  # >0: train only on windows inside documents at least this long
     peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU
@@ -78,16 +79,26 @@ class TrainConfig:
             raise ConfigError(f"beta1={self.beta1} and beta2={self.beta2} must lie in [0, 1)")
 
 
+SPIKE = 10.0  # a loss this many times the mean of the recent steps' is a divergence: stop, keep the checkpoint
+RECENT = 20  # steps in that mean
+
+
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss)."""
+    """Training cannot go on (a non-finite loss, a loss spike, weights too bad to checkpoint)."""
 
 
 def load_config(argv=None) -> TrainConfig:
-    """TrainConfig from the command line; out_dir's {config} is the config file's name."""
+    """TrainConfig from the command line; out_dir's {config} is the config file's name. With --resume=true the
+    run's saved settings (out_dir/config.json) are the defaults, and the flags given change them."""
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse(TrainConfig, argv, doc=__doc__)
     file = config_file(TrainConfig, argv)
-    return with_out_dir(cfg, Path(file).stem if file else "run")
+    name = Path(file).stem if file else "run"
+    cfg = with_out_dir(parse(TrainConfig, argv, doc=__doc__), name)
+    saved = Path(cfg.out_dir) / "config.json"
+    if cfg.resume and saved.is_file():  # the device is this machine's choice, not the run's
+        defaults = from_dict(TrainConfig, json.loads(saved.read_text())["config"] | {"device": TrainConfig.device})
+        cfg = with_out_dir(parse(TrainConfig, argv, defaults=defaults), name)
+    return cfg
 
 
 def with_out_dir(cfg: TrainConfig, config_name: str = "run") -> TrainConfig:
@@ -102,11 +113,9 @@ def with_out_dir(cfg: TrainConfig, config_name: str = "run") -> TrainConfig:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill in out_dir, device, dtype and lr_decay_iters for this machine."""
+    """Fill in out_dir, device and dtype for this machine."""
     device = resolve_device(cfg.device)
-    decay = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    return dataclasses.replace(with_out_dir(cfg), device=device, dtype=resolve_dtype(cfg.dtype, device),
-                               lr_decay_iters=decay)
+    return dataclasses.replace(with_out_dir(cfg), device=device, dtype=resolve_dtype(cfg.dtype, device))
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -138,6 +147,7 @@ def estimate_loss(model, sampler, start_state, eval_iters, autocast, device) -> 
 class StopOnInterrupt:
     """The first Ctrl-C (or SIGTERM) asks the loop to stop at the next step and save; a second one aborts."""
     requested = 0.0  # when the first signal came (monotonic seconds); 0: none
+    signum = signal.SIGTERM
 
     def __enter__(self):
         self.previous = {}
@@ -148,9 +158,9 @@ class StopOnInterrupt:
     def _handler(self, signum, frame):
         # a second signal aborts, unless it comes within a second (`timeout` and torchrun may signal twice at once)
         if self.requested and time.monotonic() - self.requested > 1.0:
-            raise KeyboardInterrupt
+            raise Interrupted(signum, "aborted by a second signal; the last checkpoint is kept")
         if not self.requested:
-            self.requested = time.monotonic()
+            self.requested, self.signum = time.monotonic(), signum
             print("interrupted: stopping after this step and saving a checkpoint (again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
@@ -180,11 +190,13 @@ class Run:
     start_step: int = 0
     best_val: float = float("inf")
     val_loss: float | None = None
+    val_step: int | None = None  # the step val_loss was measured at
     train_loss: float | None = None
+    recent_losses: list = field(default_factory=list)  # the last RECENT train losses: what a spike is measured by
     tokens_per_sec: float | None = None
     mfu: float | None = None
     last_ckpt: str | None = None
-    interrupted: bool = False
+    interrupted: int = 0  # the signal that asked to stop, 0: none
     step_times: list = field(default_factory=list)
     metrics: MetricsLog | None = None
 
@@ -201,30 +213,6 @@ class Run:
             print(*args, **kwargs)
 
 
-
-def build_model(cfg: TrainConfig) -> tuple[TrainConfig, GPT, dict | None]:
-    """(config, model, checkpoint to restore): from scratch, from init_from's weights, or resumed."""
-    if cfg.resume:  # the checkpoint's architecture wins
-        ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-        ckpt = load_checkpoint(ckpt_path)
-        saved = model_config(ckpt, ckpt_path)
-        changed = [f"{f.name}={getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(saved)
-                   if getattr(saved, f.name) != getattr(cfg.model, f.name)]
-        if changed and int(os.environ.get("RANK", 0)) == 0:
-            print(f"warning: resuming with the checkpoint's model config; ignoring {', '.join(changed)}")
-        cfg = dataclasses.replace(cfg, model=saved)
-        return cfg, load_weights(GPT(saved), ckpt["model"], ckpt_path), ckpt
-    if cfg.init_from != "scratch":  # weights only; this run's length, scaling and training-time settings
-        init = load_checkpoint(cfg.init_from)
-        config = dataclasses.replace(model_config(init, cfg.init_from), block_size=cfg.model.block_size,
-                                     rope_scaling=cfg.model.rope_scaling, dropout=cfg.model.dropout,
-                                     activation_checkpointing=cfg.model.activation_checkpointing,
-                                     attn_backend=cfg.model.attn_backend)
-        cfg = dataclasses.replace(cfg, model=config)
-        return cfg, load_weights(GPT(config), init["model"], cfg.init_from), None
-    return cfg, GPT(cfg.model), None
-
-
 def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
     """Seeds, model, optimizer, samplers and run folder; a resumed run restores everything it saved."""
     device_type = device.split(":")[0]
@@ -233,8 +221,11 @@ def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
     random.seed(cfg.seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     cfg, model, ckpt = build_model(cfg)
+    data = data_identity(cfg.data_dir)
+    if data.get("vocab_size") and cfg.model.vocab_size < data["vocab_size"]:
+        raise ConfigError(f"bad value {cfg.model.vocab_size} for config key 'vocab_size': the data at {cfg.data_dir} "
+                          f"has {data['vocab_size']} token ids; expected a number >= {data['vocab_size']}")
     model = model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     eval_model = torch.compile(model) if cfg.compile else model
@@ -247,9 +238,11 @@ def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
                                  min_doc_len=cfg.min_doc_len or None, rank=rank, world_size=world)
     val_sampler = BatchSampler(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed + 1, device, rank=rank, world_size=world)
     run = Run(cfg, device, rank, world, model, step_model, eval_model, optimizer, autocast, train_sampler,
-              val_sampler, val_sampler.state_dict(), data_identity(cfg.data_dir))
+              val_sampler, val_sampler.state_dict(), data)
     if ckpt is not None:
         restore(run, ckpt)
+    if cfg.overwrite and not cfg.resume and run.master:  # every check passed: now the old run may go
+        clear(run.out_dir)
     run.metrics = MetricsLog(run.out_dir, run.start_step if cfg.resume else None, enabled=run.master,
                              wandb_run=start_wandb(cfg.wandb, run.out_dir, cfg.run_name or run.out_dir.resolve().name,
                                                    to_dict(cfg)) if run.master else None)
@@ -263,7 +256,9 @@ def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
 def restore(run: Run, ckpt: dict) -> None:
     """Step, optimizer, sampler and RNG state of a checkpoint: the run continues as if never stopped."""
     run.step = run.start_step = ckpt["step"]
+    run.val_step = ckpt.get("val_step", run.step)  # an interrupt can skip the validation of the step it saves
     run.best_val = ckpt.get("best_val_loss", float("inf"))
+    run.recent_losses = list(ckpt.get("recent_losses", []))
     run.last_ckpt = str(run.out_dir / "ckpt.pt")
     if ckpt.get("optimizer"):  # a training-free checkpoint (extend_context.py --steps=0) has none
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -274,8 +269,6 @@ def restore(run: Run, ckpt: dict) -> None:
         set_rng_state(ranks[run.rank]["rng"])
     else:
         run.log(f"warning: the checkpoint has no RNG state for {run.world} process(es): dropout restarts from the seed")
-    if {**(ckpt.get("data") or {}), "path": None} != {**run.data, "path": None}:  # same tokens, wherever they lie
-        run.log(f"warning: the data at {run.cfg.data_dir} differs from the data this checkpoint was trained on")
 
 
 def _every(step: int, interval: int) -> bool:
@@ -287,15 +280,42 @@ def evaluate(run: Run) -> float:
     val = estimate_loss(run.eval_model, run.val_sampler, run.val_start, run.cfg.eval_iters, run.autocast, run.device)
     if run.world > 1:
         dist.all_reduce(val)
-    run.val_loss = val.item() / run.world
+    run.val_loss, run.val_step = val.item() / run.world, run.step
     run.best_val = min(run.best_val, run.val_loss)
     run.log(f"step {run.step} | val loss {run.val_loss:.4f}")
     run.metrics.record(kind="val", step=run.step, loss=run.val_loss)
     return run.val_loss
 
 
+def spike(run: Run, loss: float) -> str | None:
+    """Why `loss` means the run diverged (non-finite, or SPIKE times the recent mean), or None."""
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    recent = sum(run.recent_losses) / len(run.recent_losses) if run.recent_losses else None
+    if recent is not None and loss > SPIKE * recent:
+        return f"loss {loss:.4g}, {loss / recent:.0f}x the mean of the last {len(run.recent_losses)} steps ({recent:.4g})"
+    return None
+
+
+def check_weights(run: Run) -> None:
+    """The weights about to be saved must have a sane loss: the validation loss if it was just measured, else
+    one validation batch. A diverged model never replaces a good checkpoint."""
+    loss = run.val_loss if run.val_step == run.step else None
+    if loss is None:
+        val = estimate_loss(run.eval_model, run.val_sampler, run.val_start, 1, run.autocast, run.device)
+        if run.world > 1:
+            dist.all_reduce(val)
+        loss = val.item() / run.world
+    why = spike(run, loss)
+    if why:
+        raise TrainingError(f"the weights at step {run.step} have a {why}: not saved; the last checkpoint "
+                            f"({run.last_ckpt or 'none'}) is kept. Lower the learning_rate or resume from it")
+
+
 def save(run: Run) -> str | None:
-    """Checkpoint everything a resumed run needs, atomically; a failed save keeps the previous one."""
+    """Checkpoint everything a resumed run needs, atomically, once the weights' loss is checked; a failed save
+    keeps the previous checkpoint."""
+    check_weights(run)
     ranks = [{"rng": rng_state()}] * run.world
     if run.world > 1:  # each rank's own RNG (dropout); the sampler state is the same on every rank
         dist.all_gather_object(ranks, ranks[0])
@@ -303,7 +323,8 @@ def save(run: Run) -> str | None:
         return None
     ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
             "config": to_dict(run.cfg), "rng": ranks[0]["rng"], "sampler": run.train_sampler.state_dict(),
-            "data": run.data, "best_val_loss": run.best_val, "format_version": FORMAT_VERSION}
+            "data": run.data, "best_val_loss": run.best_val, "recent_losses": run.recent_losses,
+            "val_step": run.val_step, "format_version": FORMAT_VERSION}
     if run.world > 1:
         ckpt["ranks"] = ranks
     try:
@@ -315,8 +336,8 @@ def save(run: Run) -> str | None:
 
 def train_step(run: Run, stop: StopOnInterrupt | None = None) -> float:
     """One optimizer step over grad_accum_steps micro-batches; returns the mean loss. Every rank learns of a
-    stop request (a signal until now) here, so all stop at the same step. A non-finite loss stops before the
-    optimizer step."""
+    stop request (a signal until now) here, so all stop at the same step. A non-finite loss or a spike stops
+    before the optimizer step."""
     cfg, model = run.cfg, run.step_model
     lr = get_lr(run.step, cfg)
     for group in run.optimizer.param_groups:
@@ -335,10 +356,14 @@ def train_step(run: Run, stop: StopOnInterrupt | None = None) -> float:
     stats = torch.stack([loss_sum / cfg.grad_accum_steps, stop_flag])
     if run.world > 1:
         dist.all_reduce(stats)
-    run.train_loss, run.interrupted = stats[0].item() / run.world, bool(stats[1].item() > 0)
-    if not math.isfinite(run.train_loss):
-        raise TrainingError(f"non-finite loss ({run.train_loss}) at step {run.step + 1}: stopped before the "
-                            f"optimizer step; last checkpoint: {run.last_ckpt or 'none'}. Try a lower learning_rate")
+    run.train_loss = stats[0].item() / run.world
+    if stats[1].item() > 0:
+        run.interrupted = stop.signum if stop is not None and stop.requested else signal.SIGTERM
+    why = spike(run, run.train_loss)
+    if why:
+        raise TrainingError(f"{why} at step {run.step + 1}: stopped before the optimizer step; the last checkpoint "
+                            f"({run.last_ckpt or 'none'}) is kept. Lower the learning_rate or resume from it")
+    run.recent_losses = (run.recent_losses + [run.train_loss])[-RECENT:]
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     run.optimizer.step()
@@ -364,33 +389,35 @@ def log_step(run: Run, lr: float, dt: float) -> None:
     run.log(f"step {run.step} | loss {run.train_loss:.4f} | lr {lr:.2e} | {run.tokens_per_sec:,.0f} tok/s | "
             f"mfu {100 * run.mfu:.2f}% | {ms:.1f} ms/step")
     run.metrics.record(kind="train", step=run.step, loss=run.train_loss, lr=lr, tokens_per_sec=run.tokens_per_sec,
-               mfu=run.mfu, ms_per_step=ms)
+                       mfu=run.mfu, ms_per_step=ms)
     run.step_times = []
 
 
 def main(cfg: TrainConfig | list[str] | None = None) -> dict:
-    """Train (cfg: a TrainConfig, or command-line arguments); returns the final metrics and the last checkpoint."""
+    """Train (cfg: a TrainConfig, or command-line arguments); returns the final metrics and the last checkpoint.
+    An interrupt saves a checkpoint, then raises config.Interrupted: the run is not finished."""
     if not isinstance(cfg, TrainConfig):
         cfg = load_config(cfg)
     rank, world, local_rank = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))  # torchrun's
     ddp, world = world > 1, max(world, 1)
     cfg = resolve(cfg)
     device = cfg.device
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        run = setup(cfg, device, rank, world)
-        return loop(run)
-    finally:
+    owner = claim(cfg.out_dir, cfg.resume, cfg.overwrite) if rank == 0 else nullcontext()
+    with owner:
         if ddp:
-            dist.destroy_process_group()
+            if device.startswith("cuda"):
+                device = f"cuda:{local_rank}"
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        try:
+            return loop(setup(cfg, device, rank, world))
+        finally:
+            if ddp:
+                dist.destroy_process_group()
 
 
 def loop(run: Run) -> dict:
-    """Evaluate, checkpoint and step until max_iters or an interrupt (which saves first)."""
+    """Evaluate, checkpoint and step until max_iters or an interrupt (which saves, then raises Interrupted)."""
     cfg = run.cfg
     run.log(f"{cfg.model.pos_encoding}: {run.model.num_params() / 1e6:.2f}M parameters, T={cfg.model.block_size}, "
             f"device={run.device}, dtype={cfg.dtype}, world={run.world}, steps {run.start_step}->{cfg.max_iters}")
@@ -399,7 +426,7 @@ def loop(run: Run) -> dict:
             while True:
                 last = run.step >= cfg.max_iters
                 if (not run.interrupted and (last or _every(run.step, cfg.eval_interval))
-                        and not (cfg.resume and run.step == run.start_step)):
+                        and run.val_step != run.step):  # a resumed run evaluates a step an interrupt skipped
                     evaluate(run)
                 if run.step > run.start_step and (last or run.interrupted or _every(run.step, cfg.ckpt_interval)):
                     save(run)
@@ -408,9 +435,11 @@ def loop(run: Run) -> dict:
                 train_step(run, stop)
     finally:
         run.metrics.close()
+    if run.interrupted:
+        raise Interrupted(run.interrupted, f"checkpoint at step {run.step} in {run.out_dir}; continue with "
+                                           "--resume=true")
     return {"step": run.step, "train_loss": run.train_loss, "val_loss": run.val_loss, "best_val_loss": run.best_val,
-            "tokens_per_sec": run.tokens_per_sec, "mfu": run.mfu, "ckpt": run.last_ckpt, "out_dir": str(run.out_dir),
-            "interrupted": run.interrupted}
+            "tokens_per_sec": run.tokens_per_sec, "mfu": run.mfu, "ckpt": run.last_ckpt, "out_dir": str(run.out_dir)}
 
 
 if __name__ == "__main__":

@@ -53,12 +53,32 @@ def long_documents(data_dir, split: str, min_len: int) -> list[np.ndarray]:
 
 
 def data_identity(data_dir) -> dict:
-    """What a run saves to name its data: path, source, token counts and the .bin hashes from prepare time."""
+    """What a run saves to name its data: path, source, token counts, the .bin hashes from prepare time, the
+    tokenizer and the vocabulary (None: GPT-2's own; else the compact vocabulary's GPT-2 ids)."""
     meta = load_meta(data_dir)
     for split in meta["tokens"]:
         load_split(data_dir, split)  # size check, so a run never records data it cannot read
     return {"path": str(Path(data_dir).resolve()), "source": meta["source"], "tokens": meta["tokens"],
-            "sha256": meta["sha256"], "tokenizer": meta["tokenizer"]["name"], "vocab": meta.get("vocab")}
+            "sha256": meta["sha256"], "tokenizer": meta["tokenizer"]["name"], "vocab": meta.get("vocab"),
+            "vocab_size": meta.get("vocab_size")}
+
+
+def same_data(a: dict | None, b: dict | None) -> bool:
+    """The same tokens, wherever the files lie (None: unknown, e.g. an old checkpoint: not a difference)."""
+    keys = ("sha256", "tokenizer", "vocab")
+    return a is None or b is None or all(a.get(k) == b.get(k) for k in keys)
+
+
+def check_vocabulary(model_data: dict | None, data: dict, what: str) -> None:
+    """ValueError (one line) if `data` is tokenized with another vocabulary than the model was trained on: the
+    same ids would mean other tokens, and every number computed on it would be meaningless."""
+    if model_data is None:
+        return
+    for key in ("tokenizer", "vocab"):
+        if model_data.get(key) != data.get(key):
+            size = lambda d: d.get("vocab_size") or (len(d["vocab"]["ids"]) + 1 if d.get("vocab") else "GPT-2's")  # noqa: E731
+            raise ValueError(f"{what} was trained on another vocabulary ({size(model_data)} tokens) than the data at "
+                             f"{data['path']} ({size(data)} tokens): use data prepared with the same --vocab_size")
 
 
 class BatchSampler:

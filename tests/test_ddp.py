@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-import train
+from checkpoint import load_checkpoint
 from data.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def test_two_process_ddp_step_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]  # rank 0 alone writes
-    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 3 and len(ckpt["ranks"]) == 2
     assert not any(p.name.startswith("ckpt.pt.tmp") for p in out.iterdir())
     # both ranks keep their own RNG stream (seeded seed + rank)

@@ -2,10 +2,15 @@
 re-run skips what is finished."""
 
 import json
+import os
+import signal
 
 import pytest
 
 import reproduce
+import tasks
+from config import Interrupted
+from data.loader import BatchSampler
 
 
 @pytest.fixture
@@ -35,3 +40,55 @@ def test_pipeline_runs_every_stage_and_resumes(tiny_scale, tmp_path, capsys):
     reproduce.run(tiny_scale, run_dir)  # a second run: every stage is skipped
     out = capsys.readouterr().out
     assert out.count("skipped") == len(stages)
+
+
+def evaluation(run_dir):
+    """Every number of the evaluation, without what names the files it came from."""
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    for r in results["models"].values():
+        r.pop("checkpoint_id")
+    return results["models"], (run_dir / "eval" / "summary.md").read_text()
+
+
+def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp_path, monkeypatch):
+    reproduce.run(tiny_scale, tmp_path / "reference")
+    run_dir, original = tmp_path / "run", BatchSampler.next
+
+    def stop_training(block_size, at_call):  # SIGTERM in the middle of a training step at that length
+        calls = []
+
+        def next_(self):
+            if self.split == "train" and self.block_size == block_size:
+                calls.append(1)
+                if len(calls) == at_call:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return original(self)
+        return next_
+
+    def stages():
+        return set(json.loads((run_dir / "stages.json").read_text()))
+
+    monkeypatch.setattr(BatchSampler, "next", stop_training(16, 2))  # training the first scheme
+    with pytest.raises(Interrupted):
+        reproduce.run(tiny_scale, run_dir)
+    assert stages() == {"data"}
+    monkeypatch.setattr(BatchSampler, "next", stop_training(64, 1))  # fine-tuning at 4 x 16
+    with pytest.raises(Interrupted):
+        reproduce.run(tiny_scale, run_dir)
+    assert stages() == {"data", *(f"train {s}" for s in reproduce.SCHEMES)}
+    monkeypatch.setattr(BatchSampler, "next", original)
+    ppl, calls = tasks.TASKS["ppl"], []
+
+    def ctrl_c_on_the_third_model(model, data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return ppl(model, data)
+
+    monkeypatch.setitem(tasks.TASKS, "ppl", ctrl_c_on_the_third_model)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run(tiny_scale, run_dir)
+    assert "evaluate" not in stages() and "fine-tune rope with YaRN" in stages()
+    monkeypatch.setitem(tasks.TASKS, "ppl", ppl)
+    reproduce.run(tiny_scale, run_dir)
+    assert evaluation(run_dir) == evaluation(tmp_path / "reference")

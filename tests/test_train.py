@@ -1,7 +1,10 @@
 """train.py on CPU with tiny models: every scheme trains, resume is exact, checkpoints are safe, errors are clear."""
+import hashlib
 import json
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -15,9 +18,11 @@ import torch
 import model as model_module
 import train
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from config import Interrupted
 from data.loader import BatchSampler
 from data.prepare import prepare
 from positions import SCHEMES
+from run_folder import RunFolderError
 from train import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,13 +96,16 @@ def test_loss_decreases(data_dir, tmp_path):
     assert val[20] < val[0] - 1.0, val
 
 
-def test_resume_is_exact_and_the_checkpoint_architecture_wins(data_dir, tmp_path, straight, capsys):
+def test_resume_is_exact_and_refuses_another_architecture(data_dir, tmp_path, straight, capsys):
     _, losses, val = straight
     first = train.main(tiny(data_dir, tmp_path, **{**RESUME, "max_iters": 4}))
     assert first["step"] == 4
-    # ask for another model: the checkpoint's wins, with a warning
-    second = train.main(tiny(data_dir, tmp_path, **RESUME, resume=True, n_layer=1))
-    assert "resuming with the checkpoint's model config; ignoring n_layer=1" in capsys.readouterr().out
+    before = sha256s(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume .* with another architecture: n_layer=1 \(the checkpoint has "
+                                         r"2\); .* --init_from="):
+        train.main(tiny(data_dir, tmp_path, **RESUME, resume=True, n_layer=1))
+    assert sha256s(tmp_path) == before  # refused before anything was written
+    second = train.main(tiny(data_dir, tmp_path, **RESUME, resume=True, grad_clip=1.0))  # the same run
     assert second["step"] == 8
     resumed = metrics(tmp_path)
     assert sorted(resumed) == sorted(losses) == list(range(1, 9))
@@ -105,25 +113,81 @@ def test_resume_is_exact_and_the_checkpoint_architecture_wins(data_dir, tmp_path
     torch.testing.assert_close(metrics(tmp_path, "val"), val, rtol=0, atol=1e-6)
 
 
-def test_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tmp_path, straight, monkeypatch):
-    _, losses, _ = straight
+def test_resume_on_the_command_line_defaults_to_the_runs_settings(data_dir, tmp_path, capsys):
+    train.main(tiny(data_dir, tmp_path, max_iters=2, eval_interval=0))
+    cfg = load_config([f"--out_dir={tmp_path}", "--resume=true", "--max_iters=3", "--learning_rate=1e-3"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.batch_size, cfg.max_iters) == (2, 32, 4, 3)
+    assert train.main(cfg)["step"] == 3
+    out = capsys.readouterr().out
+    assert "resuming" in out and "max_iters 2 -> 3" in out and "learning_rate 0.003 -> 0.001" in out
+
+
+def test_resume_refuses_other_data(data_dir, tmp_path, tmp_path_factory):
+    train.main(tiny(data_dir, tmp_path, max_iters=2, eval_interval=0))
+    other = tmp_path_factory.mktemp("other")
+    prepare(os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py"), other, val_fraction=0.3, quiet=True)
+    with pytest.raises(ValueError, match=f"cannot resume .* on other data: {other} holds other tokens"):
+        train.main(tiny(str(other), tmp_path, max_iters=4, resume=True))
+
+
+@pytest.mark.parametrize("at_step", [3, 4])  # 4 is an evaluation step: its validation must not be lost
+def test_interrupt_saves_a_checkpoint_that_resumes_exactly(at_step, data_dir, tmp_path, straight, monkeypatch):
+    _, losses, val = straight
     original, calls = BatchSampler.next, []
 
     def next_then_interrupt(self):
         if self.split == "train":
             calls.append(1)
-            if len(calls) == 3:  # in the middle of step 3, a signal delivered twice at once (as `timeout` does)
+            if len(calls) == at_step:  # in the middle of that step, a signal twice at once (as `timeout` does)
                 os.kill(os.getpid(), signal.SIGTERM)
                 os.kill(os.getpid(), signal.SIGTERM)
         return original(self)
 
     monkeypatch.setattr(BatchSampler, "next", next_then_interrupt)
-    result = train.main(tiny(data_dir, tmp_path, **RESUME))
-    assert result["interrupted"] and result["step"] == 3
-    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    with pytest.raises(Interrupted, match=f"checkpoint at step {at_step} in .*--resume=true") as e:
+        train.main(tiny(data_dir, tmp_path, **RESUME))
+    assert e.value.signum == signal.SIGTERM
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == at_step
     monkeypatch.setattr(BatchSampler, "next", original)
     assert train.main(tiny(data_dir, tmp_path, **RESUME, resume=True))["step"] == 8
     torch.testing.assert_close(metrics(tmp_path), losses, rtol=0, atol=1e-6)
+    torch.testing.assert_close(metrics(tmp_path, "val"), val, rtol=0, atol=1e-6)
+
+
+def sha256s(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def test_a_run_folder_is_never_silently_reused(data_dir, tmp_path):
+    train.main(tiny(data_dir, tmp_path, max_iters=2, eval_interval=0))
+    before = sha256s(tmp_path)
+    with pytest.raises(RunFolderError, match="holds an earlier run .*--resume=true.*--overwrite=true"):
+        train.main(tiny(data_dir, tmp_path, max_iters=3))
+    with pytest.raises(ValueError, match="config key 'max_iters'"):
+        train.main(tiny(data_dir, tmp_path, max_iters=-5))
+    assert sha256s(tmp_path) == before
+    (tmp_path / "run.lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process owns it
+    with pytest.raises(RunFolderError, match=f"is in use by process {os.getppid()}"):
+        train.main(tiny(data_dir, tmp_path, max_iters=3, resume=True))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run.lock").write_text(f"{dead.pid} {socket.gethostname()}\n")  # its owner is gone: stale
+    (tmp_path / f"ckpt.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
+    assert train.main(tiny(data_dir, tmp_path, max_iters=3, resume=True))["step"] == 3
+    assert sorted(sha256s(tmp_path)) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no lock, no stale temp file
+    assert train.main(tiny(data_dir, tmp_path, max_iters=1, overwrite=True))["step"] == 1  # asked for explicitly
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
+
+
+def test_a_diverging_run_keeps_the_good_checkpoint(data_dir, tmp_path):
+    train.main(tiny(data_dir, tmp_path, max_iters=4, eval_interval=0))
+    good = sha256s(tmp_path)["ckpt.pt"]
+    with pytest.raises(train.TrainingError, match=r"(loss .*x the mean of the last|non-finite).*the last checkpoint "
+                                                  r".* is kept"):
+        train.main(tiny(data_dir, tmp_path, max_iters=40, learning_rate=1e6, warmup_iters=0, ckpt_interval=1,
+                        grad_clip=0.0, resume=True))
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert sha256s(tmp_path)["ckpt.pt"] == good and ckpt["step"] == 4
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
@@ -158,11 +222,24 @@ def test_bad_checkpoints_give_one_clear_line(tmp_path, straight):
     with pytest.raises(CheckpointError, match="is not a train.py checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
     torch.save({"model": {}, "config": {}, "format_version": 1, "path": Path("x")}, tmp_path / "unsafe.pt")
-    with pytest.raises(CheckpointError, match="holds objects that a safe load refuses"):
+    with pytest.raises(CheckpointError, match=r"holds pickled code or objects that a safe load refuses \(pathlib"):
         load_checkpoint(tmp_path / "unsafe.pt")
+    torch.save({"model": {}, "config": {}, "format_version": 1, "run": Malicious()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"refuses \(posix.system\).*could run that code"):
+        load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Malicious(), protocol=4))
+    with pytest.raises(CheckpointError, match="is a plain pickle, not a file train.py writes"):
+        load_checkpoint(tmp_path / "evil.pkl")
     with pytest.raises(CheckpointError) as e:
-        train.main(load_config([f"--out_dir={tmp_path}", "--resume=true"]))  # tmp_path/ckpt.pt does not exist
-    assert "\n" not in str(e.value)
+        train.main(load_config([f"--out_dir={tmp_path / 'new'}", "--resume=true"]))  # no run there
+    assert "nothing to resume" in str(e.value) and "\n" not in str(e.value)
+
+
+class Malicious:
+    """A pickle that would run a shell command when loaded unsafely."""
+
+    def __reduce__(self):
+        return os.system, ("echo this must never run",)
 
 
 def test_state_dict_mismatch_is_one_line(data_dir, tmp_path, straight):

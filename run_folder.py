@@ -1,0 +1,103 @@
+"""A run folder is owned: one live process writes it, and a finished or interrupted run is never silently reused.
+
+    with claim("out/cpu_rope", resume=False, overwrite=False):   # refuses a folder that holds a run
+        ...train, writing ckpt.pt, metrics.jsonl, config.json...
+
+The lock is a file holding the owner's pid and host; a lock whose process is gone (killed with SIGKILL) is
+stale and taken over, and so are the temporary checkpoint files such a process left behind.
+"""
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK = "run.lock"
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "results.json")  # what makes a folder hold a run
+
+
+class RunFolderError(ValueError):
+    """A run folder that is in use or holds a run this command would replace, said in one line."""
+
+
+def holds_run(out_dir) -> list[str]:
+    """The files that make out_dir hold a run (empty: a fresh folder)."""
+    return [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+
+
+@contextmanager
+def claim(out_dir, resume: bool, overwrite: bool, what: str = "run"):
+    """Own out_dir for the duration: refuse it while another live process owns it; refuse a folder that holds a
+    run unless resuming it or asked to overwrite it (call clear() once every check has passed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(out_dir)
+    try:
+        _remove_stale_temp_files(out_dir)
+        existing = holds_run(out_dir)
+        if existing and not resume and not overwrite:
+            raise RunFolderError(f"{out_dir} holds an earlier {what} ({', '.join(existing)}): continue it with "
+                                 "--resume=true, replace it with --overwrite=true, or choose another --out_dir")
+        yield out_dir
+    finally:
+        _release_lock(lock)
+
+
+def clear(out_dir) -> None:
+    """Remove the run files of an earlier run (asked for with --overwrite), right before the new run writes:
+    after its checks, so a bad value never costs the old run."""
+    for name in holds_run(out_dir):
+        (Path(out_dir) / name).unlink()
+
+
+
+def _take_lock(out_dir: Path) -> Path:
+    lock, me = out_dir / LOCK, f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):  # a second try after removing a stale lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _read(lock)
+            if owner is not None and _alive(owner):
+                pid, host = owner
+                raise RunFolderError(f"{out_dir} is in use by process {pid} on {host}; if that process is gone, "
+                                     f"delete {lock}") from None
+            lock.unlink(missing_ok=True)  # its process is gone (or the file is unreadable): stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        return lock
+    raise RunFolderError(f"could not lock {out_dir}: another process is taking it at the same time")
+
+
+def _release_lock(lock: Path) -> None:
+    if _read(lock) == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+
+def _read(lock: Path):
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(owner) -> bool:
+    pid, host = owner
+    if host != socket.gethostname():
+        return True  # another machine's process: assume it lives
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    """checkpoint.save_checkpoint writes <name>.tmp<pid> then renames it: leftovers of dead processes go."""
+    for tmp in out_dir.glob("*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _alive((int(pid), socket.gethostname())):
+            tmp.unlink(missing_ok=True)
