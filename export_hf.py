@@ -10,6 +10,7 @@ unless the transformers model's logits equal ours on a probe sequence.
 """
 import argparse
 import dataclasses
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ ARCHITECTURES = {"rope": "GPTNeoXForCausalLM", "learned": "GPT2LMHeadModel"}
 NO_ARCHITECTURE = {
     "alibi": "transformers has no architecture with our ALiBi block: Falcon (alibi=True) adds the bias before the "
              "1/sqrt(head_dim) scaling (slopes m/sqrt(head_dim)) and builds it in bfloat16; BLOOM normalizes the "
-             "token embeddings (word_embeddings_layernorm) and uses tanh-approximate GELU",
+             "token embeddings (word_embeddings_layernorm) and uses tanh-approximate GELU; rope and learned export",
     "sinusoidal": "transformers has no architecture with fixed sinusoidal positions added to the token embeddings",
     "none": "transformers has no architecture without position information (NoPE)",
 }
@@ -78,6 +79,13 @@ def rope_parameters(config):
     return params
 
 
+def legacy_rope(params):
+    """The same settings as transformers 4.x's GPT-NeoX reads them (it ignores rope_parameters)."""
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return {"rotary_pct": params["partial_rotary_factor"], "rotary_emb_base": params["rope_theta"],
+            "rope_scaling": scaling if scaling["rope_type"] != "default" else None}
+
+
 def hf_config(config, transformers):
     """The transformers config object for our GPTConfig."""
     common = dict(vocab_size=config.vocab_size, bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True)
@@ -87,12 +95,7 @@ def hf_config(config, transformers):
                                        n_positions=config.block_size, activation_function="gelu",  # exact, not tanh
                                        layer_norm_epsilon=1e-5, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **common)
     params = rope_parameters(config)
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        rope = {"rope_parameters": params}
-    else:  # 4.x: rotary_pct, rotary_emb_base and rope_scaling (None for the default type)
-        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        rope = {"rotary_pct": params["partial_rotary_factor"], "rotary_emb_base": params["rope_theta"],
-                "rope_scaling": scaling if scaling["rope_type"] != "default" else None}
+    rope = {"rope_parameters": params} if int(transformers.__version__.split(".")[0]) >= 5 else legacy_rope(params)
     # dynamic NTK reads its original length L from max_position_embeddings; every other type from its params
     max_len = (config.rope_scaling["original_max_position_embeddings"]
                if params["rope_type"] == "dynamic" else config.block_size)
@@ -132,31 +135,25 @@ def convert(w, kind, config, to_hf):
     return w
 
 
-def to_hf_state_dict(state_dict, config, hf_keys):
-    """transformers' state dict (exactly the keys hf_keys) from ours: interleaved RoPE pairs are first moved to
-    the half layout GPT-NeoX uses; biases we do not have are zeros."""
-    if config.pos_encoding == "rope" and config.rope_layout != "half":
-        state_dict = permute_rope_layout(state_dict, config, "half")
-    out = {}
-    for ours, theirs, kind in key_pairs(config):
-        if theirs not in hf_keys:
-            continue  # GPT-NeoX without attention biases
-        w = state_dict.get(ours)
-        if w is None:  # bias=False: our Linears and LayerNorms have none; one per output row
-            weight = state_dict[ours.removesuffix(".bias") + ".weight"]
-            w = torch.zeros(weight.shape[0], dtype=weight.dtype)
-        out[theirs] = convert(w, kind, config, to_hf=True)
-    return out
-
-
 def to_hf(model):
-    """A transformers model (eval mode, fp32 as ours) with our model's weights."""
+    """A transformers model (eval mode, our dtype) with our weights: interleaved RoPE pairs are first moved to the
+    half pairing GPT-NeoX uses; biases we do not have are zeros."""
     transformers = require_transformers()
-    config = model.config
+    config, state = model.config, model.state_dict()
     check_exportable(config)
     hf = getattr(transformers, ARCHITECTURES[config.pos_encoding])(hf_config(config, transformers))
-    state = to_hf_state_dict(model.state_dict(), config, set(hf.state_dict()))
-    hf.load_state_dict(state, strict=True)
+    if config.pos_encoding == "rope" and config.rope_layout != "half":
+        state = permute_rope_layout(state, config, "half")
+    keys, theirs = hf.state_dict().keys(), {}
+    for ours, key, kind in key_pairs(config):
+        key = "embed_out.weight" if key == "lm_head.weight" and "embed_out.weight" in keys else key  # NeoX in 4.x
+        if key not in keys:
+            continue  # GPT-NeoX without attention biases
+        if ours not in state:  # bias=False: our Linears and LayerNorms have none; one per output row
+            weight = state[ours.removesuffix(".bias") + ".weight"]
+            state[ours] = weight.new_zeros(weight.shape[0])
+        theirs[key] = convert(state[ours], kind, config, to_hf=True)
+    hf.load_state_dict(theirs, strict=True)
     return hf.to(next(model.parameters()).dtype).eval()
 
 
@@ -189,39 +186,36 @@ def write_tokenizer(out_dir, config, transformers):
 
 def model_card(ckpt, config, run_dir, arch):
     """README.md: scheme, lengths, scaling, data, training, and the run's evaluation summary if it has one."""
-    data, s = ckpt.get("data") or {}, config.rope_scaling
-    L = (s or {}).get("original_max_position_embeddings", config.block_size)
-    rope = (f", θ={config.rope_theta:g}, rotary fraction {config.rotary_fraction:g}, {config.rope_layout} pairing"
-            if config.pos_encoding == "rope" else "")
-    lines = ["---", "library_name: transformers", f"tags: [posenc, {config.pos_encoding}]", "---",
-             f"# {run_dir.name}", "",
-             f"A {config.n_layer}-layer, {config.n_embd}-wide GPT ({config.n_head} heads) trained with posenc and "
-             f"exported as `{arch}`; its fp32 logits equal posenc's (checked at export).", "",
-             f"- positions: {config.pos_encoding}{rope}",
-             f"- training length: {L} tokens; block_size {config.block_size}",
-             f"- rope_scaling: {s or 'none'}" + (" (transformers recomputes dynamic NTK frequencies only when the "
-                                                 "sequence grows: use a fresh model per length for exact logits)"
-                                                 if (s or {}).get("rope_type") == "dynamic" else ""),
+    c, data, s = config, ckpt.get("data") or {}, config.rope_scaling or {}
+    rope = f", θ={c.rope_theta:g}, rotary fraction {c.rotary_fraction:g}" if c.pos_encoding == "rope" else ""
+    ext = {k: v for k, v in (ckpt.get("extension") or {}).items() if k != "base_ckpt"}  # no local paths
+    dynamic = (" (transformers recomputes these frequencies only when the input grows past the longest one seen: "
+               "for exact logits use a fresh model per length; generate's cached keys keep older frequencies)")
+    lines = ["---", "library_name: transformers", f"tags: [posenc, {c.pos_encoding}]", "---", f"# {run_dir.name}", "",
+             f"A {c.n_layer}-layer, {c.n_embd}-wide GPT ({c.n_head} heads) trained with posenc, exported as `{arch}`: "
+             "its fp32 logits equal posenc's (checked at export).", "",
+             f"- positions: {c.pos_encoding}{rope}",
+             f"- training length: {s.get('original_max_position_embeddings', c.block_size)} tokens "
+             f"(block_size {c.block_size})",
+             f"- rope_scaling: {s or 'none'}" + (dynamic if s.get("rope_type") == "dynamic" else ""),
+             *([f"- context extension: {ext}"] if ext else []),
              f"- training: {ckpt.get('step')} steps, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}",
              f"- data: {data.get('source', 'unknown')}, tokens {data.get('tokens')}, sha256 {data.get('sha256')}",
-             "- tokenizer: GPT-2 BPE (vocab.json, merges.txt)", ""]
-    if ckpt.get("extension"):
-        lines[-1:] = [f"- context extension: {ckpt['extension']}", ""]
+             "- tokenizer: GPT-2's BPE (vocab.json, merges.txt)", ""]
     for path in (run_dir / "summary.md", run_dir / "eval" / "summary.md", run_dir.parent / "eval" / "summary.md"):
-        if path.is_file():  # evaluate.py's tables (its plots stay behind)
-            summary = [ln for ln in path.read_text().splitlines() if not ln.startswith("![")]
-            lines += [f"## Evaluation (from {path.relative_to(run_dir.parent)})", "", *summary, ""]
+        if path.is_file():  # evaluate.py's tables; its plots stay behind
+            lines += ["## Evaluation", "", *(ln for ln in path.read_text().splitlines() if not ln.startswith("![")), ""]
             break
     return "\n".join(lines)
 
 
 def export(ckpt_path, out_dir):
     """Write the transformers folder for a checkpoint; returns the folder."""
-    transformers = require_transformers()
-    transformers.utils.logging.disable_progress_bar()
     model, ckpt = model_from_checkpoint(ckpt_path)
     config = model.config
-    check_exportable(config, (ckpt.get("data") or {}).get("vocab"))
+    check_exportable(config, (ckpt.get("data") or {}).get("vocab"))  # before asking for transformers
+    transformers = require_transformers()
+    transformers.utils.logging.disable_progress_bar()
     hf = to_hf(model)
     T = config.block_size if config.pos_encoding == "learned" else 2 * config.block_size  # past it where possible
     check_parity(model, hf, min(T, 512))
@@ -230,6 +224,10 @@ def export(ckpt_path, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
+    if config.pos_encoding == "rope":  # both forms: either major version would silently use its defaults otherwise
+        path, params = out_dir / "config.json", rope_parameters(config)
+        path.write_text(json.dumps({**json.loads(path.read_text()), **legacy_rope(params), "rope_parameters": params},
+                                   indent=2, sort_keys=True) + "\n")
     write_tokenizer(out_dir, config, transformers)
     (out_dir / "README.md").write_text(model_card(ckpt, config, Path(ckpt_path).resolve().parent, type(hf).__name__))
     return out_dir

@@ -93,7 +93,8 @@ def recorded_config(c, derived, transformers, path):
 def from_hf(hf, path="the model"):
     """(our GPT in eval mode, posenc record or {}) holding a transformers GPT-NeoX / GPT-2 model's weights."""
     transformers = require_transformers()
-    c, theirs = hf.config, {k: v.float() for k, v in hf.state_dict().items()}
+    c = hf.config  # (transformers 4.x names GPT-NeoX's head embed_out)
+    theirs = {k.replace("embed_out.", "lm_head."): v.float() for k, v in hf.state_dict().items()}
     if not c.tie_word_embeddings and "lm_head.weight" in theirs:
         embed = theirs["gpt_neox.embed_in.weight" if c.model_type == "gpt_neox" else "transformer.wte.weight"]
         if not torch.equal(embed, theirs["lm_head.weight"]):

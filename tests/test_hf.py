@@ -175,7 +175,11 @@ def test_exported_folder_loads_and_generates_offline(tmp_path):
     for fact in ("GPTNeoXForCausalLM", "rope", "θ=500", f"training length: {L} tokens", "'rope_type': 'yarn'",
                  "test corpus", "42 steps", "| rope | 12.5 |"):
         assert fact in card, fact
-    assert "ppl.png" not in card and "/data/x" not in (tmp_path / "hf" / "config.json").read_text()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "/data/x" not in json.dumps(config) and "ppl.png" not in card
+    # both forms of the RoPE settings: transformers 4.x ignores rope_parameters, 5.x reads either
+    assert config["rope_parameters"]["rope_theta"] == config["rotary_emb_base"] == 500.0
+    assert config["rope_scaling"]["rope_type"] == config["rope_parameters"]["rope_type"] == "yarn"
 
 
 @pytest.mark.parametrize("scheme, words", [("sinusoidal", "sinusoidal"), ("none", "NoPE"),
