@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import FORMAT_VERSION, load_weights, model_config, permute_rope_layout, save_checkpoint
 from config import TrainConfig, config_to_dict
-from export_hf import ROPE_KEYS, check_parity, convert, hf_config, key_pairs, require_transformers
+from hf import ROPE_KEYS, check_parity, convert, hf_config, key_pairs, require_transformers
 from model import GPT, GPTConfig
 from tokenizer import find_tokenizer_dir
 
@@ -111,7 +111,7 @@ def from_hf(hf, path="the model"):
             state[ours] = convert(theirs[hf_key], kind, config, to_hf=False)
         elif ours.endswith(".bias") and config.bias:  # GPT-NeoX without attention biases: ours are zero
             state[ours] = torch.zeros(theirs[hf_key.removesuffix(".bias") + ".weight"].shape[0])
-    state = {k: v for k, v in state.items() if config.bias or not k.endswith(".bias")}  # zeros where we have none
+    state = {k: v for k, v in state.items() if config.bias or not k.endswith(".bias")}  # bias=False: drop the zeros
     if config.pos_encoding == "rope" and config.rope_layout != "half":
         state = permute_rope_layout(state, config, config.rope_layout)  # transformers' half pairing -> ours
     model = load_weights(GPT(config), state, path).eval()
@@ -127,7 +127,7 @@ def check_tokenizer(hf_dir):
     if gpt2 is None or not vocab.is_file():
         print(f"note: no vocab.json in {hf_dir} to check; posenc assumes GPT-2's token ids", file=sys.stderr)
     elif json.loads(vocab.read_text()) != json.loads((gpt2 / "encoder.json").read_text()):
-        raise ValueError(f"cannot import {hf_dir}: its vocab.json is not GPT-2's, and posenc tokenizes with GPT-2's BPE")
+        raise ValueError(f"cannot import {hf_dir}: its vocab.json is not GPT-2's (posenc tokenizes with GPT-2's BPE)")
 
 
 def import_hf(hf_dir, out_dir):
@@ -148,7 +148,7 @@ def import_hf(hf_dir, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Import a local transformers GPT-NeoX / GPT-2 folder as a posenc checkpoint.")
+    p = argparse.ArgumentParser(description="Import a transformers GPT-NeoX / GPT-2 folder as a posenc checkpoint.")
     p.add_argument("--hf_dir", required=True, help="a folder that AutoModelForCausalLM.from_pretrained loads")
     p.add_argument("--out_dir", required=True, help="where to write ckpt.pt")
     a = p.parse_args(argv)

@@ -38,7 +38,8 @@ SCALINGS = {
 }
 VARIANTS = {  # the defaults, then everything moved off them at once
     "default": {},
-    "theta500-partial-interleaved-bias": dict(rope_theta=500.0, rotary_fraction=0.5, rope_layout="interleaved", bias=True),
+    "theta500-partial-interleaved-bias": dict(rope_theta=500.0, rotary_fraction=0.5, rope_layout="interleaved",
+                                              bias=True),
 }
 DATA = {"path": "/data/x", "source": "test corpus", "tokens": {"train": 100, "val": 10}, "sha256": {"train.bin": "ab"},
         "tokenizer": "gpt2", "vocab": None}
@@ -120,7 +121,8 @@ def test_dynamic_ntk_frequencies_go_stale_in_one_transformers_instance():
 
 @pytest.mark.parametrize("kind", ["ntk-interleaved-bias", "dynamic", "yarn-partial", "learned"])
 def test_export_import_round_trip_is_bit_identical(kind, tmp_path):
-    model = {"ntk-interleaved-bias": lambda: random_model(SCALINGS["ntk"], **VARIANTS["theta500-partial-interleaved-bias"]),
+    changed = VARIANTS["theta500-partial-interleaved-bias"]
+    model = {"ntk-interleaved-bias": lambda: random_model(SCALINGS["ntk"], **changed),
              "dynamic": lambda: random_model(SCALINGS["dynamic"]),
              "yarn-partial": lambda: random_model(SCALINGS["yarn"], rotary_fraction=0.5, rope_theta=2e5),
              "learned": lambda: random_model(pos_encoding="learned", bias=True)}[kind]()
@@ -192,6 +194,13 @@ def test_export_refuses_in_one_line(scheme, words, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
+    src = write_ckpt(random_model(), tmp_path / "ckpt.pt")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    assert "pip install transformers" in error_line(export_hf.main, [f"--ckpt={src}", f"--out_dir={tmp_path / 'a'}"])
+    assert "pip install transformers" in error_line(import_hf.main, [f"--hf_dir={tmp_path}", f"--out_dir={tmp_path}"])
+
+
 NEOX = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
             hidden_act="gelu", use_parallel_residual=False, tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0})
@@ -211,7 +220,8 @@ def test_import_refuses_in_one_line(change, words, tmp_path):
     if change == "gpt2":  # GPT-2's own checkpoints: tanh GELU
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4))
     else:
-        hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**{**NEOX, **(change if change != "vocab" else {})}))
+        config = transformers.GPTNeoXConfig(**{**NEOX, **(change if change != "vocab" else {})})
+        hf = transformers.GPTNeoXForCausalLM(config)
     hf.save_pretrained(tmp_path / "hf")
     if change == "vocab":
         (tmp_path / "hf" / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
@@ -224,10 +234,11 @@ def test_alibi_has_no_exact_transformers_architecture():
     model = random_model(pos_encoding="alibi", bias=True)
     c, sd = model.config, model.state_dict()
     nh, hs = c.n_head, c.n_embd // c.n_head
-    names = {"ln_1": "input_layernorm", "attn.c_attn": "self_attention.query_key_value", "ln_2": "post_attention_layernorm",
-             "attn.c_proj": "self_attention.dense", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
+    names = {"ln_1": "input_layernorm", "attn.c_attn": "self_attention.query_key_value",
+             "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attention.dense",
+             "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
     state = {"transformer.word_embeddings.weight": sd["transformer.wte.weight"], "lm_head.weight": sd["lm_head.weight"],
-             "transformer.ln_f.weight": sd["transformer.ln_f.weight"], "transformer.ln_f.bias": sd["transformer.ln_f.bias"],
+             **{f"transformer.ln_f.{p}": sd[f"transformer.ln_f.{p}"] for p in ("weight", "bias")},
              "transformer.word_embeddings_layernorm.weight": torch.ones(c.n_embd),
              "transformer.word_embeddings_layernorm.bias": torch.zeros(c.n_embd)}
     for i in range(c.n_layer):
@@ -240,7 +251,8 @@ def test_alibi_has_no_exact_transformers_architecture():
     common = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, layer_norm_epsilon=1e-5, tie_word_embeddings=True)
     falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
         num_hidden_layers=c.n_layer, num_attention_heads=nh, alibi=True, parallel_attn=False, bias=True,
-        new_decoder_architecture=False, multi_query=False, activation="gelu", ffn_hidden_size=4 * c.n_embd, **common)).eval()
+        new_decoder_architecture=False, multi_query=False, activation="gelu", ffn_hidden_size=4 * c.n_embd,
+        **common)).eval()
     bloom = transformers.BloomForCausalLM(transformers.BloomConfig(n_layer=c.n_layer, n_head=nh, **common)).eval()
     for hf in (falcon, bloom):
         hf.load_state_dict({k: v for k, v in state.items() if k in hf.state_dict()}, strict=True)
