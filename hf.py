@@ -1,0 +1,116 @@
+"""The mapping between our GPT and transformers' GPT-NeoX (rope) and GPT-2 (learned), shared by export_hf.py
+and import_hf.py: configs (RoPE scaling as rope_parameters, and as transformers 4.x's keys), state dict keys and
+the two weight transforms (GPT-NeoX's per-head fused QKV rows, GPT-2's transposed Conv1D), and the logit check.
+transformers is optional: it is imported inside require_transformers only.
+"""
+import torch
+
+from positions import RoPE
+
+GPT2_VOCAB, EOT = 50257, 50256
+# transformers' rope_parameters keys per rope_type (ours also accept, and ignore, the keys of other types)
+ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
+             "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                      "truncate"),
+             "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+# our block modules -> GPT-NeoX's names (GPT-2's names are ours)
+BLOCK = {"ln_1": "input_layernorm", "attn.c_attn": "attention.query_key_value", "attn.c_proj": "attention.dense",
+         "ln_2": "post_attention_layernorm", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
+CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2 stores these (in, out): transposed
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("transformers is not installed: pip install transformers safetensors "
+                          "(optional; only export_hf.py and import_hf.py need it)") from None
+    return transformers
+
+
+def rope_parameters(config):
+    """Our RoPE settings as transformers 5.x rope_parameters. Our 'ntk' is the default type with the base
+    b * s^(d/(d-2)); dynamic takes its original length from max_position_embeddings (see hf_config)."""
+    s = config.rope_scaling or {}
+    kind = s.get("rope_type")
+    d = RoPE.rotated_dim(config)
+    params = {"rope_type": "default", "rope_theta": float(config.rope_theta),
+              "partial_rotary_factor": float(config.rotary_fraction)}
+    if kind == "ntk":
+        params["rope_theta"] = config.rope_theta * float(s["factor"]) ** (d / (d - 2))
+    elif kind is not None:
+        params["rope_type"] = kind
+        params.update({k: s[k] for k in ROPE_KEYS[kind] if s.get(k) is not None})
+        params["factor"] = float(s["factor"])
+        if kind == "llama3":  # transformers requires both; these are our defaults
+            params = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, **params}
+    return params
+
+
+def legacy_rope(params):
+    """The same settings as transformers 4.x's GPT-NeoX reads them (it ignores rope_parameters)."""
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return {"rotary_pct": params["partial_rotary_factor"], "rotary_emb_base": params["rope_theta"],
+            "rope_scaling": scaling if scaling["rope_type"] != "default" else None}
+
+
+def hf_config(config, transformers):
+    """The transformers config object for our GPTConfig."""
+    common = dict(vocab_size=config.vocab_size, bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True)
+    if config.pos_encoding == "learned":
+        p = config.dropout
+        return transformers.GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+                                       n_positions=config.block_size, activation_function="gelu",  # exact, not tanh
+                                       layer_norm_epsilon=1e-5, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **common)
+    params = rope_parameters(config)
+    rope = {"rope_parameters": params} if int(transformers.__version__.split(".")[0]) >= 5 else legacy_rope(params)
+    # dynamic NTK reads its original length L from max_position_embeddings; every other type from its params
+    max_len = (config.rope_scaling["original_max_position_embeddings"]
+               if params["rope_type"] == "dynamic" else config.block_size)
+    return transformers.GPTNeoXConfig(
+        hidden_size=config.n_embd, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+        intermediate_size=4 * config.n_embd, hidden_act="gelu", layer_norm_eps=1e-5, use_parallel_residual=False,
+        attention_bias=config.bias, max_position_embeddings=max_len, hidden_dropout=config.dropout,
+        attention_dropout=config.dropout, **rope, **common)
+
+
+def key_pairs(config):
+    """(our state_dict key, transformers key, transform) for every weight and bias; transform is 'qkv' (per-head
+    [q_h, k_h, v_h] rows in GPT-NeoX), 'T' (GPT-2's Conv1D) or None."""
+    neox = config.pos_encoding == "rope"
+    base, top = ("gpt_neox.", "gpt_neox.layers.") if neox else ("transformer.", "transformer.h.")
+    pairs = [("transformer.wte.weight", base + ("embed_in.weight" if neox else "wte.weight"), None),
+             ("lm_head.weight", "lm_head.weight", None)]
+    if not neox:
+        pairs.append(("transformer.pos.wpe.weight", "transformer.wpe.weight", None))
+    for i in range(config.n_layer):
+        for ours, theirs in BLOCK.items():
+            theirs = theirs if neox else ours
+            kind = "qkv" if neox and ours == "attn.c_attn" else "T" if not neox and ours in CONV1D else None
+            pairs.append((f"transformer.h.{i}.{ours}.weight", f"{top}{i}.{theirs}.weight", kind))
+            pairs.append((f"transformer.h.{i}.{ours}.bias", f"{top}{i}.{theirs}.bias", kind if kind == "qkv" else None))
+    norm = "gpt_neox.final_layer_norm" if neox else "transformer.ln_f"
+    return pairs + [(f"transformer.ln_f.{p}", f"{norm}.{p}", None) for p in ("weight", "bias")]
+
+
+def convert(w, kind, config, to_hf):
+    nh, hs = config.n_head, config.n_embd // config.n_head
+    if kind == "T" and w.dim() == 2:
+        return w.t().contiguous()
+    if kind == "qkv":  # ours: [all q; all k; all v] rows; GPT-NeoX: per head [q_h; k_h; v_h]
+        shape = (3, nh, hs) if to_hf else (nh, 3, hs)
+        return w.reshape(*shape, *w.shape[1:]).transpose(0, 1).reshape(w.shape).contiguous()
+    return w
+
+
+@torch.no_grad()
+def check_parity(model, hf, T, what="export", tol=1e-3):
+    """Refuse unless the transformers model gives our logits on a random sequence of length T (relative to the
+    largest logit: fp32 kernels and rotation angles differ in the last bits)."""
+    idx = torch.randint(0, min(GPT2_VOCAB, model.config.vocab_size), (1, T), generator=torch.Generator().manual_seed(0))
+    ours, theirs = model(idx)[0].float(), hf(idx).logits.float()
+    diff = (ours - theirs).abs().max().item()
+    if not diff <= tol * max(1.0, ours.abs().max().item()):
+        raise ValueError(f"{type(hf).__name__} logits differ from ours by {diff:.3g} at length {T}: no {what} "
+                         "(please report this as a bug)")
+    return diff
