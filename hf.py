@@ -3,19 +3,44 @@ and import_hf.py: configs (RoPE scaling as rope_parameters, and as transformers 
 the two weight transforms (GPT-NeoX's per-head fused QKV rows, GPT-2's transposed Conv1D), and the logit check.
 transformers is optional: it is imported inside require_transformers only.
 """
+from dataclasses import dataclass
+
 import torch
 
 from positions import RoPE
+from rope_scaling import ROPE_SCALING, inverse_frequencies, length_dependent, rope_frequencies
 
 GPT2_VOCAB, EOT = 50257, 50256
-# transformers' rope_parameters keys per rope_type (ours also accept, and ignore, the keys of other types)
+# transformers' rope_parameters keys of the rope_types it shares with us (same names, same formulas)
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
              "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
                       "truncate"),
              "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
-# our block modules -> GPT-NeoX's names (GPT-2's names are ours)
-BLOCK = {"ln_1": "input_layernorm", "attn.c_attn": "attention.query_key_value", "attn.c_proj": "attention.dense",
-         "ln_2": "post_attention_layernorm", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A transformers architecture that computes one of our schemes exactly, and how our names map onto it."""
+    model_class: str
+    model_type: str
+    prefix: str  # of the embeddings and the final norm
+    layers: str  # of block i
+    block: dict  # our block module -> theirs
+    qkv: str | None  # the fused-QKV transform: "qkv" (GPT-NeoX: per head [q_h, k_h, v_h]) or "T" (GPT-2's Conv1D)
+    embed: str
+    final_norm: str
+    position_table: str | None  # the learned position table, if any
+
+
+NEOX = Architecture("GPTNeoXForCausalLM", "gpt_neox", "gpt_neox.", "gpt_neox.layers.",
+                    {"ln_1": "input_layernorm", "attn.c_attn": "attention.query_key_value",
+                     "attn.c_proj": "attention.dense", "ln_2": "post_attention_layernorm",
+                     "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"},
+                    "qkv", "embed_in", "final_layer_norm", None)
+GPT2 = Architecture("GPT2LMHeadModel", "gpt2", "transformer.", "transformer.h.",
+                    {m: m for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")},
+                    "T", "wte", "ln_f", "wpe")
+ARCHITECTURES = {"rope": NEOX, "learned": GPT2}  # our scheme -> the architecture that computes it exactly
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2 stores these (in, out): transposed
 
 
@@ -29,22 +54,27 @@ def require_transformers():
 
 
 def rope_parameters(config):
-    """Our RoPE settings as transformers 5.x rope_parameters. Our 'ntk' is the default type with the base
-    b * s^(d/(d-2)); dynamic takes its original length from max_position_embeddings (see hf_config)."""
+    """Our RoPE settings as transformers 5.x rope_parameters. A scaling whose frequencies are those of plain RoPE
+    with another base (our 'ntk') is the default type with that base; a length-dependent one (dynamic) takes its
+    original length from max_position_embeddings (see hf_config)."""
     s = config.rope_scaling or {}
-    kind = s.get("rope_type")
     d = RoPE.rotated_dim(config)
     params = {"rope_type": "default", "rope_theta": float(config.rope_theta),
               "partial_rotary_factor": float(config.rotary_fraction)}
-    if kind == "ntk":
-        params["rope_theta"] = config.rope_theta * float(s["factor"]) ** (d / (d - 2))
-    elif kind is not None:
-        params["rope_type"] = kind
-        params.update({k: s[k] for k in ROPE_KEYS[kind] if s.get(k) is not None})
-        params["factor"] = float(s["factor"])
-        if kind == "llama3":  # transformers requires both; these are our defaults
-            params = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, **params}
-    return params
+    if not s:
+        return params
+    inv_freq, attention_factor = rope_frequencies(d, config.rope_theta, s)
+    base = float(inv_freq[1] ** (-d / 2))  # inv_freq[i] = base^(-2i/d) if it is a plain base change
+    if s["rope_type"] not in ROPE_KEYS and attention_factor == 1.0 and not length_dependent(s) \
+            and torch.allclose(inv_freq, inverse_frequencies(base, d), rtol=1e-12, atol=0):
+        return params | {"rope_theta": base}
+    kind = s["rope_type"]
+    if kind not in ROPE_KEYS:
+        raise ValueError(f"rope_type {kind!r} has no transformers equivalent (it has {', '.join(ROPE_KEYS)})")
+    keys = ROPE_KEYS[kind]  # our defaults written out: transformers requires some of them (llama3's)
+    defaults = {k: v for k, v in ROPE_SCALING[kind].options.items() if k in keys and v is not None}
+    given = {k: s[k] for k in keys if s.get(k) is not None}
+    return params | {"rope_type": kind} | defaults | given | {"factor": float(s["factor"])}
 
 
 def legacy_rope(params):
@@ -54,19 +84,27 @@ def legacy_rope(params):
             "rope_scaling": scaling if scaling["rope_type"] != "default" else None}
 
 
+def architecture(config) -> Architecture:
+    """The transformers architecture for this config's scheme; ValueError if none computes it exactly."""
+    if config.pos_encoding not in ARCHITECTURES:
+        raise ValueError(f"no transformers architecture computes {config.pos_encoding!r} positions exactly")
+    return ARCHITECTURES[config.pos_encoding]
+
+
 def hf_config(config, transformers):
     """The transformers config object for our GPTConfig."""
     common = dict(vocab_size=config.vocab_size, bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True)
-    if config.pos_encoding == "learned":
+    if architecture(config) is GPT2:
         p = config.dropout
         return transformers.GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
                                        n_positions=config.block_size, activation_function="gelu",  # exact, not tanh
                                        layer_norm_epsilon=1e-5, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **common)
     params = rope_parameters(config)
     rope = {"rope_parameters": params} if int(transformers.__version__.split(".")[0]) >= 5 else legacy_rope(params)
-    # dynamic NTK reads its original length L from max_position_embeddings; every other type from its params
+    # transformers' dynamic NTK reads its original length L from max_position_embeddings; every other type from
+    # its params
     max_len = (config.rope_scaling["original_max_position_embeddings"]
-               if params["rope_type"] == "dynamic" else config.block_size)
+               if length_dependent(config.rope_scaling) else config.block_size)
     return transformers.GPTNeoXConfig(
         hidden_size=config.n_embd, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
         intermediate_size=4 * config.n_embd, hidden_act="gelu", layer_norm_eps=1e-5, use_parallel_residual=False,
@@ -77,20 +115,16 @@ def hf_config(config, transformers):
 def key_pairs(config):
     """(our state_dict key, transformers key, transform) for every weight and bias; transform is 'qkv' (per-head
     [q_h, k_h, v_h] rows in GPT-NeoX), 'T' (GPT-2's Conv1D) or None."""
-    neox = config.pos_encoding == "rope"
-    base, top = ("gpt_neox.", "gpt_neox.layers.") if neox else ("transformer.", "transformer.h.")
-    pairs = [("transformer.wte.weight", base + ("embed_in.weight" if neox else "wte.weight"), None),
-             ("lm_head.weight", "lm_head.weight", None)]
-    if not neox:
-        pairs.append(("transformer.pos.wpe.weight", "transformer.wpe.weight", None))
+    a = architecture(config)
+    pairs = [("transformer.wte.weight", f"{a.prefix}{a.embed}.weight", None), ("lm_head.weight", "lm_head.weight", None)]
+    if a.position_table:
+        pairs.append(("transformer.pos.wpe.weight", f"{a.prefix}{a.position_table}.weight", None))
     for i in range(config.n_layer):
-        for ours, theirs in BLOCK.items():
-            theirs = theirs if neox else ours
-            kind = "qkv" if neox and ours == "attn.c_attn" else "T" if not neox and ours in CONV1D else None
-            pairs.append((f"transformer.h.{i}.{ours}.weight", f"{top}{i}.{theirs}.weight", kind))
-            pairs.append((f"transformer.h.{i}.{ours}.bias", f"{top}{i}.{theirs}.bias", kind if kind == "qkv" else None))
-    norm = "gpt_neox.final_layer_norm" if neox else "transformer.ln_f"
-    return pairs + [(f"transformer.ln_f.{p}", f"{norm}.{p}", None) for p in ("weight", "bias")]
+        for ours, theirs in a.block.items():
+            kind = a.qkv if ours == "attn.c_attn" or (a.qkv == "T" and ours in CONV1D) else None
+            pairs.append((f"transformer.h.{i}.{ours}.weight", f"{a.layers}{i}.{theirs}.weight", kind))
+            pairs.append((f"transformer.h.{i}.{ours}.bias", f"{a.layers}{i}.{theirs}.bias", kind if kind == "qkv" else None))
+    return pairs + [(f"transformer.ln_f.{p}", f"{a.prefix}{a.final_norm}.{p}", None) for p in ("weight", "bias")]
 
 
 def convert(w, kind, config, to_hf):

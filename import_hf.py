@@ -10,18 +10,32 @@ is used when it describes the same transformers model, so export -> import gives
 for bit (the interleaved RoPE layout and an original length included). The import is refused unless our model
 gives the transformers model's logits.
 """
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from checkpoint import FORMAT_VERSION, load_weights, model_config, permute_rope_layout, save_checkpoint
-from config import TrainConfig, config_to_dict
+from checkpoint import FORMAT_VERSION, load_weights, model_config, save_checkpoint
+from config import ConfigError, check_fields, cli, parse, to_dict
 from hf import ROPE_KEYS, check_parity, convert, hf_config, key_pairs, require_transformers
 from model import GPT, GPTConfig
+from positions import permute_rope_layout
+from rope_scaling import ROPE_SCALING
+from run_folder import claim, clear
 from tokenizer import find_tokenizer_dir
+from train import TrainConfig
+
+@dataclass
+class ImportConfig:
+    hf_dir: str = ""  # a folder that AutoModelForCausalLM.from_pretrained loads (required)
+    out_dir: str = ""  # where to write ckpt.pt (required)
+    overwrite: bool = False  # replace an earlier run in out_dir
+
+    def __post_init__(self):
+        check_fields(self)
+
 
 IGNORED = {"posenc", "_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"}
 
@@ -45,7 +59,8 @@ def our_scaling(params, max_len):
     if unknown:
         raise ValueError(f"rope_type {kind!r} with {', '.join(sorted(unknown))} has no posenc equivalent")
     scaling = {"rope_type": kind, **{k: params[k] for k in ROPE_KEYS[kind] if params.get(k) is not None}}
-    if kind == "dynamic" or "original_max_position_embeddings" not in scaling and kind != "linear":
+    m = ROPE_SCALING[kind]  # a length-dependent method (dynamic) reads L from max_position_embeddings, as in hf.py
+    if m.length_dependent or ("original_max_position_embeddings" not in scaling and m.needs_original_len):
         scaling["original_max_position_embeddings"] = max_len  # transformers' fallback (dynamic: always)
     return scaling
 
@@ -112,10 +127,10 @@ def from_hf(hf, path="the model"):
         elif ours.endswith(".bias") and config.bias:  # GPT-NeoX without attention biases: ours are zero
             state[ours] = torch.zeros(theirs[hf_key.removesuffix(".bias") + ".weight"].shape[0])
     state = {k: v for k, v in state.items() if config.bias or not k.endswith(".bias")}  # bias=False: drop the zeros
-    if config.pos_encoding == "rope" and config.rope_layout != "half":
+    if config.rope_layout != "half":
         state = permute_rope_layout(state, config, config.rope_layout)  # transformers' half pairing -> ours
     model = load_weights(GPT(config), state, path).eval()
-    T = config.block_size if config.pos_encoding == "learned" else 2 * config.block_size
+    T = model.transformer.pos.max_len or 2 * config.block_size  # past the training length where it can run
     check_parity(model, hf.float().eval(), min(T, 512), what="import")
     return model, getattr(c, "posenc", None) or {}
 
@@ -130,7 +145,7 @@ def check_tokenizer(hf_dir):
         raise ValueError(f"cannot import {hf_dir}: its vocab.json is not GPT-2's (posenc tokenizes with GPT-2's BPE)")
 
 
-def import_hf(hf_dir, out_dir):
+def import_hf(hf_dir, out_dir, overwrite=False):
     """Write <out_dir>/ckpt.pt (train.py's format: extend_context.py and train.py --init_from read it)."""
     transformers = require_transformers()
     transformers.utils.logging.disable_progress_bar()
@@ -139,25 +154,23 @@ def import_hf(hf_dir, out_dir):
     check_tokenizer(hf_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True)
     model, record = from_hf(hf, hf_dir)
+    data = record.get("data") or {"tokenizer": "gpt2", "vocab": None}  # GPT-2's ids: check_tokenizer saw to that
     ckpt = {"model": model.state_dict(), "optimizer": None, "step": record.get("step") or 0,
-            "iter_num": record.get("step") or 0, "config": config_to_dict(TrainConfig(model=model.config)),
-            "data": record.get("data"), "best_val_loss": float("inf"), "format_version": FORMAT_VERSION,
-            "hf_source": str(Path(hf_dir).resolve())}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return save_checkpoint(ckpt, Path(out_dir) / "ckpt.pt")
+            "config": to_dict(TrainConfig(model=model.config)), "data": data,
+            "best_val_loss": float("inf"), "format_version": FORMAT_VERSION, "hf_source": str(Path(hf_dir).resolve())}
+    with claim(out_dir, resume=False, overwrite=overwrite, what="run"):
+        clear(out_dir)
+        return save_checkpoint(ckpt, Path(out_dir) / "ckpt.pt")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Import a transformers GPT-NeoX / GPT-2 folder as a posenc checkpoint.")
-    p.add_argument("--hf_dir", required=True, help="a folder that AutoModelForCausalLM.from_pretrained loads")
-    p.add_argument("--out_dir", required=True, help="where to write ckpt.pt")
-    a = p.parse_args(argv)
-    try:
-        path = import_hf(a.hf_dir, a.out_dir)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:  # CheckpointError is a ValueError
-        sys.exit(f"error: {e}")
+    cfg = parse(ImportConfig, argv, doc=__doc__)
+    if not (cfg.hf_dir and cfg.out_dir):
+        raise ConfigError("give --hf_dir and --out_dir: e.g. --hf_dir=hf/cpu_rope --out_dir=out/cpu_rope_hf")
+    path = import_hf(cfg.hf_dir, cfg.out_dir, cfg.overwrite)
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, errors=(ValueError, OSError, ImportError))

@@ -18,9 +18,11 @@ pytest.importorskip("safetensors")
 
 import export_hf  # noqa: E402
 import import_hf  # noqa: E402
-from checkpoint import FORMAT_VERSION, load_checkpoint, permute_rope_layout, save_checkpoint  # noqa: E402
-from config import TrainConfig, config_to_dict  # noqa: E402
+from checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint  # noqa: E402
+from config import cli, to_dict as config_to_dict  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from positions import permute_rope_layout  # noqa: E402
+from train import TrainConfig  # noqa: E402
 from sample import generate  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
@@ -68,14 +70,14 @@ def logits_diff(model, hf, T, seed=0):
 
 def write_ckpt(model, path, data=DATA, **extra):
     ckpt = {"model": model.state_dict(), "config": config_to_dict(TrainConfig(model=model.config)), "step": 42,
-            "iter_num": 42, "optimizer": None, "data": data, "best_val_loss": 3.25, "format_version": FORMAT_VERSION,
+            "optimizer": None, "data": data, "best_val_loss": 3.25, "format_version": FORMAT_VERSION,
             **extra}
     return save_checkpoint(ckpt, path)
 
 
 def error_line(main, argv):
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        cli(main, argv, errors=(ValueError, OSError, ImportError))
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     return msg
@@ -267,3 +269,17 @@ def test_alibi_has_no_exact_transformers_architecture():
     for block in model.transformer.h:
         block.mlp.gelu = torch.nn.GELU(approximate="tanh")  # BLOOM's GELU
     assert logits_diff(model, bloom, 4 * L) < 1e-4
+
+
+def test_an_export_or_import_never_replaces_an_earlier_one_unasked(tmp_path):
+    src = write_ckpt(random_model(), tmp_path / "ckpt.pt")
+    export_hf.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'hf'}"])
+    import_hf.main([f"--hf_dir={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}"])
+    before = {p: p.read_bytes() for folder in ("hf", "back") for p in (tmp_path / folder).iterdir()}
+    assert "holds an earlier export" in error_line(export_hf.main, [f"--ckpt={src}", f"--out_dir={tmp_path / 'hf'}"])
+    assert "holds an earlier run" in error_line(import_hf.main, [f"--hf_dir={tmp_path / 'hf'}",
+                                                                 f"--out_dir={tmp_path / 'back'}"])
+    assert {p: p.read_bytes() for folder in ("hf", "back") for p in (tmp_path / folder).iterdir()} == before
+    assert "give --ckpt and --out_dir" in error_line(export_hf.main, [f"--ckpt={src}"])
+    assert "no transformers model at" in error_line(import_hf.main, [f"--hf_dir={tmp_path}/none", "--out_dir=x"])
+    export_hf.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'hf'}", "--overwrite=true"])  # when asked: fine
