@@ -234,7 +234,7 @@ def split_argv(argv: list[str], keys) -> tuple[list[str], dict[str, str]]:
 
 def config_file(cls, argv: list[str]) -> str | None:
     """The TOML file a command line names (positional or --config=), or None."""
-    files, _ = split_argv(argv, _key_types(cls))
+    files, _ = split_argv(argv, key_types(cls))
     return files[0] if files else None
 
 
@@ -242,7 +242,8 @@ def _is_bool(tp) -> bool:
     return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType) and bool in typing.get_args(tp))
 
 
-def _key_types(cls) -> dict[str, object]:
+def key_types(cls) -> dict[str, object]:
+    """Every flat key a user may give for cls -> its annotation."""
     out = {}
     for key, path in flat_keys(cls).items():
         tp = field_types(cls)[path[0]]
@@ -256,7 +257,7 @@ def parse(cls, argv: list[str] | None = None, defaults=None, passthrough=None, d
     `(cfg, ["--key=value", ...])`, for a second parse against defaults known only later (extend_context).
     -h / --help prints every key with its default and comment, then exits."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    types_ = _key_types(cls) | (_key_types(passthrough) if passthrough else {})
+    types_ = key_types(cls) | (key_types(passthrough) if passthrough else {})
     if "-h" in argv or "--help" in argv:
         print(help_text(cls, doc) + (f"\n\n{help_text(passthrough, '')}" if passthrough else ""))
         raise SystemExit(0)

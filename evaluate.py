@@ -1,6 +1,6 @@
 """Long-context evaluation: where each position scheme hits the wall, and whether extension moves it.
 
-    python evaluate.py --ckpt=out/cpu_rope/ckpt.pt,out/cpu_alibi/ckpt.pt --data_dir=data/stdlib8k --max_len=2048
+    python evaluate.py --ckpt=out/cpu_rope/ckpt.pt,out/cpu_alibi/ckpt.pt --data_dir=data/stdlib4k --max_len=2048
     python evaluate.py --ckpt=out/cpu_rope/ckpt.pt --rope_scaling='{"rope_type": "dynamic", "factor": 4,
         "original_max_position_embeddings": 256}' --tasks=ppl,passkey      # a training-free scaling
 
@@ -21,8 +21,11 @@ from checkpoint import model_from_checkpoint
 from config import ConfigError, at_least, check_fields, cli, parse, resolve_device
 from data.loader import check_vocabulary, data_identity, load_meta, load_split, long_documents
 from metrics import start_wandb
-from run_folder import claim, clear
-from tasks import TASKS, EvalData, log, training_length
+from run_folder import claim, clear, write_atomic
+from tasks import TASKS, EvalData, log, relative_loss, training_length
+
+
+RESULTS_FORMAT = 2  # bump when what a task records changes: earlier results are then not reused (2: doc_means)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class EvalConfig:
     seed: int = 0
     rope_scaling: dict | None = None  # applied to every checkpoint given by path ({}: none)
     wandb: Literal["off", "offline", "online"] = "off"
+    reference: str = ""  # loss by position is also shown minus this model's (a label); "": the extended model
     resume: bool = False  # reuse results of unchanged checkpoints and settings in out_dir/results.json
     overwrite: bool = False  # replace an earlier evaluation in out_dir (without it, or resume, it is refused)
 
@@ -58,7 +62,8 @@ class EvalConfig:
         """What a result depends on besides the checkpoint: a change means evaluating again."""
         keep = ("max_len", "data_dir", "tasks", "n_docs", "passkey_trials", "recall_trials", "span_len", "seed",
                 "recall_kind")
-        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len}))
+        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len,
+                                                                         "format": RESULTS_FORMAT}))
 
 
 def held_out_documents(data_dir, min_len, n_docs):
@@ -128,6 +133,8 @@ def evaluate(models, cfg: EvalConfig):
     (if set) and return the results. With cfg.resume, reuse a checkpoint's results from out_dir/results.json
     when it and every setting are unchanged."""
     models = load_models(models, cfg.labels, resolve_device(cfg.device), cfg.rope_scaling)
+    if cfg.reference and cfg.reference not in models:
+        raise ConfigError(f"bad value {cfg.reference!r} for config key 'reference': choose one of {', '.join(models)}")
     identity = data_identity(cfg.data_dir)
     for label, model in models.items():
         check_vocabulary(getattr(model, "trained_on", None), identity, f"model {label!r}")
@@ -161,16 +168,32 @@ def evaluate(models, cfg: EvalConfig):
                 r[task] = TASKS[task](model, data)
             if saved:
                 write_json(results, saved)  # after each model: partial results survive, and --resume reuses them
+        results["reference"] = add_relative(results, cfg.reference)
         results["complete"] = True
         if cfg.out_dir:
             write_report(results, cfg.out_dir, cfg.wandb)
     return results
 
 
+def add_relative(results, reference=""):
+    """Give every model's loss by position minus the reference's (tasks.relative_loss) as position["relative"].
+    The default reference is the first model with the longest block_size, if that is longer than its training
+    length (an extended model: one that uses positions right past L). Returns its label, or None."""
+    models = {k: r for k, r in results["models"].items() if "position" in r}
+    if not reference:
+        longest = max((r["block_size"] for r in models.values()), default=0)
+        reference = next((k for k, r in models.items() if r["block_size"] == longest > r["training_length"]), None)
+    if reference not in models:
+        return None
+    for r in models.values():
+        r["position"]["relative"] = relative_loss(r["position"], models[reference]["position"])
+    return reference
+
+
 def write_json(results, path):
     """results as JSON, NaN and inf written as null (valid JSON for every reader)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json.loads(json.dumps(results), parse_constant=lambda c: None), indent=1))
+    write_atomic(path, json.dumps(json.loads(json.dumps(results), parse_constant=lambda c: None), indent=1))
 
 
 def write_report(results, out_dir, wandb="off"):

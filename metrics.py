@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from run_folder import write_atomic
+
 WANDB_PROJECT = "posenc"
 
 
@@ -19,7 +21,7 @@ class MetricsLog:
         self.path, self.enabled, self.wandb = Path(out_dir) / "metrics.jsonl", enabled, wandb_run
         if enabled:
             old = self.path.read_text().splitlines() if resume_step is not None and self.path.exists() else []
-            self.path.write_text("".join(ln + "\n" for ln in old if _step_of(ln) <= (resume_step or 0)))
+            write_atomic(self.path, "".join(ln + "\n" for ln in old if _step_of(ln) <= (resume_step or 0)))
 
     def record(self, **metrics):
         if not self.enabled:
@@ -42,8 +44,8 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def start_wandb(mode, out_dir, run_name, config, job_type="train", project=WANDB_PROJECT):
-    """A wandb run, or None when off or unavailable (said on stderr)."""
+def start_wandb(mode, out_dir, run_name, config, job_type="train", project=WANDB_PROJECT, group=None):
+    """A wandb run, or None when off or unavailable (said on stderr). Runs of one sweep share a `group`."""
     if mode == "off":
         return None
     try:
@@ -56,7 +58,7 @@ def start_wandb(mode, out_dir, run_name, config, job_type="train", project=WANDB
         mode = "offline"
     try:
         return wandb.init(project=project, name=run_name, dir=str(out_dir), mode=mode, config=config,
-                          job_type=job_type, settings=wandb.Settings(init_timeout=60))
+                          job_type=job_type, group=group or None, settings=wandb.Settings(init_timeout=60))
     except Exception as e:
         print(f"warning: wandb could not start ({str(e).splitlines()[0]}): no wandb logging", file=sys.stderr)
         return None

@@ -38,6 +38,24 @@ def _multiple(n, L):
     return f"{n // L}L" if n % L == 0 else f"{n / L:g}L"
 
 
+def seeds(results):
+    """How many seeds a results dict merges (sweep.merge_seeds); 1 for a plain evaluation."""
+    return results.get("n_seeds", 1)
+
+
+def _pm(e, key, digits, n_seeds, spread="std", signed=False):
+    """'value ± spread': the standard deviation across seeds (<key>_sd) when several were merged, else the
+    entry's own `spread` key if it has one (across documents)."""
+    sd = e.get(f"{key}_sd") if n_seeds > 1 else e.get(spread)
+    return f"{e[key]:{'+' if signed else ''}.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def fine_tuned_length(results):
+    """The longest block_size among the models, if longer than L (the length extended models trained at)."""
+    longest = max((m["block_size"] for m in results["models"].values()), default=0)
+    return longest if longest > results["base_len"] else None
+
+
 def summary_markdown(results):
     """Markdown tables of every task in results, each saying how many documents / tokens / trials it rests on."""
     models, L, max_len = results["models"], results["base_len"], results["max_len"]
@@ -50,20 +68,36 @@ def summary_markdown(results):
            f"Base (training) length L = {L}; max_len = {max_len}; data: {results['data_dir']}."]
     have = lambda task: [k for k in labels if task in models[k]]  # noqa: E731
 
+    n_seeds = seeds(results)
+    spread = f"std across {n_seeds} seeds" if n_seeds > 1 else "std across documents"
     if have("position"):
         ks = have("position")
         p0 = models[ks[0]]["position"]
         out += ["", "## Loss by position", "",
-                f"Mean loss ± std across documents, per bucket of positions (position p predicts token p + 1 from "
+                f"Mean loss ± {spread}, per bucket of positions (position p predicts token p + 1 from "
                 f"p + 1 tokens), on {docs['source']}: {p0['n_docs']} documents × {max_len} positions = "
                 f"{p0['n_docs'] * max_len} tokens per model (fewer where it cannot run). Rows marked ▸ are at or "
                 "past L.", ""]
-        rows = []
-        for i, b in enumerate(p0["buckets"]):
-            row = [f"{'▸ ' if b['lo'] >= L else ''}[{b['lo']}, {b['hi']})", p0["n_docs"] * (b["hi"] - b["lo"])]
-            rows.append(row + [_cell(models[k]["position"]["buckets"][i],
-                                     lambda e: f"{e['mean']:.3f} ± {e['std']:.3f}") for k in ks])
-        out += [_table(["positions", "tokens"] + ks, rows)] + _reasons(results, "position", lambda p: p["buckets"])
+
+        def position_table(task_entries, signed=False):
+            rows = []
+            for i, b in enumerate(p0["buckets"]):
+                row = [f"{'▸ ' if b['lo'] >= L else ''}[{b['lo']}, {b['hi']})", p0["n_docs"] * (b["hi"] - b["lo"])]
+                rows.append(row + [_cell(task_entries(models[k]["position"])[i],
+                                         lambda e: _pm(e, "mean", 3, n_seeds, signed=signed)) for k in ks])
+            return _table(["positions", "tokens"] + ks, rows)
+
+        out += [position_table(lambda p: p["buckets"])]
+        out += _reasons(results, "position", lambda p: p["buckets"])
+        ref = results.get("reference")
+        if ref and all("relative" in models[k]["position"] for k in ks):
+            out += ["", f"### Loss by position minus {ref}'s", "",
+                    f"Each model's loss minus the loss of **{ref}** at the same positions of the same documents "
+                    f"(mean ± {'std across seeds' if n_seeds > 1 else 'std across documents of the difference'}). "
+                    "Loss falls with position for every model, since later tokens of a file are easier; the "
+                    "difference cancels that fall, so a model that stops using positions right past L rises at L.",
+                    ""]
+            out += [position_table(lambda p: p["relative"], signed=True)]
 
     if have("ppl"):
         ks = have("ppl")
@@ -72,8 +106,10 @@ def summary_markdown(results):
         out += ["", "## Sliding-window perplexity", "",
                 f"Windows of W tokens, stride S = min(256, W/2), only the last S targets of each window scored "
                 f"(Press et al.): every window size scores the same {n.get('n_tokens', '?')} tokens of "
-                f"{n.get('n_docs', '?')} documents.", ""]
-        rows = [[k] + [_cell(e, lambda e: f"{e['ppl']:.2f}") for e in models[k]["ppl"]] for k in ks]
+                f"{n.get('n_docs', '?')} documents." + (f" Mean ± std across {n_seeds} seeds." if n_seeds > 1 else ""),
+                ""]
+        rows = [[k] + [_cell(e, lambda e: _pm(e, "ppl", 2, n_seeds, spread=None)) for e in models[k]["ppl"]]
+                for k in ks]
         out += [_table(["model"] + [f"W={w} ({_multiple(w, L)}, S={default_stride(w)})" for w in wins], rows)]
         out += _reasons(results, "ppl", lambda p: p)
 
@@ -84,8 +120,9 @@ def summary_markdown(results):
         out += ["", "## Short-context loss", "",
                 f"Mean loss on windows of L = {s0['base_len']} tokens spread over the val split ({s0['n_tokens']} "
                 f"tokens); Δ against {ks[0]}.", ""]
-        rows = [[k, f"{models[k]['short']['loss']:.4f}", f"{models[k]['short']['ppl']:.2f}",
-                 f"{models[k]['short']['loss'] - ref:+.4f}"] for k in ks]
+        rows = [[k, _pm(models[k]["short"], "loss", 4, n_seeds, spread=None),
+                 _pm(models[k]["short"], "ppl", 2, n_seeds, spread=None), f"{models[k]['short']['loss'] - ref:+.4f}"]
+                for k in ks]
         out += [_table(["model", "loss", "ppl", "Δ loss"], rows)]
 
     if have("passkey"):
@@ -96,8 +133,9 @@ def summary_markdown(results):
                 f"Accuracy (%) by context length (prompt + {pk.get('max_new_tokens', PASSKEY_NEW_TOKENS)} generated tokens), greedy decoding; "
                 f"{pk['trials'] * len(pk['depths'])} prompts per cell: {pk['trials']} random key(s) at each depth "
                 f"{', '.join(f'{d:g}' for d in pk['depths'])}.", ""]
-        rows = [[k] + [_cell(e, lambda e: f"{100 * e['accuracy']:.0f}") for e in models[k]["passkey"]["by_length"]]
-                for k in ks]
+        rows = [[k] + [_cell(e, lambda e: f"{100 * e['accuracy']:.0f}"
+                             + (f" ± {100 * e['accuracy_sd']:.0f}" if e.get("accuracy_sd") is not None else ""))
+                       for e in models[k]["passkey"]["by_length"]] for k in ks]
         out += [_table(["model"] + [f"{n} ({_multiple(n, L)})" for n in lens], rows)]
         out += _reasons(results, "passkey", lambda p: p["by_length"])
 
@@ -143,8 +181,16 @@ def plot_all(results, out_dir):
     return paths
 
 
-def _wall(ax, L, label="training length L"):
-    ax.axvline(L, color="gray", linestyle="--", linewidth=1, label=label)
+def _wall(ax, results, what="training length"):
+    """The training length L and, if a model was fine-tuned longer, that length, as vertical lines."""
+    L, tuned = results["base_len"], fine_tuned_length(results)
+    ax.axvline(L, color="gray", linestyle="--", linewidth=1, label=f"{what} L = {L}")
+    if tuned:
+        ax.axvline(tuned, color="gray", linestyle=":", linewidth=1, label=f"fine-tuned {what} {_multiple(tuned, L)}")
+
+
+def _band(ax, xs, ys, sds, color):
+    ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)], color=color, alpha=0.2)
 
 
 def _lines(ax, results, ks, task, entries, x, y, logx=True):
@@ -166,26 +212,40 @@ def _lines(ax, results, ks, task, entries, x, y, logx=True):
 
 
 def _plot_position(plt, results, ks):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ref = results.get("reference")
+    relative = ref and all("relative" in results["models"][k]["position"] for k in ks)
+    fig, axes = plt.subplots(1, 2 if relative else 1, figsize=(13 if relative else 7, 4.5), squeeze=False)
     center = lambda b: ((b["lo"] + 1) * b["hi"]) ** 0.5  # noqa: E731  geometric middle of the context sizes
-    _lines(ax, results, ks, "position", lambda p: p["buckets"], center, lambda b: b["mean"])
-    for k, line in zip(ks, ax.get_lines()):
-        ok = [b for b in results["models"][k]["position"]["buckets"] if "cannot_run" not in b]
-        n = results["models"][k]["position"]["n_docs"]
-        ax.fill_between([center(b) for b in ok], [b["mean"] - b["std"] / n ** 0.5 for b in ok],
-                        [b["mean"] + b["std"] / n ** 0.5 for b in ok], color=line.get_color(), alpha=0.2)
-    _wall(ax, results["base_len"])
-    p0 = results["models"][ks[0]]["position"]
-    ax.set(xlabel="token position (context size)", ylabel="loss (band: ± std error across documents)",
-           title=f"Loss by position: {p0['n_docs']} documents of ≥ {results['max_len'] + 1} tokens")
-    ax.legend(fontsize=8)
+    n_seeds, p0 = seeds(results), results["models"][ks[0]]["position"]
+    band = f"± std across {n_seeds} seeds" if n_seeds > 1 else "± std error across documents"
+    panels = [(axes[0][0], lambda p: p["buckets"], "loss")]
+    if relative:
+        panels.append((axes[0][1], lambda p: p["relative"], f"loss − loss of {ref}"))
+    for ax, entries, ylabel in panels:
+        _lines(ax, results, ks, "position", entries, center, lambda b: b["mean"])
+        for k, line in zip(ks, ax.get_lines()):
+            ok = [b for b in entries(results["models"][k]["position"]) if "cannot_run" not in b]
+            sds = [b.get("mean_sd") or 0.0 if n_seeds > 1 else b["std"] / p0["n_docs"] ** 0.5 for b in ok]
+            _band(ax, [center(b) for b in ok], [b["mean"] for b in ok], sds, line.get_color())
+        _wall(ax, results)
+        ax.set(xlabel="token position (context size)", ylabel=f"{ylabel} (band: {band})")
+        ax.legend(fontsize=7)
+    axes[0][0].set_title(f"Loss by position: {p0['n_docs']} documents of ≥ {results['max_len'] + 1} tokens")
+    if relative:
+        axes[0][1].axhline(0, color="black", linewidth=0.5)
+        axes[0][1].set_title("The same, relative: the fall of loss with position cancels")
     return fig
 
 
 def _plot_ppl(plt, results, ks):
     fig, ax = plt.subplots(figsize=(6, 4))
     _lines(ax, results, ks, "ppl", lambda p: p, lambda e: e["window"], lambda e: e["ppl"])
-    _wall(ax, results["base_len"])
+    if seeds(results) > 1:
+        for k, line in zip(ks, ax.get_lines()):
+            ok = [e for e in results["models"][k]["ppl"] if "cannot_run" not in e]
+            _band(ax, [e["window"] for e in ok], [e["ppl"] for e in ok], [e.get("ppl_sd") or 0.0 for e in ok],
+                  line.get_color())
+    _wall(ax, results, "window: training length")
     ax.set(xlabel="window (tokens)", ylabel="perplexity", yscale="log", title="Sliding-window perplexity")
     ax.legend(fontsize=8)
     return fig
@@ -194,7 +254,7 @@ def _plot_ppl(plt, results, ks):
 def _plot_passkey(plt, results, ks):
     fig, ax = plt.subplots(figsize=(6, 4))
     _lines(ax, results, ks, "passkey", lambda p: p["by_length"], lambda e: e["length"], lambda e: 100 * e["accuracy"])
-    _wall(ax, results["base_len"])
+    _wall(ax, results)
     ax.set(xlabel="context length (tokens)", ylabel="passkey accuracy (%)", ylim=(-5, 105), title="Passkey retrieval")
     ax.legend(fontsize=8)
     return fig
@@ -209,7 +269,7 @@ def _plot_recall(plt, results, ks):
             ok = [e for e in results["models"][k]["recall"]["by_distance"] if "cannot_run" not in e]
             y1 = (lambda e: e["first_copy_loss"]) if ax is a1 else (lambda e: 100 * e["first_copy_accuracy"])
             ax.plot([e["distance"] for e in ok], [y1(e) for e in ok], linestyle=":", color=line.get_color())
-        _wall(ax, results["base_len"], "distance = L")
+        _wall(ax, results, "distance = training length")
         ax.set(xlabel="distance d between the copies (tokens)", ylabel=f"{name} (dotted: first copy)")
         ax.legend(fontsize=8)
     fig.suptitle(f"Long-range recall ({results['models'][ks[0]]['recall']['span_len']}-token span)")

@@ -2,12 +2,15 @@
 
     python reproduce.py                  # CPU scale: base 256 -> x4 and x8, a few minutes on 2 cores, offline
     python reproduce.py --scale gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
+    python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
+                                         # exceed the seed spread
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
-report.md with plots and tables in the run folder. Finished stages are recorded in stages.json and skipped
-on a re-run; an interrupted training stage resumes from its checkpoint, an interrupted evaluation from the
-last model it finished.
+report.md with plots and tables in the run folder; each seed's runs in <out_dir>/seed<N>/, the merged
+evaluation in <out_dir>/eval/. Finished stages are recorded in stages.json and skipped on a re-run (more
+seeds later only add the new ones); an interrupted (exit 130 or 143) training stage resumes from its
+checkpoint, an interrupted evaluation from the last model it finished.
 """
 
 import json
@@ -20,23 +23,31 @@ from typing import Literal
 import torch
 
 import evaluate
-import extend_context
 import train
-from config import check_fields, cli, parse
+from config import at_least, check_fields, cli, parse
 from data.loader import load_meta
 from data.prepare import prepare
+from plots import seeds
 from positions import SCHEMES
 from rope_scaling import ROPE_SCALING, scaling_dict
-from run_folder import holds_run
+from run_folder import holds_run, write_atomic
+from sweep import compute, differs, merge_seeds, run_jobs
+
+ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
 class ReproduceConfig:
     scale: Literal["cpu", "gpu"] = "cpu"  # cpu: base 256, minutes on 2 cores; gpu: base 4096, one GPU
     out_dir: str = ""  # "": runs/<scale>
+    seeds: int = 1  # train every model with seeds 1337, 1338, ...: the tables give mean ± std over them
+    workers: int = 0  # training runs at once (sweep.run_jobs); 0: one per visible GPU, or 2 on a CPU, 1: in this process
+    reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
 
     def __post_init__(self):
         check_fields(self)
+        at_least(self, 1, "seeds")
+        at_least(self, 0, "workers")
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,10 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale("cpu", "data/stdlib8k", 8192, 256, extend_steps=250,
+    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=250,
                  train={"max_iters": 500, "eval_interval": 250, "ckpt_interval": 250, "log_interval": 50},
                  extend={"learning_rate": 1e-3, "eval_interval": 125, "eval_iters": 4},
-                 eval=dict(n_docs=12, passkey_trials=2, recall_trials=12)),
+                 eval=dict(n_docs=8, passkey_trials=2, recall_trials=12)),
     "gpu": Scale("gpu30m", "data/stdlib", None, 4096, extend_steps=100,
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
                  eval=dict(n_docs=8, passkey_trials=2, recall_trials=8)),
@@ -70,44 +81,66 @@ FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
 
 
 class Stages:
-    """stages.json: which stages finished and how long they took."""
+    """stages.json: which stages finished, how long they took, and what they returned."""
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / "stages.json"
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def run(self, name, fn):
+    def finish(self, name, seconds, result=None):
+        self.done[name] = {"seconds": seconds, "result": result}
+        write_atomic(self.path, json.dumps(self.done, indent=1))  # a crash never leaves a half-written record
+
+    def skip(self, name):
         if name in self.done:
             print(f"== {name}: done in an earlier run ({self.done[name]['seconds']:.0f}s), skipped", flush=True)
+        return name in self.done
+
+    def run(self, name, fn):
+        """Run fn as a stage, unless it finished before. An exception (an interrupt) records nothing."""
+        if self.skip(name):
             return self.done[name].get("result")
         print(f"== {name}", flush=True)
         t0 = time.time()
         result = fn()
-        self.done[name] = {"seconds": time.time() - t0, "result": result}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1))
-        tmp.replace(self.path)  # atomic: a crash never leaves a half-written record
+        self.finish(name, time.time() - t0, result)
         return result
 
+    def run_jobs(self, jobs, workers=1):
+        """Stages that are command lines [(name, [(script, argv)], out_dir)], several at once with workers
+        (sweep.run_jobs); each records the compute of the run it trained. A failure stops the pipeline."""
+        todo = [(name, cmds, lambda seconds, n=name, d=out_dir: self.finish(n, seconds, compute(d)))
+                for name, cmds, out_dir in jobs if not self.skip(name)]
+        for name, _, _ in todo:
+            print(f"== {name}", flush=True)
+        failed = run_jobs(todo, workers)
+        if failed:
+            raise train.TrainingError(f"stage(s) failed: {', '.join(failed)} (see the errors above); fix the cause "
+                                      "and run the same command again: finished stages are skipped")
 
-def train_scheme(scale, scheme, run_dir):
-    out_dir = Path(run_dir) / scheme
-    flags = [f"configs/{scale.config}.toml", f"--pos_encoding={scheme}", f"--out_dir={out_dir}",
-             f"--data_dir={scale.data_dir}", *(f"--{k}={v}" for k, v in scale.train.items())]
+
+def seed_dir(run_dir, seed):
+    return Path(run_dir) / f"seed{seed}"
+
+
+def train_stage(scale, scheme, seed, run_dir):
+    out_dir = seed_dir(run_dir, seed) / scheme
+    argv = [str(ROOT / "configs" / f"{scale.config}.toml"), f"--pos_encoding={scheme}", f"--seed={seed}",
+            f"--out_dir={out_dir}", f"--data_dir={scale.data_dir}", *(f"--{k}={v}" for k, v in scale.train.items())]
     if scale.vocab_size:
-        flags.append(f"--vocab_size={scale.vocab_size}")
+        argv.append(f"--vocab_size={scale.vocab_size}")
     if holds_run(out_dir):
-        flags.append("--resume=true")  # an interrupted run continues as if never stopped
-    result = train.main(train.load_config(flags))
-    return {"ckpt": str(result["ckpt"]), "val_loss": result.get("val_loss")}
+        argv.append("--resume=true")  # an interrupted run continues as if never stopped
+    return f"train {scheme} (seed {seed})", [("train.py", argv)], out_dir
 
 
-def fine_tune(scale, method, run_dir):
-    out_dir = Path(run_dir) / f"{EXTENDED}_{method}_ft"
-    extra = {"resume": True} if holds_run(out_dir) else {}
-    ext = extend_context.ExtendConfig(ckpt=str(Path(run_dir) / EXTENDED / "ckpt.pt"), method=method,
-                                      factor=scale.factor, steps=scale.extend_steps, out_dir=str(out_dir))
-    return {"ckpt": str(extend_context.extend(ext, {**scale.extend, **extra}))}
+def fine_tune_stage(scale, method, seed, run_dir):
+    base, out_dir = seed_dir(run_dir, seed) / EXTENDED, seed_dir(run_dir, seed) / f"{EXTENDED}_{method}_ft"
+    argv = [f"--ckpt={base / 'ckpt.pt'}", f"--method={method}", f"--factor={scale.factor}",
+            f"--steps={scale.extend_steps}", f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
+    if holds_run(out_dir):
+        argv.append("--resume=true")
+    return f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label} (seed {seed})", [("extend_context.py", argv)], out_dir
 
 
 def models_to_evaluate(scale, run_dir):
@@ -122,15 +155,18 @@ def models_to_evaluate(scale, run_dir):
     return {k: (str(v[0]), v[1]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
 
 
-def write_report(scale, run_dir, stages, command):
-    """report.md: what ran, on what, how long, then the evaluation's tables and plots."""
+def write_report(scale, run_dir, stages, command, results):
+    """report.md: what ran, on what, with how much compute and time, then the evaluation's tables and plots."""
     run_dir = Path(run_dir)
-    eval_dir = run_dir / "eval"
-    summary = (eval_dir / "summary.md").read_text()
+    summary = (run_dir / "eval" / "summary.md").read_text()
     meta = load_meta(scale.data_dir)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    timing = "\n".join(f"| {name} | {s['seconds']:.0f} |" for name, s in stages.done.items())
     total = sum(s["seconds"] for s in stages.done.values())
+    timing = []
+    for name, s in stages.done.items():
+        c = s.get("result") if isinstance(s.get("result"), dict) and "steps" in s["result"] else {}
+        timing.append(f"| {name} | {s['seconds']:.0f} | {c.get('steps', '')} | "
+                      f"{format(c['tokens'], ',') if 'tokens' in c else ''} |")
     lines = [
         f"# The wall and the rescue (configs/{scale.config}.toml)", "",
         f"Command: `{command}`  ",
@@ -138,9 +174,10 @@ def write_report(scale, run_dir, stages, command):
         f"torch {torch.__version__}, Python {platform.python_version()}.  ",
         f"Data: {scale.data_dir} ({meta['source'].get('kind')}, {sum(meta['tokens'].values()):,} tokens, "
         f"vocabulary {meta['vocab_size']}); base length L = {scale.base_len}, fine-tuned extensions to "
-        f"{scale.factor}L, evaluation to {scale.eval_factor}L.", "",
-        "| stage | seconds |", "|---|---|", timing, f"| total | {total:.0f} |", "",
-        *observations(json.loads((eval_dir / "results.json").read_text())), "",
+        f"{scale.factor}L, evaluation to {scale.eval_factor}L; {seeds(results)} seed(s).", "",
+        "Every scheme trains with the same steps and tokens (equal compute); seconds are wall time.", "",
+        "| stage | seconds | steps | tokens |", "|---|---|---|---|", *timing, f"| total | {total:.0f} | | |", "",
+        *observations(results), "",
         summary.replace("](", "](eval/").replace("# Long-context evaluation", "## Evaluation", 1),
     ]
     (run_dir / "report.md").write_text("\n".join(lines))
@@ -148,47 +185,92 @@ def write_report(scale, run_dir, stages, command):
 
 
 def observations(results):
-    """Plain sentences computed from the numbers: loss within L versus loss at the longest positions."""
-    L, out = results["base_len"], ["## What the numbers say", ""]
+    """Plain sentences computed from the numbers: each model's loss against the reference's, within L and at the
+    longest positions; then which differences of sliding-window perplexity exceed the seed spread."""
+    L, ref, out = results["base_len"], results.get("reference"), ["## What the numbers say", ""]
+    if ref:
+        out += [f"Loss by position relative to **{ref}** (same positions, same documents), just before L and at "
+                "the longest positions:", ""]
     for label, r in results["models"].items():
-        buckets = r.get("position", {}).get("buckets", [])
+        pos = r.get("position", {})
+        buckets = pos.get("relative") or pos.get("buckets", [])
         inside = [b for b in buckets if b["hi"] <= L and "mean" in b]
         last = buckets[-1] if buckets else None
         if not inside or last is None:
             continue
         if "cannot_run" in last:
-            out.append(f"- **{label}**: cannot run past {r['position']['evaluated_len']} tokens "
+            out.append(f"- **{label}**: cannot run past {pos['evaluated_len']} tokens "
                        f"({last['cannot_run'].split(';')[0]}).")
             continue
         near = sum(b["mean"] for b in inside[-2:]) / len(inside[-2:])  # the positions just before L
-        out.append(f"- **{label}**: loss {near:.2f} just before L, {last['mean']:.2f} at positions "
-                   f"[{last['lo']}, {last['hi']}) ({last['mean'] - near:+.2f}).")
-    return out
+        what = "loss minus the reference's" if pos.get("relative") else "loss"
+        out.append(f"- **{label}**: {what} {near:+.3f} just before L, {last['mean']:+.3f} at positions "
+                   f"[{last['lo']}, {last['hi']}) ({last['mean'] - near:+.3f}).")
+    return out + significance(results)
 
 
-def run(scale, run_dir, command="python reproduce.py"):
-    """Every stage of the experiment at one scale; finished stages are skipped."""
+def significance(results):
+    """For each pair of models in the sliding-window table, at L and at the longest window: does the difference
+    of perplexity exceed the seed spread (sweep.differs: the mean ± std intervals over seeds do not overlap)?"""
+    models = {k: r["ppl"] for k, r in results["models"].items() if r.get("ppl")}
+    if not models:
+        return []
+    n = seeds(results)
+    if n < 2:
+        return ["", "One seed: there is no spread to judge a difference by, so none is called real here. "
+                "`--seeds=3` trains every model three times and says which differences exceed the spread."]
+    first = next(iter(models.values()))
+    cols = [0, len(first) - 1]
+    names = [f"W={first[i]['window']}" for i in cols]
+    lines = ["", f"### Which differences exceed the seed spread ({n} seeds)", "",
+             "A difference of sliding-window perplexity is called real when the two means differ by more than the "
+             "sum of their standard deviations across seeds (their mean ± std intervals do not overlap).", "",
+             "| model A | model B | " + " | ".join(f"B − A at {w} | real?" for w in names) + " |",
+             "|---|---|" + "---|---|" * len(cols)]
+    labels = list(models)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            cells = []
+            for c in cols:
+                ea, eb = models[a][c], models[b][c]
+                if "ppl" not in ea or "ppl" not in eb:
+                    cells += ["cannot run", "—"]
+                    continue
+                real = differs({"mean": ea["ppl"], "std": ea.get("ppl_sd")}, {"mean": eb["ppl"], "std": eb.get("ppl_sd")})
+                cells += [f"{eb['ppl'] - ea['ppl']:+.2f}", "yes" if real else "no"]
+            lines.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference=""):
+    """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers: see
+    ReproduceConfig (the tests run in this process, workers=1)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
     if not (Path(scale.data_dir) / "meta.json").exists():
         stages.done.pop("data", None)
     stages.run("data", lambda: prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
-    for scheme in SCHEMES:
-        stages.run(f"train {scheme}", lambda s=scheme: train_scheme(scale, s, run_dir))
-    for method in FINE_TUNED:
-        stages.run(f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label}", lambda m=method: fine_tune(scale, m, run_dir))
-    eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
-                                   out_dir=str(run_dir / "eval"), base_len=scale.base_len, resume=True, **scale.eval)
-    stages.run("evaluate", lambda: evaluate.evaluate(models_to_evaluate(scale, run_dir), eval_cfg) and None)
-    write_report(scale, run_dir, stages, command)
+    seed_list = [train.TrainConfig.seed + i for i in range(seeds)]
+    stages.run_jobs([train_stage(scale, scheme, s, run_dir) for s in seed_list for scheme in SCHEMES], workers)
+    stages.run_jobs([fine_tune_stage(scale, m, s, run_dir) for s in seed_list for m in FINE_TUNED], workers)
+    for s in seed_list:
+        eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
+                                       out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
+                                       reference=reference, resume=True, **scale.eval)
+        stages.run(f"evaluate (seed {s})",
+                   lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s)), c) and None)
+    results = merge_seeds([json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list])
+    evaluate.write_report(results, run_dir / "eval")
+    write_report(scale, run_dir, stages, command, results)
     return run_dir / "report.md"
 
 
 def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
-    return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command)
+    return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
+               cfg.reference)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def clear(out_dir) -> None:
 
 
 
+def write_atomic(path, text: str) -> None:
+    """Write a text file through a temporary file and a rename: a signal or crash in the middle leaves the old
+    file or the new one, never half of one (leftover temporary files go at the next claim)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _take_lock(out_dir: Path) -> Path:
     lock, me = out_dir / LOCK, f"{os.getpid()} {socket.gethostname()}"
     for _ in range(2):  # a second try after removing a stale lock
@@ -96,7 +105,7 @@ def _alive(owner) -> bool:
 
 
 def _remove_stale_temp_files(out_dir: Path) -> None:
-    """checkpoint.save_checkpoint writes <name>.tmp<pid> then renames it: leftovers of dead processes go."""
+    """save_checkpoint and write_atomic write <name>.tmp<pid>, then rename it: leftovers of dead processes go."""
     for tmp in out_dir.glob("*.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
         if pid.isdigit() and not _alive((int(pid), socket.gethostname())):

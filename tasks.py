@@ -116,9 +116,26 @@ def loss_by_position(model, docs, max_len, buckets, batch_size=1):
             continue
         m = per_doc[:, lo:hi].mean(1)  # each document's mean loss in this bucket
         std = m.std().item() if len(m) > 1 else 0.0
-        rows.append({"lo": lo, "hi": hi, "mean": m.mean().item(), "std": std, "n_tokens": len(docs) * (hi - lo)})
+        rows.append({"lo": lo, "hi": hi, "mean": m.mean().item(), "std": std, "n_tokens": len(docs) * (hi - lo),
+                     "doc_means": m.tolist()})
     return {"buckets": rows, "max_len": max_len, "evaluated_len": T, "cannot_run": reason,
             "n_docs": len(docs), "n_tokens": len(docs) * T}
+
+
+def relative_loss(position, reference):
+    """Loss by position minus a reference model's at the same positions of the same documents: per bucket, the
+    mean and the std across documents of each document's difference of bucket means. Loss falls with position
+    for every model (later tokens of a file are easier); relative to a model that uses every position right,
+    that fall cancels, and a model that stops using positions past L rises at L."""
+    rows = []
+    for b, r in zip(position["buckets"], reference["buckets"]):
+        if "cannot_run" in b or "cannot_run" in r:
+            rows.append({"lo": b["lo"], "hi": b["hi"], "cannot_run": b.get("cannot_run") or r["cannot_run"]})
+            continue
+        diff = torch.tensor(b["doc_means"], dtype=torch.float64) - torch.tensor(r["doc_means"], dtype=torch.float64)
+        rows.append({"lo": b["lo"], "hi": b["hi"], "mean": diff.mean().item(),
+                     "std": diff.std().item() if len(diff) > 1 else 0.0})
+    return rows
 
 
 # ----------------------------------------------------------------------------- 2. sliding windows, 3. short

@@ -34,7 +34,7 @@ from config import (ConfigError, Interrupted, at_least, check_fields, cli, confi
 from data.loader import BatchSampler, data_identity
 from metrics import WANDB_PROJECT, MetricsLog, start_wandb
 from model import GPT, GPTConfig, H100_BF16_PEAK_FLOPS
-from run_folder import claim, clear
+from run_folder import claim, clear, write_atomic
 
 
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
     ckpt_interval: int = 100  # steps between checkpoints (0: only the final one, always written)
     wandb: Literal["off", "offline", "online"] = "off"  # offline: no account, no network
     wandb_project: str = WANDB_PROJECT
+    wandb_group: str = ""  # runs of one sweep share a group (sweep.py sets it)
     run_name: str = ""  # "": the basename of out_dir
     resume: bool = False  # continue the run in out_dir exactly; its saved settings are the defaults
     overwrite: bool = False  # replace the run in out_dir (a fresh run refuses a folder that holds one)
@@ -245,11 +246,12 @@ def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
         clear(run.out_dir)
     run.metrics = MetricsLog(run.out_dir, run.start_step if cfg.resume else None, enabled=run.master,
                              wandb_run=start_wandb(cfg.wandb, run.out_dir, cfg.run_name or run.out_dir.resolve().name,
-                                                   to_dict(cfg)) if run.master else None)
+                                                   to_dict(cfg), project=cfg.wandb_project, group=cfg.wandb_group)
+                             if run.master else None)
     if run.master:
         info = {"config": to_dict(cfg), "data": run.data, "seed": cfg.seed, "torch": torch.__version__,
                 "world_size": world, "start_step": run.start_step, "n_params": model.num_params()}
-        (run.out_dir / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_atomic(run.out_dir / "config.json", json.dumps(info, indent=2) + "\n")
     return run
 
 
@@ -438,7 +440,8 @@ def loop(run: Run) -> dict:
     if run.interrupted:
         raise Interrupted(run.interrupted, f"checkpoint at step {run.step} in {run.out_dir}; continue with "
                                            "--resume=true")
-    return {"step": run.step, "train_loss": run.train_loss, "val_loss": run.val_loss, "best_val_loss": run.best_val,
+    tokens = run.step * cfg.batch_size * cfg.grad_accum_steps * cfg.model.block_size * run.world
+    return {"step": run.step, "tokens": tokens, "train_loss": run.train_loss, "val_loss": run.val_loss, "best_val_loss": run.best_val,
             "tokens_per_sec": run.tokens_per_sec, "mfu": run.mfu, "ckpt": run.last_ckpt, "out_dir": str(run.out_dir)}
 
 

@@ -15,6 +15,7 @@ import evaluate
 import extend_context
 import reproduce
 import sample
+import sweep
 import train
 from config import cli
 from data.prepare import prepare
@@ -76,6 +77,13 @@ CASES = [  # (script, arguments with {run} and {root} filled in, what the one li
     (evaluate, ["--out_dir={run}"], "holds an earlier evaluation"),
     (reproduce, ["--scale", "tpu"], "config key 'scale': expected cpu or gpu"),
     (reproduce, ["--scal=gpu"], "unknown config key 'scal' (did you mean 'scale'?)"),
+    (reproduce, ["--seeds=0"], "config key 'seeds': expected a number >= 1"),
+    (sweep, ["--pos_encoding=rope,rotary"], "unknown pos_encoding 'rotary'"),
+    (sweep, ["--seed=0,1,0"], "config key 'seed': a value is repeated"),
+    (sweep, ["--out_dir={root}/x"], "sweep.py sets --out_dir for each run itself"),
+    (sweep, ["--max_iter=3"], "unknown config key 'max_iter' (did you mean 'max_iters'?)"),
+    (sweep, ["--eval_tasks=ppl,wall"], "config key 'eval_tasks': choose from position, ppl"),
+    (sweep, ["--workers=-1"], "config key 'workers': expected a number >= 0"),
     (bench_model, ["--schemes=rotary"], "unknown pos_encoding 'rotary'"),
     (bench_model, ["--T=0"], "config key 'T': expected a number >= 1"),
     (bench_decode, ["--contexts=0"], "config key 'contexts': expected positive lengths"),
@@ -86,6 +94,7 @@ COMMON = {  # what each script needs besides the bad value
     extend_context: ["--ckpt={run}/ckpt.pt", "--method=linear", "--out_dir={root}/ext"],
     sample: ["--ckpt={run}/ckpt.pt", "--prompt=hi"],
     evaluate: ["--ckpt={run}/ckpt.pt", "--data_dir={root}/data", "--max_len=64", "--out_dir={root}/eval"],
+    sweep: ["--data_dir={root}/data", "--sweep_dir={root}/sweep", *TINY],
 }
 
 
@@ -103,7 +112,7 @@ def test_bad_input_is_one_line_and_loses_nothing(script, argv, message, run, cap
 
 @pytest.mark.parametrize("script, argv", [("train.py", ["--batch_size=0"]), ("extend_context.py", ["--factor=nan"]),
                                           ("sample.py", ["--top_p=0"]), ("evaluate.py", ["--max_len=0"]),
-                                          ("reproduce.py", ["--scale", "tpu"])])
+                                          ("reproduce.py", ["--scale", "tpu"]), ("sweep.py", ["--seed=1,x"])])
 def test_the_real_command_lines_exit_1_without_a_traceback(script, argv, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)

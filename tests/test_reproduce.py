@@ -30,11 +30,14 @@ def test_pipeline_runs_every_stage_and_resumes(tiny_scale, tmp_path, capsys):
     run_dir = tmp_path / "run"
     report = reproduce.run(tiny_scale, run_dir).read_text()
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert set(stages) == {"data", *(f"train {s}" for s in reproduce.SCHEMES), "fine-tune rope with PI",
-                           "fine-tune rope with YaRN", "evaluate"}
+    assert set(stages) == stage_names(1337)
     assert "**learned**: cannot run past 16 tokens" in report
     for label in reproduce.models_to_evaluate(tiny_scale, run_dir):
         assert f"**{label}**" in report
+    assert "relative to **rope + PI fine-tuned**" in report  # the default reference: the first fine-tuned model
+    assert "One seed: there is no spread" in report
+    train_rope = stages["train rope (seed 1337)"]["result"]
+    assert train_rope["steps"] == 3 and train_rope["tokens"] == 3 * 4 * 16  # steps x batch x block_size
     assert (run_dir / "eval" / "results.json").exists()
     capsys.readouterr()
     reproduce.run(tiny_scale, run_dir)  # a second run: every stage is skipped
@@ -42,12 +45,39 @@ def test_pipeline_runs_every_stage_and_resumes(tiny_scale, tmp_path, capsys):
     assert out.count("skipped") == len(stages)
 
 
+def stage_names(*seeds):
+    return {"data"} | {name for s in seeds for name in (
+        *(f"train {scheme} (seed {s})" for scheme in reproduce.SCHEMES), f"fine-tune rope with PI (seed {s})",
+        f"fine-tune rope with YaRN (seed {s})", f"evaluate (seed {s})")}
+
+
+def test_more_seeds_add_runs_and_every_cell_gets_a_spread(tiny_scale, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    reproduce.run(tiny_scale, run_dir)
+    capsys.readouterr()
+    report = reproduce.run(tiny_scale, run_dir, seeds=2).read_text()
+    assert capsys.readouterr().out.count("skipped") == len(stage_names(1337))  # seed 1337 is not trained again
+    assert set(json.loads((run_dir / "stages.json").read_text())) == stage_names(1337, 1338)
+    merged = json.loads((run_dir / "eval" / "results.json").read_text())
+    per_seed = [json.loads((run_dir / f"seed{s}" / "eval" / "results.json").read_text()) for s in (1337, 1338)]
+    assert merged["n_seeds"] == 2
+    a, b = (r["models"]["rope"]["ppl"][0]["ppl"] for r in per_seed)
+    assert a != b  # another seed trains another model
+    assert merged["models"]["rope"]["ppl"][0]["ppl"] == pytest.approx((a + b) / 2)
+    assert merged["models"]["rope"]["ppl"][0]["ppl_sd"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+    assert "Which differences exceed the seed spread (2 seeds)" in report
+    n_models = len(reproduce.models_to_evaluate(tiny_scale, run_dir))
+    pairs = [ln for ln in report.splitlines() if ln.startswith("| ") and ln.count("| yes ") + ln.count("| no ") > 0]
+    assert len(pairs) >= n_models * (n_models - 1) // 2 - (n_models - 1)  # pairs with learned past L: cannot run
+    assert "± " in report.split("## Sliding-window perplexity")[1].split("##")[0]
+
+
 def evaluation(run_dir):
     """Every number of the evaluation, without what names the files it came from."""
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    results = json.loads((run_dir / "seed1337" / "eval" / "results.json").read_text())
     for r in results["models"].values():
         r.pop("checkpoint_id")
-    return results["models"], (run_dir / "eval" / "summary.md").read_text()
+    return results["models"], (run_dir / "seed1337" / "eval" / "summary.md").read_text()
 
 
 def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp_path, monkeypatch):
@@ -75,7 +105,7 @@ def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp
     monkeypatch.setattr(BatchSampler, "next", stop_training(64, 1))  # fine-tuning at 4 x 16
     with pytest.raises(Interrupted):
         reproduce.run(tiny_scale, run_dir)
-    assert stages() == {"data", *(f"train {s}" for s in reproduce.SCHEMES)}
+    assert stages() == {"data", *(f"train {s} (seed 1337)" for s in reproduce.SCHEMES)}
     monkeypatch.setattr(BatchSampler, "next", original)
     ppl, calls = tasks.TASKS["ppl"], []
 
@@ -88,7 +118,7 @@ def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp
     monkeypatch.setitem(tasks.TASKS, "ppl", ctrl_c_on_the_third_model)
     with pytest.raises(KeyboardInterrupt):
         reproduce.run(tiny_scale, run_dir)
-    assert "evaluate" not in stages() and "fine-tune rope with YaRN" in stages()
+    assert "evaluate (seed 1337)" not in stages() and "fine-tune rope with YaRN (seed 1337)" in stages()
     monkeypatch.setitem(tasks.TASKS, "ppl", ppl)
     reproduce.run(tiny_scale, run_dir)
     assert evaluation(run_dir) == evaluation(tmp_path / "reference")

@@ -1,0 +1,424 @@
+"""Sweeps: a grid over any train.py config fields and seeds; every run trained and evaluated, and one summary
+of mean ± standard deviation over seeds.
+
+    python sweep.py configs/cpu.toml --pos_encoding=rope,alibi,learned --seed=0,1,2
+    python sweep.py configs/cpu.toml --pos_encoding=rope,alibi --rope_theta=1e4,5e5 --seed=0,1,2 --max_iters=300
+    python sweep.py configs/gpu30m.toml --pos_encoding=rope,alibi,learned --seed=0,1,2 --workers=0   # a run per GPU
+
+A train.py flag whose value has commas is an axis of the grid (dict and list values never are); every other
+flag applies to every run, and every combination is checked before the first run starts. Each run trains in
+<sweep_dir>/<key=value>__<key=value>..., named from its swept values, then evaluate.py writes <run>/eval.
+Interrupted (Ctrl-C, SIGTERM: exit 130 or 143) and run again, the sweep skips finished runs and resumes the
+interrupted one from its checkpoint. summary.md and summary.json give, per setting (the swept values but the
+seed), the mean, standard deviation and number n over seeds of the validation loss and of every evaluation
+number, and each run's steps, tokens and training time (schemes compared at equal compute).
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import evaluate
+import extend_context
+import train
+from config import ConfigError, Interrupted, at_least, check_fields, cli, key_types, parse, split_argv
+from run_folder import RunFolderError, holds_run, write_atomic
+from tasks import TASKS
+
+SEED = "seed"  # the axis that is averaged over
+SEP = "__"  # between key=value pairs in a run's folder name
+RECORD = "sweep_run.json"  # written into a run's folder when it is trained and evaluated: it is finished
+NOT_SWEPT = ("out_dir", "resume", "overwrite")  # the sweep sets these for each run
+
+
+@dataclass
+class SweepConfig:
+    sweep_dir: str = "runs/sweep_{config}"  # a folder per run inside; {config}: the TOML file's name
+    workers: int = 0  # runs at once; 0: one per visible CUDA device, or 2 on a CPU (each with half its cores)
+    evaluate: bool = True  # evaluate every run with evaluate.py (into <run>/eval)
+    eval_len: int | None = None  # evaluate.py --max_len; None: 8 x the run's block_size
+    eval_tasks: tuple[str, ...] = ("position", "ppl", "short")  # tasks of tasks.py (also passkey, recall)
+    eval_docs: int = 12  # evaluate.py --n_docs: long val documents per run
+
+    def __post_init__(self):
+        check_fields(self)
+        at_least(self, 0, "workers")
+        at_least(self, 1, "eval_len", "eval_docs")
+        if not self.eval_tasks or set(self.eval_tasks) - set(TASKS):
+            raise ConfigError(f"bad value {','.join(self.eval_tasks)!r} for config key 'eval_tasks': choose from "
+                              f"{', '.join(TASKS)}")
+
+
+class SweepError(RuntimeError):
+    """Some runs of a sweep failed (the others finished and are summarized)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str  # its folder: every swept key=value
+    setting: str  # the swept values but the seed: the group its seeds are averaged in
+    values: dict  # swept key -> value (as given on the command line)
+    flags: tuple  # its train.py flags: the fixed ones, its values and its folder
+    cfg: train.TrainConfig  # checked before any run starts
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def _sweepable(tp) -> bool:
+    """Only scalar keys are axes: a dict or list value (rope_scaling) may itself hold commas."""
+    if typing.get_origin(tp) in (typing.Union, type(int | None)):
+        return all(_sweepable(a) for a in typing.get_args(tp) if a is not type(None))
+    return (typing.get_origin(tp) or tp) in (bool, int, float, str, typing.Literal)
+
+
+def split_grid(flags: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """(axes: key -> values, fixed flags) from train.py flags given as --key=value."""
+    types, axes, fixed = key_types(train.TrainConfig), {}, []
+    for flag in flags:
+        key, _, value = flag[2:].partition("=")
+        if key in NOT_SWEPT:
+            raise ConfigError(f"sweep.py sets --{key} for each run itself: give --sweep_dir instead")
+        if "," not in value or not _sweepable(types[key]):
+            fixed.append(flag)
+            continue
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"bad value {value!r} for config key '{key}': a value is repeated")
+        axes[key.rpartition(".")[2]] = values
+    return axes, fixed
+
+
+def expand(axes: dict[str, list]) -> list[dict]:
+    """Every combination of the axes' values, in the order given (the last axis varies fastest)."""
+    combos = [{}]
+    for key, values in axes.items():
+        combos = [c | {key: v} for c in combos for v in values]
+    return combos
+
+
+def _safe(value) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", str(value))
+
+
+def run_name(values: dict, skip=()) -> str:
+    """'key=value__key=value' for the swept values (a folder name; characters outside [A-Za-z0-9._+-] as '-')."""
+    return SEP.join(f"{k}={_safe(v)}" for k, v in values.items() if k not in skip)
+
+
+def plan(file: str | None, fixed: list[str], axes: dict[str, list[str]], sweep_dir) -> list[Run]:
+    """The runs of the grid, each config checked now (a typo or bad value fails before anything trains)."""
+    runs, base = [], [file] if file else []
+    for values in expand(axes):
+        name = run_name(values) or "run"
+        flags = [*fixed, *(f"--{k}={v}" for k, v in values.items()), f"--out_dir={Path(sweep_dir) / name}"]
+        runs.append(Run(name, run_name(values, skip=(SEED,)) or "all", values, tuple(flags),
+                        train.load_config([*base, *flags])))
+    if len({r.name for r in runs}) != len(runs):
+        raise ConfigError(f"two runs of this grid get the same folder name: {sorted(r.name for r in runs)}")
+    return runs
+
+
+def claim_sweep(sweep_dir, file, fixed, axes) -> None:
+    """sweep.json names what the sweep is; a folder that holds another sweep (other file or fixed flags) is
+    refused, while new values on the axes of the same sweep extend it."""
+    manifest, path = {"config": file, "fixed": fixed}, Path(sweep_dir) / "sweep.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in manifest} != manifest:
+            raise RunFolderError(f"{sweep_dir} holds another sweep (config {old.get('config')}, flags "
+                                 f"{' '.join(old.get('fixed', []))}): choose another --sweep_dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest | {"axes": axes}, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- running
+
+def commands(run: Run, cfg: SweepConfig, file: str | None, group: str) -> list[tuple[str, list[str]]]:
+    """What one run is: the train.py and evaluate.py command lines (resuming where a run was started)."""
+    train_argv = [*([file] if file else []), *run.flags, f"--wandb_group={group}"]
+    if holds_run(run.dir):
+        train_argv.append("--resume=true")  # an interrupted run continues; a finished one returns at once
+    out = [("train.py", train_argv)]
+    if cfg.evaluate:
+        max_len = cfg.eval_len or 8 * run.cfg.model.block_size
+        out.append(("evaluate.py", [f"--ckpt={run.dir / 'ckpt.pt'}", f"--data_dir={run.cfg.data_dir}",
+                                    f"--max_len={max_len}", f"--tasks={','.join(cfg.eval_tasks)}",
+                                    f"--n_docs={cfg.eval_docs}", f"--out_dir={run.dir / 'eval'}", "--resume=true",
+                                    f"--device={run.cfg.device}"]))
+    return out
+
+
+MAINS = {"train.py": train.main, "extend_context.py": extend_context.main, "evaluate.py": evaluate.main}
+
+
+def run_jobs(jobs: list[tuple[str, list, typing.Callable]], workers: int = 1) -> list[str]:
+    """Run jobs (name, [(script, argv), ...], on_done): in this process one after another (workers 1), or as
+    subprocesses, one per slot (CUDA device, or a share of the CPU cores); on_done(seconds) follows each job
+    that finished. A failed job is reported and the others go on; an interrupt stops every job at its next
+    step (each saves a checkpoint) and is raised. Returns the names of the failed jobs."""
+    slots = _slots(workers) if workers != 1 and len(jobs) > 1 else [{}]
+    if len(slots) <= 1:
+        failed = []
+        for name, cmds, on_done in jobs:
+            t0 = time.time()
+            try:
+                for script, argv in cmds:
+                    MAINS[script](argv)
+            except (ValueError, OSError, train.TrainingError) as e:
+                print(f"error: {name} failed: {e}", file=sys.stderr)
+                failed.append(name)
+                continue
+            on_done(time.time() - t0)
+        return failed
+    return _run_parallel(jobs, slots)
+
+
+CPU_WORKERS = 2  # workers=0 on a CPU: two runs at once, each on half the cores (small models use 2 threads
+#                 poorly: two 1-thread runs on 2 cores train 1.23x faster than one 2-thread run)
+
+
+def _slots(workers: int) -> list[dict]:
+    """Environment overrides, one per parallel slot: a CUDA device each, or on a CPU a share of the cores."""
+    import torch
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
+        devices = [d for d in visible.split(",") if d.strip()]
+        n = len(devices) if workers == 0 else workers
+        return [{"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} for i in range(n)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = min(CPU_WORKERS, cores) if workers == 0 else workers
+    threads = str(max(1, cores // n))
+    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(n)]
+
+
+def _relay(stream, prefix):
+    """Each line a run prints, prefixed with its name (several runs print at once)."""
+    for line in stream:
+        print(prefix + line, end="", flush=True)
+
+
+def _run_parallel(jobs, slots) -> list[str]:
+    queue, active, failed = list(jobs), {}, []
+
+    def start(slot, state):
+        script, argv = state[1].pop(0)
+        state[3] = state[3] or time.time()
+        name = state[0][0]
+        print(f"[{name}] python {script} {' '.join(argv)}", flush=True)
+        state[2] = subprocess.Popen([sys.executable, str(Path(__file__).parent / script), *argv],
+                                    env=os.environ | slots[slot], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+        threading.Thread(target=_relay, args=(state[2].stdout, f"[{name}] "), daemon=True).start()
+
+    try:
+        while queue or active:
+            for slot in range(len(slots)):
+                if slot not in active and queue:
+                    job = queue.pop(0)
+                    active[slot] = [job, list(job[1]), None, None]  # job, commands left, process, start
+                    start(slot, active[slot])
+            time.sleep(0.2)
+            for slot, state in list(active.items()):
+                rc = state[2].poll()
+                if rc is None:
+                    continue
+                if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # a run was interrupted: stop them all
+                    raise Interrupted(rc - 128, f"{state[0][0]} was interrupted")
+                if rc != 0:
+                    print(f"error: {state[0][0]} failed (exit {rc})", file=sys.stderr)
+                    failed.append(state[0][0])
+                    del active[slot]
+                elif state[1]:
+                    start(slot, state)
+                else:
+                    state[0][2](time.time() - state[3])
+                    del active[slot]
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        running = [s[2] for s in active.values() if s[2] is not None and s[2].poll() is None]
+        for proc in running:
+            proc.send_signal(signum)  # each saves a checkpoint at its next step
+        for proc in running:
+            proc.wait()
+        raise
+    return failed
+
+
+# ----------------------------------------------------------------------------- summary
+
+def aggregate(values) -> dict:
+    """mean, sample standard deviation (n - 1 in the denominator; None for fewer than 2) and n of the finite
+    values among `values` (None, NaN and inf are left out)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(xs)
+    mean = sum(xs) / n if n else None
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def differs(a: dict, b: dict) -> bool | None:
+    """Whether two aggregates differ by more than their seed spread: |mean_a - mean_b| > std_a + std_b, i.e.
+    their mean ± std intervals do not overlap. None when either has no spread (fewer than 2 seeds)."""
+    if a["std"] is None or b["std"] is None:
+        return None
+    return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
+
+
+def merge_seeds(results: list[dict]) -> dict:
+    """One evaluation results dict from several seeds' (the same models, tasks and settings): every float is the
+    mean over seeds, with its sample standard deviation beside it as <key>_sd; counts, lengths, labels and
+    reasons are the first seed's. n_seeds says how many were merged."""
+    def merge(xs):
+        x = xs[0]
+        if isinstance(x, float):
+            return aggregate(xs)["mean"]
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                vs = [y.get(k) if isinstance(y, dict) else None for y in xs]
+                out[k] = merge(vs)
+                if isinstance(v, float):
+                    out[f"{k}_sd"] = aggregate(vs)["std"]
+            return out
+        if isinstance(x, list) and all(isinstance(y, list) and len(y) == len(x) for y in xs):
+            return [merge([y[i] for y in xs]) for i in range(len(x))]
+        return x
+
+    return merge(results) | {"n_seeds": len(results)}
+
+
+def train_seconds(run_dir) -> float:
+    """Time spent in optimizer steps, from metrics.jsonl (so a resumed run counts every part, and evaluation
+    and checkpointing are left out); the first step, which may compile, is not timed."""
+    total, prev = 0.0, None
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m.get("kind") == "train":
+            steps = m["step"] - (prev if prev is not None else 1)
+            total += m["ms_per_step"] / 1000 * max(steps, 1)
+            prev = m["step"]
+    return total
+
+
+def compute(run_dir) -> dict:
+    """A finished training run's compute and last validation loss, from its folder."""
+    info = json.loads((Path(run_dir) / "config.json").read_text())
+    config = info["config"]
+    metrics = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    val = [m for m in metrics if m.get("kind") == "val"]
+    steps = val[-1]["step"] if val else 0
+    tokens = steps * config["batch_size"] * config["grad_accum_steps"] * config["model"]["block_size"] * \
+        info.get("world_size", 1)
+    return {"steps": steps, "tokens": tokens, "train_seconds": round(train_seconds(run_dir), 1),
+            "val_loss": val[-1]["loss"] if val else None}
+
+
+def record(run: Run, seconds: float | None = None) -> dict:
+    """What a finished run is summarized by: its settings, compute and numbers (written to its folder)."""
+    c = compute(run.dir)
+    out = {"name": run.name, "setting": run.setting, "values": run.values, "steps": c["steps"], "tokens": c["tokens"],
+           "train_seconds": c["train_seconds"], "wall_seconds": seconds, "numbers": {"val_loss": c["val_loss"]}}
+    results = run.dir / "eval" / "results.json"
+    if results.exists():
+        scalars = evaluate.scalars(json.loads(results.read_text()))
+        out["numbers"] |= {k.partition("/")[2]: v for k, v in scalars.items()}
+    write_atomic(run.dir / RECORD, json.dumps(out, indent=1) + "\n")  # last: it says the run is finished
+    return out
+
+
+def summarize(records: list[dict]) -> dict:
+    """setting -> {"runs": names, "seeds", and for compute and every number: aggregate over its runs}."""
+    out = {}
+    for rec in records:
+        out.setdefault(rec["setting"], []).append(rec)
+    summary = {}
+    for setting, recs in out.items():
+        keys = list(dict.fromkeys(k for r in recs for k in r["numbers"]))
+        summary[setting] = {"runs": [r["name"] for r in recs], "seeds": [r["values"].get(SEED) for r in recs],
+                            **{k: aggregate([r[k] for r in recs]) for k in ("steps", "tokens", "train_seconds")},
+                            "numbers": {k: aggregate([r["numbers"].get(k) for r in recs]) for k in keys}}
+    return summary
+
+
+def fmt(agg: dict, digits: int = 3) -> str:
+    """'mean ± std (n)'; without a spread 'mean (n=1)'; '—' with no value."""
+    if agg["mean"] is None:
+        return "—"
+    if agg["std"] is None:
+        return f"{agg['mean']:.{digits}f} (n={agg['n']})"
+    return f"{agg['mean']:.{digits}f} ± {agg['std']:.{digits}f} ({agg['n']})"
+
+
+def summary_markdown(summary: dict, title: str) -> str:
+    numbers = list(dict.fromkeys(k for s in summary.values() for k in s["numbers"]))
+    header = ["setting", "seeds", "steps", "tokens", "train s", *numbers]
+    lines = [f"# {title}", "",
+             "Per setting: mean ± sample standard deviation over seeds (n). val_loss: the last validation loss; "
+             "ppl@W: sliding-window perplexity at window W; short_loss: loss at the base length; passkey@N, "
+             "recall@d: accuracies (evaluate.py). steps, tokens and seconds in optimizer steps (means over seeds) show the "
+             "compute of each.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for setting, s in summary.items():
+        row = [setting, ",".join(str(x) for x in s["seeds"]), f"{s['steps']['mean']:.0f}",
+               f"{s['tokens']['mean']:,.0f}", f"{s['train_seconds']['mean']:.1f}"]
+        row += [fmt(s["numbers"][k], 2 if k.startswith("ppl") else 4) if k in s["numbers"] else "—" for k in numbers]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the command
+
+def sweep(file: str | None, cfg: SweepConfig, train_flags: list[str]) -> dict:
+    """Train and evaluate every run of the grid (skipping finished ones), then write summary.md/.json."""
+    axes, fixed = split_grid(train_flags)
+    sweep_dir = Path(cfg.sweep_dir.format(config=Path(file).stem if file else "run"))
+    runs = plan(file, fixed, axes, sweep_dir)
+    claim_sweep(sweep_dir, file, fixed, axes)
+    print(f"sweep {sweep_dir}: {len(runs)} runs over {', '.join(f'{k} ({len(v)})' for k, v in axes.items()) or 'no axis'}")
+    jobs = []
+    for run in runs:
+        if (run.dir / RECORD).exists():
+            print(f"{run.name}: finished in an earlier sweep, skipped")
+            continue
+        jobs.append((run.name, commands(run, cfg, file, sweep_dir.name), lambda seconds, r=run: record(r, seconds)))
+    failed = run_jobs(jobs, cfg.workers)
+    records = [json.loads((r.dir / RECORD).read_text()) for r in runs if (r.dir / RECORD).exists()]
+    summary = summarize(records)
+    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (sweep_dir / "summary.md").write_text(summary_markdown(summary, f"Sweep {sweep_dir.name}"))
+    print(summary_markdown(summary, f"Sweep {sweep_dir.name}"))
+    print(f"wrote {sweep_dir / 'summary.md'}")
+    if failed:
+        raise SweepError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); fix the cause and run the "
+                         "same command again: finished runs are skipped")
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        parse(SweepConfig, ["--help"], passthrough=train.TrainConfig, doc=__doc__)
+    types = key_types(SweepConfig) | key_types(train.TrainConfig)
+    files, flags = split_argv(argv, types)  # the TOML file is train.py's, not the sweep's
+    if len(files) > 1:
+        raise ConfigError(f"give one config file, not {len(files)}: {' '.join(files)}")
+    cfg, train_flags = parse(SweepConfig, [f"--{k}={v}" for k, v in flags.items()], passthrough=train.TrainConfig,
+                             doc=__doc__)
+    return sweep(files[0] if files else None, cfg, train_flags)
+
+
+if __name__ == "__main__":
+    cli(main, errors=(ValueError, OSError, train.TrainingError, SweepError))
