@@ -31,7 +31,7 @@ from plots import seeds
 from positions import SCHEMES
 from rope_scaling import ROPE_SCALING, scaling_dict
 from run_folder import holds_run, write_atomic
-from sweep import compute, differs, merge_seeds, run_jobs
+from sweep import Job, compute, differs, merge_seeds, run_jobs
 
 ROOT = Path(__file__).resolve().parent
 
@@ -67,10 +67,10 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=250,
-                 train={"max_iters": 500, "eval_interval": 250, "ckpt_interval": 250, "log_interval": 50},
-                 extend={"learning_rate": 1e-3, "eval_interval": 125, "eval_iters": 4},
-                 eval=dict(n_docs=8, passkey_trials=2, recall_trials=12)),
+    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=200,
+                 train={"max_iters": 400, "eval_interval": 200, "ckpt_interval": 200, "log_interval": 50},
+                 extend={"learning_rate": 1e-3, "eval_interval": 100, "eval_iters": 4},
+                 eval=dict(n_docs=8, passkey_trials=1, recall_trials=8)),
     "gpu": Scale("gpu30m", "data/stdlib", None, 4096, extend_steps=100,
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
                  eval=dict(n_docs=8, passkey_trials=2, recall_trials=8)),
@@ -107,12 +107,16 @@ class Stages:
         return result
 
     def run_jobs(self, jobs, workers=1):
-        """Stages that are command lines [(name, [(script, argv)], out_dir)], several at once with workers
-        (sweep.run_jobs); each records the compute of the run it trained. A failure stops the pipeline."""
-        todo = [(name, cmds, lambda seconds, n=name, d=out_dir: self.finish(n, seconds, compute(d)))
-                for name, cmds, out_dir in jobs if not self.skip(name)]
-        for name, _, _ in todo:
-            print(f"== {name}", flush=True)
+        """Stages that are command lines (sweep.Job, whose name is the stage's and whose on_done is given the
+        run folder it trains), several at once with workers; each records the compute of the run it trained.
+        A failure stops the pipeline."""
+        todo = []
+        for job, out_dir in jobs:
+            if not self.skip(job.name):
+                print(f"== {job.name}", flush=True)
+                job.on_done = lambda seconds, n=job.name, d=out_dir: self.finish(n, seconds, compute(d))
+                job.after = tuple(n for n in job.after if n not in self.done)
+                todo.append(job)
         failed = run_jobs(todo, workers)
         if failed:
             raise train.TrainingError(f"stage(s) failed: {', '.join(failed)} (see the errors above); fix the cause "
@@ -131,7 +135,7 @@ def train_stage(scale, scheme, seed, run_dir):
         argv.append(f"--vocab_size={scale.vocab_size}")
     if holds_run(out_dir):
         argv.append("--resume=true")  # an interrupted run continues as if never stopped
-    return f"train {scheme} (seed {seed})", [("train.py", argv)], out_dir
+    return Job(f"train {scheme} (seed {seed})", [("train.py", argv)]), out_dir
 
 
 def fine_tune_stage(scale, method, seed, run_dir):
@@ -140,7 +144,8 @@ def fine_tune_stage(scale, method, seed, run_dir):
             f"--steps={scale.extend_steps}", f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
     if holds_run(out_dir):
         argv.append("--resume=true")
-    return f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label} (seed {seed})", [("extend_context.py", argv)], out_dir
+    return Job(f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label} (seed {seed})", [("extend_context.py", argv)],
+               after=(train_stage(scale, EXTENDED, seed, run_dir)[0].name,)), out_dir
 
 
 def models_to_evaluate(scale, run_dir):
@@ -252,8 +257,11 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
         stages.done.pop("data", None)
     stages.run("data", lambda: prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
     seed_list = [train.TrainConfig.seed + i for i in range(seeds)]
-    stages.run_jobs([train_stage(scale, scheme, s, run_dir) for s in seed_list for scheme in SCHEMES], workers)
-    stages.run_jobs([fine_tune_stage(scale, m, s, run_dir) for s in seed_list for m in FINE_TUNED], workers)
+    # the extended scheme trains first in each seed, so its fine-tunes can run beside the other schemes' training
+    schemes = [EXTENDED, *(s for s in SCHEMES if s != EXTENDED)]
+    stages.run_jobs([job for s in seed_list for job in (*(train_stage(scale, scheme, s, run_dir) for scheme in schemes),
+                                                        *(fine_tune_stage(scale, m, s, run_dir) for m in FINE_TUNED))],
+                    workers)
     for s in seed_list:
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,

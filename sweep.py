@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ class Run:
 
 def _sweepable(tp) -> bool:
     """Only scalar keys are axes: a dict or list value (rope_scaling) may itself hold commas."""
-    if typing.get_origin(tp) in (typing.Union, type(int | None)):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return all(_sweepable(a) for a in typing.get_args(tp) if a is not type(None))
     return (typing.get_origin(tp) or tp) in (bool, int, float, str, typing.Literal)
 
@@ -164,26 +165,40 @@ def commands(run: Run, cfg: SweepConfig, file: str | None, group: str) -> list[t
 MAINS = {"train.py": train.main, "extend_context.py": extend_context.main, "evaluate.py": evaluate.main}
 
 
-def run_jobs(jobs: list[tuple[str, list, typing.Callable]], workers: int = 1) -> list[str]:
-    """Run jobs (name, [(script, argv), ...], on_done): in this process one after another (workers 1), or as
-    subprocesses, one per slot (CUDA device, or a share of the CPU cores); on_done(seconds) follows each job
-    that finished. A failed job is reported and the others go on; an interrupt stops every job at its next
-    step (each saves a checkpoint) and is raised. Returns the names of the failed jobs."""
+@dataclass
+class Job:
+    """Command lines run one after another, as one unit of work (a run: train, then evaluate)."""
+    name: str
+    commands: list  # [(script, argv), ...]: scripts of MAINS
+    on_done: typing.Callable = lambda seconds: None  # called with the job's wall time once every command succeeded
+    after: tuple = ()  # names of jobs that must finish first (a fine-tune after the training it starts from)
+
+
+def run_jobs(jobs: list[Job], workers: int = 1) -> list[str]:
+    """Run jobs in this process one after another (workers 1, in the order given, which must put a job after
+    the ones it needs), or as subprocesses, one per slot (a CUDA device, or a share of the CPU cores), each
+    job as soon as a slot is free and what it needs is done. A failed job is reported and the others go on (a
+    job that needs it fails too); an interrupt stops every job at its next step (each saves a checkpoint)
+    and is raised. Returns the names of the failed jobs."""
     slots = _slots(workers) if workers != 1 and len(jobs) > 1 else [{}]
-    if len(slots) <= 1:
-        failed = []
-        for name, cmds, on_done in jobs:
-            t0 = time.time()
-            try:
-                for script, argv in cmds:
-                    MAINS[script](argv)
-            except (ValueError, OSError, train.TrainingError) as e:
-                print(f"error: {name} failed: {e}", file=sys.stderr)
-                failed.append(name)
-                continue
-            on_done(time.time() - t0)
-        return failed
-    return _run_parallel(jobs, slots)
+    if len(slots) > 1:
+        return _run_parallel(jobs, slots)
+    failed = []
+    for job in jobs:
+        if set(job.after) & set(failed):
+            print(f"error: {job.name} not run: {', '.join(set(job.after) & set(failed))} failed", file=sys.stderr)
+            failed.append(job.name)
+            continue
+        t0 = time.time()
+        try:
+            for script, argv in job.commands:
+                MAINS[script](argv)
+        except (ValueError, OSError, train.TrainingError) as e:
+            print(f"error: {job.name} failed: {e}", file=sys.stderr)
+            failed.append(job.name)
+            continue
+        job.on_done(time.time() - t0)
+    return failed
 
 
 CPU_WORKERS = 2  # workers=0 on a CPU: two runs at once, each on half the cores (small models use 2 threads
@@ -204,51 +219,66 @@ def _slots(workers: int) -> list[dict]:
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(n)]
 
 
+@dataclass
+class _Running:
+    job: Job
+    left: list  # commands still to run
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+
+
 def _relay(stream, prefix):
     """Each line a run prints, prefixed with its name (several runs print at once)."""
     for line in stream:
         print(prefix + line, end="", flush=True)
 
 
-def _run_parallel(jobs, slots) -> list[str]:
-    queue, active, failed = list(jobs), {}, []
+def _start(run: _Running, env: dict) -> None:
+    script, argv = run.left.pop(0)
+    run.started = run.started or time.time()
+    print(f"[{run.job.name}] python {script} {' '.join(argv)}", flush=True)
+    run.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / script), *argv],
+                                   env=os.environ | env | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+    threading.Thread(target=_relay, args=(run.process.stdout, f"[{run.job.name}] "), daemon=True).start()
 
-    def start(slot, state):
-        script, argv = state[1].pop(0)
-        state[3] = state[3] or time.time()
-        name = state[0][0]
-        print(f"[{name}] python {script} {' '.join(argv)}", flush=True)
-        state[2] = subprocess.Popen([sys.executable, str(Path(__file__).parent / script), *argv],
-                                    env=os.environ | slots[slot], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1)
-        threading.Thread(target=_relay, args=(state[2].stdout, f"[{name}] "), daemon=True).start()
 
+def _run_parallel(jobs: list[Job], slots: list[dict]) -> list[str]:
+    queue, active, done, failed = list(jobs), {}, set(), []  # active: slot -> _Running
     try:
         while queue or active:
+            for job in [j for j in queue if set(j.after) & set(failed)]:
+                print(f"error: {job.name} not run: {', '.join(set(job.after) & set(failed))} failed", file=sys.stderr)
+                failed.append(job.name)
+                queue.remove(job)
             for slot in range(len(slots)):
-                if slot not in active and queue:
-                    job = queue.pop(0)
-                    active[slot] = [job, list(job[1]), None, None]  # job, commands left, process, start
-                    start(slot, active[slot])
+                ready = [j for j in queue if set(j.after) <= done]
+                if slot not in active and ready:
+                    queue.remove(ready[0])
+                    active[slot] = _Running(ready[0], list(ready[0].commands))
+                    _start(active[slot], slots[slot])
+            if not active and queue:
+                raise ValueError(f"jobs wait for jobs that are not in the list: {[j.name for j in queue]}")
             time.sleep(0.2)
-            for slot, state in list(active.items()):
-                rc = state[2].poll()
+            for slot, run in list(active.items()):
+                rc = run.process.poll()
                 if rc is None:
                     continue
                 if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # a run was interrupted: stop them all
-                    raise Interrupted(rc - 128, f"{state[0][0]} was interrupted")
+                    raise Interrupted(rc - 128, f"{run.job.name} was interrupted")
                 if rc != 0:
-                    print(f"error: {state[0][0]} failed (exit {rc})", file=sys.stderr)
-                    failed.append(state[0][0])
+                    print(f"error: {run.job.name} failed (exit {rc})", file=sys.stderr)
+                    failed.append(run.job.name)
                     del active[slot]
-                elif state[1]:
-                    start(slot, state)
+                elif run.left:
+                    _start(run, slots[slot])
                 else:
-                    state[0][2](time.time() - state[3])
+                    run.job.on_done(time.time() - run.started)
+                    done.add(run.job.name)
                     del active[slot]
     except (KeyboardInterrupt, Interrupted) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        running = [s[2] for s in active.values() if s[2] is not None and s[2].poll() is None]
+        running = [r.process for r in active.values() if r.process is not None and r.process.poll() is None]
         for proc in running:
             proc.send_signal(signum)  # each saves a checkpoint at its next step
         for proc in running:
@@ -393,7 +423,7 @@ def sweep(file: str | None, cfg: SweepConfig, train_flags: list[str]) -> dict:
         if (run.dir / RECORD).exists():
             print(f"{run.name}: finished in an earlier sweep, skipped")
             continue
-        jobs.append((run.name, commands(run, cfg, file, sweep_dir.name), lambda seconds, r=run: record(r, seconds)))
+        jobs.append(Job(run.name, commands(run, cfg, file, sweep_dir.name), lambda seconds, r=run: record(r, seconds)))
     failed = run_jobs(jobs, cfg.workers)
     records = [json.loads((r.dir / RECORD).read_text()) for r in runs if (r.dir / RECORD).exists()]
     summary = summarize(records)

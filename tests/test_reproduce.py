@@ -72,6 +72,24 @@ def test_more_seeds_add_runs_and_every_cell_gets_a_spread(tiny_scale, tmp_path, 
     assert "± " in report.split("## Sliding-window perplexity")[1].split("##")[0]
 
 
+def test_parallel_workers_reproduce_the_same_numbers(tiny_scale, tmp_path):
+    """The default command's path: runs as subprocesses, two at once, fine-tunes after the RoPE training."""
+    reproduce.run(tiny_scale, tmp_path / "one")
+    reproduce.run(tiny_scale, tmp_path / "two", workers=2)
+    one, two = flat(evaluation(tmp_path / "one")[0]), flat(evaluation(tmp_path / "two")[0])
+    assert two.keys() == one.keys()
+    assert two == pytest.approx(one, rel=1e-5)  # a core per run instead of two: sums in another order
+
+
+def flat(x, path=""):
+    """{path: leaf} of a nested dict/list, numbers only (what pytest.approx compares)."""
+    if isinstance(x, dict):
+        return {k: v for key, value in x.items() for k, v in flat(value, f"{path}/{key}").items()}
+    if isinstance(x, list):
+        return {k: v for i, value in enumerate(x) for k, v in flat(value, f"{path}[{i}]").items()}
+    return {path: x} if isinstance(x, (int, float)) and not isinstance(x, bool) else {}
+
+
 def evaluation(run_dir):
     """Every number of the evaluation, without what names the files it came from."""
     results = json.loads((run_dir / "seed1337" / "eval" / "results.json").read_text())

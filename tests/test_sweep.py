@@ -175,3 +175,17 @@ def test_parallel_workers_give_the_sequential_numbers(data_dir, tmp_path):
     for setting in one:
         for k, agg in one[setting]["numbers"].items():
             assert two[setting]["numbers"][k]["mean"] == pytest.approx(agg["mean"], rel=1e-4), (setting, k)
+
+
+def test_a_job_whose_dependency_failed_does_not_run(tmp_path, capsys):
+    calls = []
+    sweep.MAINS["record"] = calls.append  # a stand-in script: records its argv
+    try:
+        jobs = [sweep.Job("a", [("train.py", ["--batch_size=0"])]),  # fails: a bad value
+                sweep.Job("b", [("record", ["b"])], after=("a",)),
+                sweep.Job("c", [("record", ["c"])], on_done=lambda s: calls.append(["c done"]))]
+        assert sweep.run_jobs(jobs, workers=1) == ["a", "b"]
+    finally:
+        del sweep.MAINS["record"]
+    assert calls == [["c"], ["c done"]]
+    assert "b not run: a failed" in capsys.readouterr().err
