@@ -67,9 +67,9 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=200,
-                 train={"max_iters": 400, "eval_interval": 200, "ckpt_interval": 200, "log_interval": 50},
-                 extend={"learning_rate": 1e-3, "eval_interval": 100, "eval_iters": 4},
+    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=150,
+                 train={"max_iters": 350, "eval_interval": 175, "ckpt_interval": 175, "log_interval": 50},
+                 extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4},
                  eval=dict(n_docs=8, passkey_trials=1, recall_trials=8)),
     "gpu": Scale("gpu30m", "data/stdlib", None, 4096, extend_steps=100,
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
@@ -257,10 +257,12 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
         stages.done.pop("data", None)
     stages.run("data", lambda: prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
     seed_list = [train.TrainConfig.seed + i for i in range(seeds)]
-    # the extended scheme trains first in each seed, so its fine-tunes can run beside the other schemes' training
-    schemes = [EXTENDED, *(s for s in SCHEMES if s != EXTENDED)]
-    stages.run_jobs([job for s in seed_list for job in (*(train_stage(scale, scheme, s, run_dir) for scheme in schemes),
-                                                        *(fine_tune_stage(scale, m, s, run_dir) for m in FINE_TUNED))],
+    # In each seed the extended scheme trains first and its fine-tunes come next in the queue: with several
+    # workers they start as soon as it is done, beside the other schemes' training.
+    others = [s for s in SCHEMES if s != EXTENDED]
+    stages.run_jobs([job for s in seed_list for job in (train_stage(scale, EXTENDED, s, run_dir),
+                                                        *(fine_tune_stage(scale, m, s, run_dir) for m in FINE_TUNED),
+                                                        *(train_stage(scale, o, s, run_dir) for o in others))],
                     workers)
     for s in seed_list:
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
