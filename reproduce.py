@@ -86,6 +86,7 @@ class Stages:
     def __init__(self, run_dir):
         self.path = Path(run_dir) / "stages.json"
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.skipped = []  # stages this run found finished
 
     def finish(self, name, seconds, result=None):
         self.done[name] = {"seconds": seconds, "result": result}
@@ -94,6 +95,7 @@ class Stages:
     def skip(self, name):
         if name in self.done:
             print(f"== {name}: done in an earlier run ({self.done[name]['seconds']:.0f}s), skipped", flush=True)
+            self.skipped.append(name)
         return name in self.done
 
     def run(self, name, fn):
@@ -160,7 +162,7 @@ def models_to_evaluate(scale, run_dir):
     return {k: (str(v[0]), v[1]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
 
 
-def write_report(scale, run_dir, stages, command, results):
+def write_report(scale, run_dir, stages, command, results, wall=None):
     """report.md: what ran, on what, with how much compute and time, then the evaluation's tables and plots."""
     run_dir = Path(run_dir)
     summary = (run_dir / "eval" / "summary.md").read_text()
@@ -181,7 +183,11 @@ def write_report(scale, run_dir, stages, command, results):
         f"vocabulary {meta['vocab_size']}); base length L = {scale.base_len}, fine-tuned extensions to "
         f"{scale.factor}L, evaluation to {scale.eval_factor}L; {seeds(results)} seed(s).", "",
         "Every scheme trains with the same steps and tokens (equal compute); seconds are wall time.", "",
-        "| stage | seconds | steps | tokens |", "|---|---|---|---|", *timing, f"| total | {total:.0f} | | |", "",
+        "| stage | seconds | steps | tokens |", "|---|---|---|---|", *timing, f"| sum of the stages | {total:.0f} | | |", "",
+        "With several workers, stages run at the same time, so their sum exceeds the wall time"
+        + (f"; this command ran {wall:.0f} s" if wall else "")
+        + (f", reusing {len(stages.skipped)} stages of an earlier run." if stages.skipped else "."),
+        "",
         *observations(results), "",
         summary.replace("](", "](eval/").replace("# Long-context evaluation", "## Evaluation", 1),
     ]
@@ -250,7 +256,7 @@ def significance(results):
 def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference=""):
     """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers: see
     ReproduceConfig (the tests run in this process, workers=1)."""
-    run_dir = Path(run_dir)
+    t0, run_dir = time.time(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
     if not (Path(scale.data_dir) / "meta.json").exists():
@@ -272,7 +278,7 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
                    lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s)), c) and None)
     results = merge_seeds([json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list])
     evaluate.write_report(results, run_dir / "eval")
-    write_report(scale, run_dir, stages, command, results)
+    write_report(scale, run_dir, stages, command, results, time.time() - t0)
     return run_dir / "report.md"
 
 
