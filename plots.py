@@ -170,14 +170,17 @@ def plot_all(results, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for task, fn in (("position", _plot_position), ("ppl", _plot_ppl), ("passkey", _plot_passkey),
-                     ("recall", _plot_recall)):
-        ks = [k for k, r in results["models"].items() if task in r]
-        if ks:
-            fig = fn(plt, results, ks)
-            paths.append(out_dir / f"{task}.png")
-            fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-            plt.close(fig)
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[0::2] + tab20[1::2]  # 10 distinct colors, then their lighter twins: 20 models, none alike
+    with plt.rc_context({"axes.prop_cycle": plt.cycler(color=colors)}):
+        for task, fn in (("position", _plot_position), ("ppl", _plot_ppl), ("passkey", _plot_passkey),
+                         ("recall", _plot_recall)):
+            ks = [k for k, r in results["models"].items() if task in r]
+            if ks:
+                fig = fn(plt, results, ks)
+                paths.append(out_dir / f"{task}.png")
+                fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+                plt.close(fig)
     return paths
 
 
@@ -219,8 +222,9 @@ def _plot_position(plt, results, ks):
     n_seeds, p0 = seeds(results), results["models"][ks[0]]["position"]
     band = f"± std across {n_seeds} seeds" if n_seeds > 1 else "± std error across documents"
     panels = [(axes[0][0], lambda p: p["buckets"], "loss")]
-    if relative:
-        panels.append((axes[0][1], lambda p: p["relative"], f"loss − loss of {ref}"))
+    if relative:  # from L/8 on: the first buckets hold a few tokens each, and their noise would set the scale
+        panels.append((axes[0][1], lambda p: [b for b in p["relative"] if b["lo"] >= results["base_len"] // 8],
+                       f"loss − loss of {ref}"))
     for ax, entries, ylabel in panels:
         _lines(ax, results, ks, "position", entries, center, lambda b: b["mean"])
         for k, line in zip(ks, ax.get_lines()):
@@ -233,7 +237,7 @@ def _plot_position(plt, results, ks):
     axes[0][0].set_title(f"Loss by position: {p0['n_docs']} documents of ≥ {results['max_len'] + 1} tokens")
     if relative:
         axes[0][1].axhline(0, color="black", linewidth=0.5)
-        axes[0][1].set_title("The same, relative: the fall of loss with position cancels")
+        axes[0][1].set_title(f"Minus the loss of {ref} (from position {results['base_len'] // 8})")
     return fig
 
 
@@ -246,8 +250,12 @@ def _plot_ppl(plt, results, ks):
             _band(ax, [e["window"] for e in ok], [e["ppl"] for e in ok], [e.get("ppl_sd") or 0.0 for e in ok],
                   line.get_color())
     _wall(ax, results, "window: training length")
-    ax.set(xlabel="window (tokens)", ylabel="perplexity", yscale="log", title="Sliding-window perplexity")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="window (tokens)", ylabel="perplexity (log scale)", yscale="log", title="Sliding-window perplexity")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not over them
     return fig
 
 

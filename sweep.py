@@ -14,6 +14,7 @@ seed), the mean, standard deviation and number n over seeds of the validation lo
 number, and each run's steps, tokens and training time (schemes compared at equal compute).
 """
 
+import copy
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import evaluate
 import extend_context
 import train
 from config import ConfigError, Interrupted, at_least, check_fields, cli, key_types, parse, split_argv
+from data.loader import load_meta
 from run_folder import RunFolderError, holds_run, write_atomic
 from tasks import TASKS
 
@@ -129,6 +131,8 @@ def plan(file: str | None, fixed: list[str], axes: dict[str, list[str]], sweep_d
                         train.load_config([*base, *flags])))
     if len({r.name for r in runs}) != len(runs):
         raise ConfigError(f"two runs of this grid get the same folder name: {sorted(r.name for r in runs)}")
+    for data_dir in {r.cfg.data_dir for r in runs}:
+        load_meta(data_dir)  # data that is not there fails now, in one line, not at the first run's start
     return runs
 
 
@@ -308,9 +312,10 @@ def differs(a: dict, b: dict) -> bool | None:
 
 
 def merge_seeds(results: list[dict]) -> dict:
-    """One evaluation results dict from several seeds' (the same models, tasks and settings): every float is the
-    mean over seeds, with its sample standard deviation beside it as <key>_sd; counts, lengths, labels and
-    reasons are the first seed's. n_seeds says how many were merged."""
+    """One evaluation results dict from several seeds' (the same models, tasks and settings): in every task's
+    numbers each float is the mean over seeds, with its sample standard deviation beside it as <key>_sd;
+    counts, lengths and reasons, and everything outside the tasks (configs, settings), are the first seed's.
+    n_seeds says how many were merged."""
     def merge(xs):
         x = xs[0]
         if isinstance(x, float):
@@ -327,7 +332,12 @@ def merge_seeds(results: list[dict]) -> dict:
             return [merge([y[i] for y in xs]) for i in range(len(x))]
         return x
 
-    return merge(results) | {"n_seeds": len(results)}
+    out = copy.deepcopy(results[0]) | {"n_seeds": len(results)}
+    for label, model in out["models"].items():
+        for task in TASKS:
+            if task in model:
+                model[task] = merge([r["models"][label][task] for r in results])
+    return out
 
 
 def train_seconds(run_dir) -> float:

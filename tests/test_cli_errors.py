@@ -84,6 +84,7 @@ CASES = [  # (script, arguments with {run} and {root} filled in, what the one li
     (sweep, ["--max_iter=3"], "unknown config key 'max_iter' (did you mean 'max_iters'?)"),
     (sweep, ["--eval_tasks=ppl,wall"], "config key 'eval_tasks': choose from position, ppl"),
     (sweep, ["--workers=-1"], "config key 'workers': expected a number >= 0"),
+    (sweep, ["--data_dir={root}/nodata"], "no prepared data at"),
     (bench_model, ["--schemes=rotary"], "unknown pos_encoding 'rotary'"),
     (bench_model, ["--T=0"], "config key 'T': expected a number >= 1"),
     (bench_decode, ["--contexts=0"], "config key 'contexts': expected positive lengths"),

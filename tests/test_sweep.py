@@ -93,13 +93,15 @@ def test_merge_seeds_averages_every_float_and_keeps_the_rest():
     def results(ppl, loss):
         return {"base_len": 16, "models": {"m": {"ppl": [{"window": 16, "ppl": ppl, "n_tokens": 100},
                                                          {"window": 32, "cannot_run": "no"}],
-                                                 "short": {"loss": loss, "base_len": 16}}}}
+                                                 "short": {"loss": loss, "base_len": 16},
+                                                 "rope_scaling": {"factor": 4.0}}}}
     merged = sweep.merge_seeds([results(10.0, 2.0), results(14.0, 3.0), results(12.0, 4.0)])
     e = merged["models"]["m"]["ppl"][0]
     assert e["ppl"] == pytest.approx(12.0) and e["ppl_sd"] == pytest.approx(2.0)
     assert e["window"] == 16 and e["n_tokens"] == 100 and "window_sd" not in e  # counts are not averaged
     assert merged["models"]["m"]["ppl"][1] == {"window": 32, "cannot_run": "no"}
     assert merged["models"]["m"]["short"]["loss_sd"] == pytest.approx(1.0) and merged["n_seeds"] == 3
+    assert merged["models"]["m"]["rope_scaling"] == {"factor": 4.0}  # a config, not a number to average
 
 
 def test_relative_loss_is_the_per_document_difference():
@@ -189,3 +191,11 @@ def test_a_job_whose_dependency_failed_does_not_run(tmp_path, capsys):
         del sweep.MAINS["record"]
     assert calls == [["c"], ["c done"]]
     assert "b not run: a failed" in capsys.readouterr().err
+
+
+def test_the_runs_of_a_sweep_share_a_wandb_group(data_dir, tmp_path, monkeypatch):
+    import train
+    groups = []
+    monkeypatch.setattr(train, "start_wandb", lambda *a, group=None, **k: groups.append(group))
+    sweep.main(argv(data_dir, tmp_path / "ablation", "--seed=0,1", "--evaluate=false", "--wandb=offline"))
+    assert groups == ["ablation", "ablation"]
