@@ -31,7 +31,8 @@ from plots import seeds
 from positions import SCHEMES
 from rope_scaling import ROPE_SCALING, scaling_dict
 from run_folder import holds_run, write_atomic
-from sweep import Job, compute, differs, merge_seeds, run_jobs
+from jobs import Job, run_jobs
+from sweep import compute, differs, merge_seeds
 
 ROOT = Path(__file__).resolve().parent
 

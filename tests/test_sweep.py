@@ -8,6 +8,7 @@ import sysconfig
 import pytest
 
 import evaluate
+import jobs
 import sweep
 import tasks
 from config import ConfigError, Interrupted
@@ -48,12 +49,13 @@ def test_commas_make_axes_and_the_grid_is_every_combination():
     assert sweep.expand({}) == [{}]
 
 
-def test_every_run_is_checked_before_anything_trains(tmp_path):
+def test_every_run_is_checked_before_anything_trains(data_dir, tmp_path):
     axes, fixed = sweep.split_grid(["--pos_encoding=rope,alibi", "--n_head=2,3", "--n_embd=16", "--device=cpu"])
     with pytest.raises(ConfigError, match="n_embd"):  # 16 is not divisible by 3 heads
         sweep.plan(None, fixed, axes, tmp_path / "s")
     assert not (tmp_path / "s").exists()
-    runs = sweep.plan(None, ["--device=cpu"], {"pos_encoding": ["rope", "alibi"], "seed": ["0", "1"]}, tmp_path / "s")
+    runs = sweep.plan(None, [f"--data_dir={data_dir}"], {"pos_encoding": ["rope", "alibi"], "seed": ["0", "1"]},
+                      tmp_path / "s")
     assert [r.setting for r in runs] == ["pos_encoding=rope"] * 2 + ["pos_encoding=alibi"] * 2
     assert [r.cfg.seed for r in runs] == [0, 1, 0, 1] and runs[2].cfg.model.pos_encoding == "alibi"
     assert runs[3].dir == tmp_path / "s" / "pos_encoding=alibi__seed=1"
@@ -181,14 +183,14 @@ def test_parallel_workers_give_the_sequential_numbers(data_dir, tmp_path):
 
 def test_a_job_whose_dependency_failed_does_not_run(tmp_path, capsys):
     calls = []
-    sweep.MAINS["record"] = calls.append  # a stand-in script: records its argv
+    jobs.MAINS["record"] = calls.append  # a stand-in script: records its argv
     try:
-        jobs = [sweep.Job("a", [("train.py", ["--batch_size=0"])]),  # fails: a bad value
-                sweep.Job("b", [("record", ["b"])], after=("a",)),
-                sweep.Job("c", [("record", ["c"])], on_done=lambda s: calls.append(["c done"]))]
-        assert sweep.run_jobs(jobs, workers=1) == ["a", "b"]
+        todo = [jobs.Job("a", [("train.py", ["--batch_size=0"])]),  # fails: a bad value
+                jobs.Job("b", [("record", ["b"])], after=("a",)),
+                jobs.Job("c", [("record", ["c"])], on_done=lambda s: calls.append(["c done"]))]
+        assert jobs.run_jobs(todo, workers=1) == ["a", "b"]
     finally:
-        del sweep.MAINS["record"]
+        del jobs.MAINS["record"]
     assert calls == [["c"], ["c done"]]
     assert "b not run: a failed" in capsys.readouterr().err
 
