@@ -10,7 +10,8 @@ fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything 
 report.md with plots and tables in the run folder; each seed's runs in <out_dir>/seed<N>/, the merged
 evaluation in <out_dir>/eval/. Finished stages are recorded in stages.json and skipped on a re-run (more
 seeds later only add the new ones); an interrupted (exit 130 or 143) training stage resumes from its
-checkpoint, an interrupted evaluation from the last model it finished.
+checkpoint, an interrupted evaluation from the last model it finished. Training runs as jobs (jobs.py): with
+the default --workers=0, one per GPU or two at once on a CPU, the RoPE fine-tunes as soon as RoPE is trained.
 """
 
 import json
@@ -110,7 +111,7 @@ class Stages:
         return result
 
     def run_jobs(self, jobs, workers=1):
-        """Stages that are command lines (sweep.Job, whose name is the stage's and whose on_done is given the
+        """Stages that are command lines (jobs.Job, whose name is the stage's and whose on_done is given the
         run folder it trains), several at once with workers; each records the compute of the run it trained.
         A failure stops the pipeline."""
         todo = []
