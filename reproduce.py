@@ -139,7 +139,11 @@ def train_stage(scale, scheme, seed, run_dir):
         argv.append(f"--vocab_size={scale.vocab_size}")
     if holds_run(out_dir):
         argv.append("--resume=true")  # an interrupted run continues as if never stopped
-    return Job(f"train {scheme} (seed {seed})", [("train.py", argv)]), out_dir
+    return Job(train_name(scheme, seed), [("train.py", argv)]), out_dir
+
+
+def train_name(scheme, seed):
+    return f"train {scheme} (seed {seed})"
 
 
 def fine_tune_stage(scale, method, seed, run_dir):
@@ -149,7 +153,7 @@ def fine_tune_stage(scale, method, seed, run_dir):
     if holds_run(out_dir):
         argv.append("--resume=true")
     return Job(f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label} (seed {seed})", [("extend_context.py", argv)],
-               after=(train_stage(scale, EXTENDED, seed, run_dir)[0].name,)), out_dir
+               after=(train_name(EXTENDED, seed),)), out_dir
 
 
 def models_to_evaluate(scale, run_dir):

@@ -210,12 +210,11 @@ def merge_seeds(results: list[dict]) -> dict:
     return out
 
 
-def train_seconds(run_dir) -> float:
-    """Time spent in optimizer steps, from metrics.jsonl (so a resumed run counts every part, and evaluation
-    and checkpointing are left out); the first step, which may compile, is not timed."""
+def train_seconds(metrics: list[dict]) -> float:
+    """Time spent in optimizer steps, from metrics.jsonl's records (so a resumed run counts every part, and
+    evaluation and checkpointing are left out); the first step, which may compile, is not timed."""
     total, prev = 0.0, None
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
+    for m in metrics:
         if m.get("kind") == "train":
             steps = m["step"] - (prev if prev is not None else 1)
             total += m["ms_per_step"] / 1000 * max(steps, 1)
@@ -232,7 +231,7 @@ def compute(run_dir) -> dict:
     steps = val[-1]["step"] if val else 0
     tokens = steps * config["batch_size"] * config["grad_accum_steps"] * config["model"]["block_size"] * \
         info.get("world_size", 1)
-    return {"steps": steps, "tokens": tokens, "train_seconds": round(train_seconds(run_dir), 1),
+    return {"steps": steps, "tokens": tokens, "train_seconds": round(train_seconds(metrics), 1),
             "val_loss": val[-1]["loss"] if val else None}
 
 
@@ -307,9 +306,10 @@ def sweep(file: str | None, cfg: SweepConfig, train_flags: list[str]) -> dict:
     failed = run_jobs(jobs, cfg.workers)
     records = [json.loads((r.dir / RECORD).read_text()) for r in runs if (r.dir / RECORD).exists()]
     summary = summarize(records)
+    md = summary_markdown(summary, f"Sweep {sweep_dir.name}")
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (sweep_dir / "summary.md").write_text(summary_markdown(summary, f"Sweep {sweep_dir.name}"))
-    print(summary_markdown(summary, f"Sweep {sweep_dir.name}"))
+    (sweep_dir / "summary.md").write_text(md)
+    print(md)
     print(f"wrote {sweep_dir / 'summary.md'}")
     if failed:
         raise SweepError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); fix the cause and run the "

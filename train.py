@@ -440,8 +440,7 @@ def loop(run: Run) -> dict:
     if run.interrupted:
         raise Interrupted(run.interrupted, f"checkpoint at step {run.step} in {run.out_dir}; continue with "
                                            "--resume=true")
-    tokens = run.step * cfg.batch_size * cfg.grad_accum_steps * cfg.model.block_size * run.world
-    return {"step": run.step, "tokens": tokens, "train_loss": run.train_loss, "val_loss": run.val_loss, "best_val_loss": run.best_val,
+    return {"step": run.step, "train_loss": run.train_loss, "val_loss": run.val_loss, "best_val_loss": run.best_val,
             "tokens_per_sec": run.tokens_per_sec, "mfu": run.mfu, "ckpt": run.last_ckpt, "out_dir": str(run.out_dir)}
 
 
