@@ -28,6 +28,19 @@ def tiny():
     return lambda **overrides: GPT(tiny_config(**overrides)).eval()
 
 
+@pytest.fixture
+def threads_of_a_worker_slot():
+    """Run this test's in-process work with the thread count that jobs.py gives each of two parallel
+    subprocesses (half the cores), so that in-process and parallel runs reduce their sums in the same order
+    and give bit-identical numbers. A different thread count changes float32 rounding (last bits), which can
+    flip a near-zero difference's sign or a greedy passkey token, so no tolerance can state that comparison."""
+    import jobs
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(jobs._slots(2)[0]["OMP_NUM_THREADS"]))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -172,13 +172,12 @@ def test_a_finished_sweep_grows_by_new_values(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_parallel_workers_give_the_sequential_numbers(data_dir, tmp_path):
+def test_parallel_workers_give_the_sequential_numbers(data_dir, tmp_path, threads_of_a_worker_slot):
     grid = ["--pos_encoding=rope,alibi"]
     one = sweep.main(argv(data_dir, tmp_path / "one", *grid))
-    two = sweep.main(argv(data_dir, tmp_path / "two", *grid, "--workers=2"))  # two subprocesses, a core each
+    two = sweep.main(argv(data_dir, tmp_path / "two", *grid, "--workers=2"))  # two subprocesses, as many threads
     for setting in one:
-        for k, agg in one[setting]["numbers"].items():
-            assert two[setting]["numbers"][k]["mean"] == pytest.approx(agg["mean"], rel=1e-4), (setting, k)
+        assert two[setting]["numbers"] == one[setting]["numbers"], setting  # the same models: equal numbers
 
 
 def test_a_job_whose_dependency_failed_does_not_run(tmp_path, capsys):
