@@ -71,7 +71,7 @@ def timed_generate(model, prompt, n_new, use_cache, device):
 def main(argv=None):
     cfg = parse(DecodeBenchConfig, argv, doc=__doc__)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)[0]
     n_recompute = cfg.recompute_tokens or (cfg.new_tokens if device.startswith("cuda") else 8)
     config = dataclasses.replace(cfg.model, block_size=max(cfg.contexts) + max(cfg.new_tokens, n_recompute))
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ An interrupt (Ctrl-C, SIGTERM) reaches every running job, each saves a checkpoin
 is raised (exit 130 or 143): a job is never reported finished unless it was.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,60 @@ class Job:
     commands: list  # [(script, argv), ...]: scripts of MAINS
     on_done: typing.Callable = lambda seconds: None  # called with the job's wall time once every command succeeded
     after: tuple = ()  # names of jobs that must finish first (a fine-tune after the training it starts from)
+    run_dir: str = ""  # the run folder it trains: its metrics.jsonl shows the job's progress
+    steps: int = 0  # the optimizer steps it runs in all (0: unknown)
+    kind: str = ""  # jobs of one kind take about as long a step (training at L, fine-tuning at 4L)
+
+
+PROGRESS_EVERY = 30.0  # seconds between progress lines of parallel jobs
+
+
+def progress(job: Job) -> dict | None:
+    """The last training line of the job's metrics.jsonl (step, loss, tokens/s, ms/step), or None yet."""
+    path = Path(job.run_dir) / "metrics.jsonl" if job.run_dir else None
+    if path is None or not path.exists():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if record.get("kind") == "train":
+            last = record
+    return last
+
+
+def minutes(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def progress_lines(active: list[Job], waiting: list[Job], n_slots: int) -> list[str]:
+    """One line per running job (step / total, loss, tokens/s, time left in it), then the time left for every
+    job still to run: its steps times the step time measured for its kind, shared by the slots."""
+    now = {job.name: progress(job) for job in active}
+    ms = {}  # kind -> measured ms per step
+    for job in active:
+        if now[job.name] and job.kind:
+            ms.setdefault(job.kind, now[job.name]["ms_per_step"])
+    lines, left, unknown = [], 0.0, False
+    for job in active + waiting:
+        p = now.get(job.name)
+        step = p["step"] if p else 0
+        per_step = (p["ms_per_step"] if p else ms.get(job.kind)) if job.steps else None
+        eta = None if per_step is None else (job.steps - step) * per_step / 1000
+        if eta is None:
+            unknown = True
+        else:
+            left += eta
+        if job in active:
+            what = (f"step {step}/{job.steps} | loss {p['loss']:.3f} | {p['tokens_per_sec']:,.0f} tok/s | "
+                    f"{minutes(eta)} left" if p else "starting")
+            lines.append(f"[{job.name}] {what}")
+    if active or waiting:
+        lines.append(f"~ {minutes(left / n_slots)} of training left for {len(active) + len(waiting)} job(s) on "
+                     f"{n_slots} slots" + (" (more: some step times are not measured yet)" if unknown else ""))
+    return lines
 
 
 def run_jobs(jobs: list[Job], workers: int = 1) -> list[str]:
@@ -107,8 +162,13 @@ def _start(run: _Running, env: dict) -> None:
 
 def _run_parallel(jobs: list[Job], slots: list[dict]) -> list[str]:
     queue, active, done, failed = list(jobs), {}, set(), []  # active: slot -> _Running
+    shown = time.time()
     try:
         while queue or active:
+            if time.time() - shown >= PROGRESS_EVERY:
+                shown = time.time()
+                for line in progress_lines([r.job for r in active.values()], queue, len(slots)):
+                    print(f"progress {line}", flush=True)
             for job in [j for j in queue if set(j.after) & set(failed)]:
                 print(f"error: {job.name} not run: {', '.join(set(job.after) & set(failed))} failed", file=sys.stderr)
                 failed.append(job.name)

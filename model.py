@@ -117,7 +117,9 @@ class CausalSelfAttention(nn.Module):
         if Tq > 1:  # several queries at the end of a longer key sequence (KV cache): causal by absolute position
             future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
             bias = (torch.zeros(future.shape, device=q.device) if bias is None else bias).masked_fill(future, -math.inf)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        # (1, nh, Tq, Tk): with a 4-d mask the CPU takes SDPA's flash kernel (a 3-d one falls back to the math
+        # kernel, 2x slower), and the GPU its memory-efficient one.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None], dropout_p=dropout)
 
     def use_flex(self, q):
         return flex_attention is not None and q.is_cuda if self.backend == "auto" else self.backend == "flex"

@@ -282,3 +282,57 @@ def _plot_recall(plt, results, ks):
         ax.legend(fontsize=8)
     fig.suptitle(f"Long-range recall ({results['models'][ks[0]]['recall']['span_len']}-token span)")
     return fig
+
+
+# ----------------------------------------------------------------------------- the headline figure
+
+def plot_headline(results, path, wall, rescue, training_free=()):
+    """Two panels of loss by position on a linear axis. "The wall": the `wall` models (the schemes) with L
+    marked, and a model that cannot run past its table ended by a wall. "The rescue": the `rescue` models
+    (the extended scheme and its fine-tunes, solid) and `training_free` ones (dashed), with L and the
+    fine-tuned length marked. Each point is the mean over the documents in bins of positions (the curve of
+    tasks.loss_by_position); a band is ± std across seeds when several were merged. Returns the path, or None
+    without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models, L, tuned = results["models"], results["base_len"], fine_tuned_length(results)
+    n_seeds = seeds(results)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
+    for ax, labels, dashed in ((a1, wall, ()), (a2, (*rescue, *training_free), training_free)):
+        for k in labels:
+            pos = models[k]["position"]
+            curve = pos["curve"]
+            xs, ys = [(c["lo"] + c["hi"]) / 2 for c in curve], [c["mean"] for c in curve]
+            line, = ax.plot(xs, ys, linestyle="--" if k in dashed else "-", linewidth=1.2 if k in dashed else 2,
+                            label=k)
+            if n_seeds > 1:
+                _band(ax, xs, ys, [c.get("mean_sd") or 0.0 for c in curve], line.get_color())
+            if pos.get("cannot_run"):  # the table ends: draw the wall where the line stops
+                end = pos["evaluated_len"]
+                ax.axvline(end, color=line.get_color(), linewidth=4, alpha=0.6)
+                ax.annotate(f"{k}: cannot run past {end}", (end, ys[-1]), xytext=(6, 14), textcoords="offset points",
+                            color=line.get_color(), fontsize=9, fontweight="bold")
+        ax.axvline(L, color="gray", linestyle="--", linewidth=1)
+        ax.annotate(f"L = {L}", (L, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                    textcoords="offset points", color="gray", fontsize=9)
+        ax.set(xlim=(0, results["max_len"]), xlabel="token position")
+        ax.legend(fontsize=8, loc="best")
+    if tuned:
+        a2.axvline(tuned, color="gray", linestyle=":", linewidth=1.5)
+        a2.annotate(f"fine-tuned length {_multiple(tuned, L)}", (tuned, 0), xycoords=("data", "axes fraction"),
+                    xytext=(3, 4), textcoords="offset points", color="gray", fontsize=9)
+    n_docs, width = models[wall[0]]["position"]["n_docs"], models[wall[0]]["position"]["curve"][0]["hi"]
+    a1.set(ylabel="loss (nats)", title="The wall: every scheme trained at L, evaluated to " + _multiple(results["max_len"], L))
+    a2.set(title="The rescue: RoPE, fine-tuned (solid) and training-free (dashed) scalings")
+    fig.text(0.5, -0.04, f"Mean loss of {n_docs} documents at each position, in bins of {width} positions"
+             + (f"; bands ± std across {n_seeds} seeds" if n_seeds > 1 else "; one seed"), ha="center", fontsize=9)
+    ymin = min(c["mean"] for k in (*wall, *rescue, *training_free) for c in models[k]["position"]["curve"][1:])
+    ymax = max(c["mean"] for k in (*wall, *rescue, *training_free) for c in models[k]["position"]["curve"][1:])
+    a1.set_ylim(ymin - 0.1 * (ymax - ymin), ymax + 0.15 * (ymax - ymin))  # the first bin (no context) off-scale
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

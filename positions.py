@@ -178,8 +178,18 @@ class ALiBi(PositionScheme):
         super().__init__(config)
         self.register_buffer("slopes", torch.tensor(alibi_slopes(config.n_head)), persistent=False)
         self._score_mod = None
+        self._last = None  # (q_pos, k_pos, bias) of the last call
 
     def attn_bias(self, q_pos, k_pos, layer):
+        # The same bias for every layer: built by the first layer of a forward, reused by the others (the model
+        # passes every layer the same position tensors). Compiled, it is fused into the graph instead.
+        if torch.compiler.is_compiling():
+            return self.bias(q_pos, k_pos)
+        if self._last is None or self._last[0] is not q_pos or self._last[1] is not k_pos:
+            self._last = (q_pos, k_pos, self.bias(q_pos, k_pos))
+        return self._last[2]
+
+    def bias(self, q_pos, k_pos):
         distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
         return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk); fp32 even after model.half()
 

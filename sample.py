@@ -141,7 +141,7 @@ def load(cfg):
         raise ConfigError("missing --ckpt: e.g. --ckpt=out/cpu_rope/ckpt.pt")
     device = resolve_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.ckpt, device, override_scaling=cfg.rope_scaling)
-    model = to_inference_dtype(model, resolve_dtype(cfg.dtype, device))
+    model = to_inference_dtype(model, resolve_dtype(cfg.dtype, device)[0])
     tokenizer = tokenizer_for((ckpt.get("data") or {}).get("vocab"))  # the vocabulary it was trained on
     return (torch.compile(model, dynamic=True) if cfg.compile else model), tokenizer, device
 

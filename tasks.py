@@ -96,10 +96,15 @@ def position_buckets(max_len, base_len, per_octave=2, first=4):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def loss_by_position(model, docs, max_len, buckets, batch_size=1):
+CURVE_BINS_PER_L = 4  # the figure's loss curve: 4 bins per training length (64 positions at L = 256)
+
+
+def loss_by_position(model, docs, max_len, buckets, batch_size=1, curve_bin=None):
     """Mean loss per bucket of positions on the first max_len + 1 tokens of each document (all must be
     that long). Per bucket: mean over documents and positions, std across documents of each document's
-    bucket mean, and the tokens it rests on. Buckets a model cannot reach are {"cannot_run": reason}."""
+    bucket mean, and the tokens it rests on. Buckets a model cannot reach are {"cannot_run": reason}.
+    With curve_bin, also "curve": the mean loss in bins of curve_bin positions up to the longest the model
+    runs, for a figure with a linear position axis."""
     docs = [np.asarray(d[:max_len + 1]) for d in docs]
     if any(len(d) < max_len + 1 for d in docs):
         raise ValueError(f"loss_by_position needs documents of at least max_len + 1 = {max_len + 1} tokens")
@@ -118,8 +123,12 @@ def loss_by_position(model, docs, max_len, buckets, batch_size=1):
         std = m.std().item() if len(m) > 1 else 0.0
         rows.append({"lo": lo, "hi": hi, "mean": m.mean().item(), "std": std, "n_tokens": len(docs) * (hi - lo),
                      "doc_means": m.tolist()})
-    return {"buckets": rows, "max_len": max_len, "evaluated_len": T, "cannot_run": reason,
-            "n_docs": len(docs), "n_tokens": len(docs) * T}
+    out = {"buckets": rows, "max_len": max_len, "evaluated_len": T, "cannot_run": reason,
+           "n_docs": len(docs), "n_tokens": len(docs) * T}
+    if curve_bin:
+        out["curve"] = [{"lo": lo, "hi": min(lo + curve_bin, T), "mean": per_doc[:, lo:lo + curve_bin].mean().item()}
+                        for lo in range(0, T, curve_bin)]
+    return out
 
 
 def relative_loss(position, reference):
@@ -370,7 +379,8 @@ class EvalData:
 
 
 def run_position(model, d):
-    return loss_by_position(model, d.docs, d.max_len, position_buckets(d.max_len, d.base_len), d.batch_size)
+    return loss_by_position(model, d.docs, d.max_len, position_buckets(d.max_len, d.base_len), d.batch_size,
+                            curve_bin=max(1, d.base_len // CURVE_BINS_PER_L))
 
 
 def run_ppl(model, d):  # about the same tokens per forward at every window

@@ -1,4 +1,4 @@
-"""Train a GPT: AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast on CUDA.
+"""Train a GPT: AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast on a GPU or a CPU with native bf16.
 
     python train.py configs/cpu.toml --pos_encoding=alibi           # -> out/cpu_alibi
     python train.py configs/cpu.toml --max_iters=200 --n_layer=2    # flags override the file
@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, FORMAT_VERSION, build_model, rng_state, save_checkpoint, set_rng_state
 from config import (ConfigError, Interrupted, at_least, check_fields, cli, config_file, flat_keys, from_dict, parse,
-                    resolve_device, resolve_dtype, to_dict)
+                    resolve_compile, resolve_device, resolve_dtype, to_dict)
 from data.loader import BatchSampler, data_identity
 from metrics import WANDB_PROJECT, MetricsLog, start_wandb
 from model import GPT, GPTConfig, H100_BF16_PEAK_FLOPS
@@ -43,8 +43,8 @@ class TrainConfig:
     data_dir: str = "data/stdlib"
     seed: int = 1337
     device: str = "auto"  # auto: cuda, else mps, else cpu
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on a GPU that has it
-    compile: bool = False  # torch.compile the model for training (checkpoints stay uncompiled)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on a GPU or CPU that has bf16
+    compile: Literal["auto", True, False] = "auto"  # torch.compile for training; auto: runs long enough to repay it
     batch_size: int = 16  # sequences per micro-step (per GPU)
     grad_accum_steps: int = 1  # micro-steps per optimizer step
     max_iters: int = 500  # optimizer steps
@@ -113,10 +113,15 @@ def with_out_dir(cfg: TrainConfig, config_name: str = "run") -> TrainConfig:
     return dataclasses.replace(cfg, out_dir=out_dir)
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill in out_dir, device and dtype for this machine."""
+def resolve(cfg: TrainConfig, log=print) -> TrainConfig:
+    """Fill in out_dir, device, dtype and compile for this machine; say why dtype and compile are what they are
+    (config.json keeps the resolved values, so a resumed run keeps them)."""
     device = resolve_device(cfg.device)
-    return dataclasses.replace(with_out_dir(cfg), device=device, dtype=resolve_dtype(cfg.dtype, device))
+    dtype, why_dtype = resolve_dtype(cfg.dtype, device, training=True)
+    compile, why_compile = resolve_compile(cfg.compile, device, cfg.max_iters)
+    if (cfg.dtype, cfg.compile) != (dtype, compile):
+        log(f"dtype={dtype} ({why_dtype}); compile={str(compile).lower()} ({why_compile})")
+    return dataclasses.replace(with_out_dir(cfg), device=device, dtype=dtype, compile=compile)
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -402,7 +407,7 @@ def main(cfg: TrainConfig | list[str] | None = None) -> dict:
         cfg = load_config(cfg)
     rank, world, local_rank = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))  # torchrun's
     ddp, world = world > 1, max(world, 1)
-    cfg = resolve(cfg)
+    cfg = resolve(cfg, log=print if rank == 0 else lambda *a: None)
     device = cfg.device
     owner = claim(cfg.out_dir, cfg.resume, cfg.overwrite) if rank == 0 else nullcontext()
     with owner:

@@ -75,7 +75,7 @@ CASES = [  # (script, arguments with {run} and {root} filled in, what the one li
     (evaluate, ["--tasks=position,wall"], "config key 'tasks': choose from position, ppl"),
     (evaluate, ["--data_dir={root}/data8k"], "was trained on another vocabulary"),
     (evaluate, ["--out_dir={run}"], "holds an earlier evaluation"),
-    (reproduce, ["--scale", "tpu"], "config key 'scale': expected cpu or gpu"),
+    (reproduce, ["--scale", "tpu"], "config key 'scale': expected cpu, cpu-quick or gpu"),
     (reproduce, ["--scal=gpu"], "unknown config key 'scal' (did you mean 'scale'?)"),
     (reproduce, ["--seeds=0"], "config key 'seeds': expected a number >= 1"),
     (sweep, ["--pos_encoding=rope,rotary"], "unknown pos_encoding 'rotary'"),

@@ -74,7 +74,7 @@ def test_toml_values_are_type_checked(tmp_path):
     assert cfg.model.rope_scaling["factor"] == 8.0
     with pytest.raises(ConfigError, match="bad value '16' for config key 'batch_size': expected int"):
         load_config([write(tmp_path, 'batch_size = "16"\n')])
-    with pytest.raises(ConfigError, match="config key 'compile': expected bool"):
+    with pytest.raises(ConfigError, match="config key 'compile': expected auto, true or false"):
         load_config([write(tmp_path, "compile = 1\n")])
 
 
@@ -98,7 +98,7 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
     ("--max_iters=3.5", "bad value '3.5' for config key 'max_iters': expected int"),
     ("--learning_rate=fast", "bad value 'fast' for config key 'learning_rate': expected float"),
     ("--learning_rate=nan", "bad value nan for config key 'learning_rate': expected a finite number"),
-    ("--compile=maybe", "bad value 'maybe' for config key 'compile': expected bool"),
+    ("--compile=maybe", "bad value 'maybe' for config key 'compile': expected auto, true or false"),
     ("--rope_scaling={factor: 4}", "bad value '{factor: 4}' for config key 'rope_scaling': expected dict"),
     ("--rope_scaling=[4]", "bad value '[4]' for config key 'rope_scaling': expected dict"),
     ("--wandb=yes", "bad value 'yes' for config key 'wandb': expected off, offline or online"),
@@ -152,7 +152,7 @@ def test_help_lists_every_key_with_its_default_and_comment(capsys):
         load_config(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--learning_rate=0.001" in out and "--pos_encoding=rope" in out
-    assert "--compile=false" in out and "# torch.compile the model for training" in out
+    assert "--compile=auto" in out and "# torch.compile for training" in out
 
 
 # ----------------------------------------------------------------------------- any dataclass, any script
@@ -186,7 +186,7 @@ def test_reproduce_command_line(capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(["--help"])
     assert e.value.code == 0 and "--scale=cpu" in capsys.readouterr().out
-    for argv, message in [(["--scale", "tpu"], "config key 'scale': expected cpu or gpu"),
+    for argv, message in [(["--scale", "tpu"], "config key 'scale': expected cpu, cpu-quick or gpu"),
                           (["--scal=gpu"], "unknown config key 'scal' (did you mean 'scale'?)"),
                           (["--scale"], "--scale needs a value")]:
         with pytest.raises(SystemExit) as e:

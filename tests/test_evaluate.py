@@ -52,9 +52,12 @@ def direct_position_losses(model, docs, T):
 def test_loss_by_position_matches_a_direct_computation(pos):
     model, docs = tiny(pos), random_docs(5, 80)
     buckets = ev.position_buckets(64, 16)
-    out = ev.loss_by_position(model, docs, 64, buckets, batch_size=2)
+    out = ev.loss_by_position(model, docs, 64, buckets, batch_size=2, curve_bin=24)
     direct = direct_position_losses(model, docs, 64)
     assert out["n_docs"] == 5 and out["n_tokens"] == 5 * 64 and out["cannot_run"] is None
+    assert [(c["lo"], c["hi"]) for c in out["curve"]] == [(0, 24), (24, 48), (48, 64)]  # the last bin is cut at T
+    for c in out["curve"]:
+        torch.testing.assert_close(c["mean"], direct[:, c["lo"]:c["hi"]].mean().item(), rtol=1e-5, atol=1e-5)
     for b in out["buckets"]:
         per_doc = direct[:, b["lo"]:b["hi"]].mean(1)
         torch.testing.assert_close(b["mean"], direct[:, b["lo"]:b["hi"]].mean().item(), rtol=1e-5, atol=1e-5)
@@ -73,8 +76,9 @@ def test_a_model_that_knows_nothing_has_loss_ln_vocab_at_every_position():
 
 def test_learned_positions_past_their_table_cannot_run_instead_of_crashing():
     model, docs = tiny("learned", block_size=32), random_docs(3, 70)
-    out = ev.loss_by_position(model, docs, 64, ev.position_buckets(64, 32))
+    out = ev.loss_by_position(model, docs, 64, ev.position_buckets(64, 32), curve_bin=16)
     assert out["evaluated_len"] == 32 and "learned" in out["cannot_run"]
+    assert out["curve"][-1]["hi"] == 32  # the curve stops where the model does
     direct = direct_position_losses(model, docs, 32)
     for b in out["buckets"]:
         if b["hi"] <= 32:

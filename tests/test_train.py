@@ -81,8 +81,10 @@ def test_every_scheme_trains_and_its_checkpoint_reloads(scheme, data_dir, tmp_pa
     assert model.config.pos_encoding == scheme and ckpt["step"] == 6 and not model.training
     # the saved weights are the trained ones: they give the final validation loss again, on the same batches
     sampler = BatchSampler(data_dir, "val", 4, 32, ckpt["config"]["seed"] + 1)
-    loss = train.estimate_loss(model, sampler, sampler.state_dict(), 2, nullcontext(), "cpu")
-    torch.testing.assert_close(loss.item(), result["val_loss"], rtol=0, atol=1e-6)
+    bf16 = ckpt["config"]["dtype"] == "bfloat16"  # dtype=auto: bf16 autocast on a CPU that has it
+    autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext()
+    loss = train.estimate_loss(model, sampler, sampler.state_dict(), 2, autocast, "cpu")
+    torch.testing.assert_close(loss.item(), result["val_loss"], rtol=0, atol=1e-6)  # same weights, same math
     run = json.loads((tmp_path / "config.json").read_text())
     assert run["config"]["model"]["pos_encoding"] == scheme and run["torch"] == torch.__version__
     assert run["data"]["sha256"] and run["seed"] == 1337 and run["config"]["device"] == "cpu"
