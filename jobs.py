@@ -65,13 +65,14 @@ def minutes(seconds: float | None) -> str:
 
 def progress_lines(active: list[Job], waiting: list[Job], n_slots: int) -> list[str]:
     """One line per running job (step / total, loss, tokens/s, time left in it), then the time left for every
-    job still to run: its steps times the step time measured for its kind, shared by the slots."""
+    job still to run: its steps times the step time measured for its kind, shared by the slots (and never less
+    than the longest job's)."""
     now = {job.name: progress(job) for job in active}
     ms = {}  # kind -> measured ms per step
     for job in active:
         if now[job.name] and job.kind:
             ms.setdefault(job.kind, now[job.name]["ms_per_step"])
-    lines, left, unknown = [], 0.0, False
+    lines, left, longest, unknown = [], 0.0, 0.0, False
     for job in active + waiting:
         p = now.get(job.name)
         step = p["step"] if p else 0
@@ -80,14 +81,17 @@ def progress_lines(active: list[Job], waiting: list[Job], n_slots: int) -> list[
         if eta is None:
             unknown = True
         else:
-            left += eta
+            left, longest = left + eta, max(longest, eta)
         if job in active:
             what = (f"step {step}/{job.steps} | loss {p['loss']:.3f} | {p['tokens_per_sec']:,.0f} tok/s | "
                     f"{minutes(eta)} left" if p else "starting")
             lines.append(f"[{job.name}] {what}")
-    if active or waiting:
-        lines.append(f"~ {minutes(left / n_slots)} of training left for {len(active) + len(waiting)} job(s) on "
-                     f"{n_slots} slots" + (" (more: some step times are not measured yet)" if unknown else ""))
+    n = len(active) + len(waiting)
+    if n and left == 0 and unknown:
+        lines.append(f"{n} job(s) to run on {n_slots} slots; time left: no step time measured yet")
+    elif n:
+        lines.append(f"~ {minutes(max(left / n_slots, longest))} of training left for {n} job(s) on {n_slots} slots"
+                     + (", and more: some step times are not measured yet" if unknown else ""))
     return lines
 
 

@@ -4,6 +4,7 @@ Module names follow GPT-2 (wte, c_attn, c_proj, ln_f) so weights map key for key
 a module from positions.SCHEMES; the model calls its hooks unconditionally and never asks its name.
 """
 
+import contextlib
 import functools
 import math
 import warnings
@@ -90,6 +91,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.backend = config.n_head, config.dropout, config.attn_backend
+        self.probe = None  # set by record_attention: called with (layer, attention probabilities) in eval
 
     def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0):
         B, T, C = x.size()
@@ -103,6 +105,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q, k, v, scheme, q_pos, k_pos, layer):
+        if self.probe is not None:
+            return self.attend_and_show(q, k, v, scheme, q_pos, k_pos, layer)
         dropout = self.dropout if self.training else 0.0
         Tq, Tk = q.size(-2), k.size(-2)
         score_mod = scheme.score_mod(layer)
@@ -120,6 +124,18 @@ class CausalSelfAttention(nn.Module):
         # (1, nh, Tq, Tk): with a 4-d mask the CPU takes SDPA's flash kernel (a 3-d one falls back to the math
         # kernel, 2x slower), and the GPU its memory-efficient one.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None], dropout_p=dropout)
+
+    def attend_and_show(self, q, k, v, scheme, q_pos, k_pos, layer):
+        """Attention with its probabilities formed explicitly and handed to the probe: the same scores as the
+        fused kernels (q·k / √hs + the scheme's bias, causal by absolute position), in fp32. The output is made
+        from these probabilities, so what the probe sees is exactly what the forward used."""
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+        bias = scheme.attn_bias(q_pos, k_pos, layer)
+        if bias is not None:
+            scores = scores + bias.float()
+        probs = scores.masked_fill(k_pos[None, :] > q_pos[:, None], -math.inf).softmax(-1)
+        self.probe(layer, probs)
+        return (probs @ v.float()).to(v.dtype)
 
     def use_flex(self, q):
         return flex_attention is not None and q.is_cuda if self.backend == "auto" else self.backend == "flex"
@@ -143,6 +159,21 @@ def flex_causal(q, k, v, score_mod):
 
 
 compiled_flex_attention = functools.cache(lambda: torch.compile(flex_attention))
+
+
+@contextlib.contextmanager
+def record_attention(model, probe):
+    """Within the block, every attention layer of `model` calls probe(layer, probs) with its probabilities
+    (B, nh, Tq, Tk), fp32, each row summing to 1 over the keys it may see. For analysis in eval (explain.py):
+    the probabilities are materialized, T x T per head."""
+    attns = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    for a in attns:
+        a.probe = probe
+    try:
+        yield
+    finally:
+        for a in attns:
+            a.probe = None
 
 
 class MLP(nn.Module):

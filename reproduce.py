@@ -1,14 +1,16 @@
 """The wall and the rescue, end to end, in one command.
 
-    python reproduce.py                  # CPU scale: base 256 -> x4 and x8, a few minutes on 2 cores, offline
+    python reproduce.py                  # CPU scale: base 256 -> x4 and x8, under 30 minutes on 2 cores, offline
+    python reproduce.py --scale cpu-quick  # the same in ~8 minutes, for smoke runs: a soft shape, not the wall
     python reproduce.py --scale gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
-report.md with plots and tables in the run folder; each seed's runs in <out_dir>/seed<N>/, the merged
-evaluation in <out_dir>/eval/. Finished stages are recorded in stages.json and skipped on a re-run (more
+explain the RoPE model and its fine-tunes (explain.py) -> report.md in the run folder, opened by the headline
+figure (the wall, the rescue) and our ratios beside the papers', then tables and plots. Each seed's runs are
+in <out_dir>/seed<N>/, the merged evaluation in <out_dir>/eval/. Finished stages are recorded in stages.json and skipped on a re-run (more
 seeds later only add the new ones); an interrupted (exit 130 or 143) training stage resumes from its
 checkpoint, an interrupted evaluation from the last model it finished. Training runs as jobs (jobs.py): with
 the default --workers=0, one per GPU or two at once on a CPU, the RoPE fine-tunes as soon as RoPE is trained.
@@ -24,6 +26,7 @@ from typing import Literal
 import torch
 
 import evaluate
+import explain
 import train
 from config import at_least, check_fields, cli, parse
 from data.loader import load_meta
@@ -74,8 +77,9 @@ CPU_EVAL = dict(n_docs=8, passkey_trials=1, recall_trials=8)
 SCALES = {
     # 1750 steps (3.6M tokens): trained this long, the model leans on positions, and the
     # wall past L has the papers' shape. At 350 steps it barely uses them, so an unseen position breaks
-    # little: RoPE rises ~14% by 8L instead of ~50% by 4L.
-    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=150,
+    # little: RoPE rises ~14% by 8L instead of ~50% by 4L. The fine-tunes take 500 steps: after 150, PI's
+    # perplexity at L is still 20% above the base model's (the interpolated positions are not relearned yet).
+    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=500,
                  train={"max_iters": 1750, "eval_interval": 350, "ckpt_interval": 350, "log_interval": 50},
                  extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4}, eval=CPU_EVAL),
     # The same experiment in ~8 minutes, for smoke runs: a soft shape (RoPE +10-15% by 8L), not the wall.
@@ -186,6 +190,33 @@ def models_to_evaluate(scale, run_dir):
     return {k: (str(v[0]), v[1]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
 
 
+def explained(run_dir, seed):
+    """label -> checkpoint of the models explain.py explains: the extended scheme and its fine-tunes."""
+    d = seed_dir(run_dir, seed)
+    return {EXTENDED: d / EXTENDED / "ckpt.pt", **{tuned_label(m): d / f"{EXTENDED}_{m}_ft" / "ckpt.pt" for m in FINE_TUNED}}
+
+
+def explain_dir(run_dir, seed, label):
+    return seed_dir(run_dir, seed) / "explain" / label.replace(" + ", "_").replace(" ", "_")
+
+
+def why(run_dir):
+    """The "why" section: for each explained model of the first seed, its attention sentence and its figures."""
+    seed = train.TrainConfig.seed
+    out = ["## Why (explain.py)", "",
+           "For the RoPE model and its fine-tunes: which rotary pairs leave the angles they were trained on, how "
+           "far a key can still weigh, and where attention goes past L (`python explain.py --ckpt=...`).", ""]
+    for label in explained(run_dir, seed):
+        d = explain_dir(run_dir, seed, label)
+        if not (d / "explain.md").exists():
+            continue
+        rel = d.relative_to(run_dir)
+        text = (d / "explain.md").read_text().split("## 3. What the trained model does")[1].strip().split("\n")[0]
+        figures = ", ".join(f"[{p.stem}]({rel / p.name})" for p in sorted(d.glob("*.png")))
+        out += [f"- **{label}** ([explain.md]({rel / 'explain.md'}); {figures}): {text}"]
+    return out
+
+
 def write_report(scale, run_dir, stages, command, results, wall=None):
     """report.md: what ran, on what, with how much compute and time, then the evaluation's tables and plots."""
     run_dir = Path(run_dir)
@@ -203,7 +234,7 @@ def write_report(scale, run_dir, stages, command, results, wall=None):
                            [EXTENDED, *map(tuned_label, FINE_TUNED)], [free_label(m) for m in TRAINING_FREE])
     lines = [
         f"# The wall and the rescue (configs/{scale.config}.toml)", "",
-        *([f"![The wall and the rescue](headline.png)", "", *read_the_figure(results, scale), ""] if figure else []),
+        *(["![The wall and the rescue](headline.png)", "", *read_the_figure(results, scale), ""] if figure else []),
         f"Command: `{command}`  ",
         f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, {device}; "
         f"torch {torch.__version__}, Python {platform.python_version()}.  ",
@@ -218,6 +249,7 @@ def write_report(scale, run_dir, stages, command, results, wall=None):
         "",
         *beside_the_papers(results, scale, train_tokens), "",
         *observations(results), "",
+        *why(run_dir), "",
         summary.replace("](", "](eval/").replace("# Long-context evaluation", "## Evaluation", 1),
     ]
     (run_dir / "report.md").write_text("\n".join(lines))
@@ -376,6 +408,10 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
                                        reference=reference, resume=True, **scale.eval)
         stages.run(f"evaluate (seed {s})",
                    lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s)), c) and None)
+        for label, ckpt in explained(run_dir, s).items():
+            cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len,
+                                        out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
+            stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
     results = merge_seeds([json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list])
     evaluate.write_report(results, run_dir / "eval")
     write_report(scale, run_dir, stages, command, results, time.time() - t0)

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 LOCK = "run.lock"
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "results.json")  # what makes a folder hold a run
+# What makes a folder hold a run (or an evaluation, or an explanation):
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "results.json", "explain.json")
 
 
 class RunFolderError(ValueError):

@@ -36,6 +36,9 @@ def test_pipeline_runs_every_stage_and_resumes(tiny_scale, tmp_path, capsys):
         assert f"**{label}**" in report
     assert "relative to **rope + PI fine-tuned**" in report  # the default reference: the first fine-tuned model
     assert "One seed: there is no spread" in report
+    assert report.startswith("# The wall and the rescue") and "![The wall and the rescue](headline.png)" in report
+    assert (run_dir / "headline.png").exists() and "## Beside the papers" in report
+    assert "## Why (explain.py)" in report and "[attention](seed1337/explain/rope/attention.png)" in report
     train_rope = stages["train rope (seed 1337)"]["result"]
     assert train_rope["steps"] == 3 and train_rope["tokens"] == 3 * 4 * 16  # steps x batch x block_size
     assert (run_dir / "eval" / "results.json").exists()
@@ -48,7 +51,8 @@ def test_pipeline_runs_every_stage_and_resumes(tiny_scale, tmp_path, capsys):
 def stage_names(*seeds):
     return {"data"} | {name for s in seeds for name in (
         *(f"train {scheme} (seed {s})" for scheme in reproduce.SCHEMES), f"fine-tune rope with PI (seed {s})",
-        f"fine-tune rope with YaRN (seed {s})", f"evaluate (seed {s})")}
+        f"fine-tune rope with YaRN (seed {s})", f"evaluate (seed {s})",
+        *(f"explain {label} (seed {s})" for label in ("rope", "rope + PI fine-tuned", "rope + YaRN fine-tuned")))}
 
 
 def test_more_seeds_add_runs_and_every_cell_gets_a_spread(tiny_scale, tmp_path, capsys):
