@@ -205,14 +205,13 @@ def explain(cfg: ExplainConfig) -> Path:
         if own is not None:  # the frequencies the weights were trained with: the checkpoint's own scaling
             trained_scaling = ckpt["config"]["model"].get("rope_scaling")
             trained, _, _ = frequencies_of(model, trained_scaling, seq_len=trained_len)
+            distances = sorted({0, *np.unique(np.geomspace(1, max_len, 200).astype(int)).tolist()})
             result["angles"] = {"own": angle_coverage(own, trained_len, max_len, trained)}
+            result["decay"] = {"distances": distances, "own": decay_bound(own, distances)}
             for label, scaling in scalings_for(model, trained_len, max_len).items():
                 inv, _, _ = frequencies_of(model, scaling, seq_len=max_len)
                 result["angles"][label] = angle_coverage(inv, trained_len, max_len, trained)
-            distances = sorted({0, *np.unique(np.geomspace(1, max_len, 200).astype(int)).tolist()})
-            result["decay"] = {"distances": distances, "own": decay_bound(own, distances)}
-            for label, scaling in scalings_for(model, trained_len, max_len).items():
-                result["decay"][label] = decay_bound(frequencies_of(model, scaling, seq_len=max_len)[0], distances)
+                result["decay"][label] = decay_bound(inv, distances)
         if hasattr(scheme, "slopes"):
             result["alibi_slopes"] = scheme.slopes.tolist()
         docs, note = held_out_documents(data_dir, max_len + 1, cfg.n_docs)

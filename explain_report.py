@@ -167,6 +167,7 @@ def _plots(r, out_dir):
         ax.axvline(L, color="gray", linestyle="--", linewidth=1)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.text(0.5, 0.005, f"{att['n_docs']} documents; curves: means over documents and heads in bins of {bins} "
              "positions", ha="center", fontsize=9)
     figs["attention"] = [_save(fig, out_dir / "attention.png", plt)]

@@ -286,13 +286,14 @@ def _plot_recall(plt, results, ks):
 
 # ----------------------------------------------------------------------------- the headline figure
 
-def plot_headline(results, path, wall, rescue, training_free=()):
+def plot_headline(results, path, wall, rescue, training_free=(), reference=None):
     """Two panels of loss by position on a linear axis. "The wall": the `wall` models (the schemes) with L
     marked, and a model that cannot run past its table ended by a wall. "The rescue": the `rescue` models
     (the extended scheme and its fine-tunes, solid) and `training_free` ones (dashed), with L and the
     fine-tuned length marked. Each point is the mean over the documents in bins of positions (the curve of
-    tasks.loss_by_position); a band is ± std across seeds when several were merged. Returns the path, or None
-    without matplotlib."""
+    tasks.loss_by_position), minus the `reference` model's at the same positions of the same documents when
+    given: what the documents make easy or hard at a position cancels, and what is left is the model's. A
+    band is ± std across seeds when several were merged. Returns the path, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -301,38 +302,46 @@ def plot_headline(results, path, wall, rescue, training_free=()):
         return None
     models, L, tuned = results["models"], results["base_len"], fine_tuned_length(results)
     n_seeds = seeds(results)
+    ref = [c["mean"] for c in models[reference]["position"]["curve"]] if reference else None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
+    every = list(dict.fromkeys((*wall, *rescue, *training_free)))
+    color = {k: plt.get_cmap("tab10").colors[i % 10] for i, k in enumerate(every)}  # one color per model, both panels
+    shown = []
     for ax, labels, dashed in ((a1, wall, ()), (a2, (*rescue, *training_free), training_free)):
         for k in labels:
             pos = models[k]["position"]
-            curve = pos["curve"]
-            xs, ys = [(c["lo"] + c["hi"]) / 2 for c in curve], [c["mean"] for c in curve]
-            line, = ax.plot(xs, ys, linestyle="--" if k in dashed else "-", linewidth=1.2 if k in dashed else 2,
-                            label=k)
+            curve = pos["curve"][1:]  # the first bin (almost no context) is off any useful scale
+            xs = [(c["lo"] + c["hi"]) / 2 for c in curve]
+            ys = [c["mean"] - (ref[i + 1] if ref else 0.0) for i, c in enumerate(curve)]
+            shown += ys
+            line, = ax.plot(xs, ys, linestyle="--" if k in dashed else "-", linewidth=1.2 if k in dashed else 2.2,
+                            color=color[k], label=k + (" (the reference)" if k == reference else ""))
             if n_seeds > 1:
                 _band(ax, xs, ys, [c.get("mean_sd") or 0.0 for c in curve], line.get_color())
             if pos.get("cannot_run"):  # the table ends: draw the wall where the line stops
                 end = pos["evaluated_len"]
-                ax.axvline(end, color=line.get_color(), linewidth=4, alpha=0.6)
-                ax.annotate(f"{k}: cannot run past {end}", (end, ys[-1]), xytext=(6, 14), textcoords="offset points",
-                            color=line.get_color(), fontsize=9, fontweight="bold")
+                ax.axvline(end, color=line.get_color(), linewidth=5, alpha=0.5)
+                ax.annotate(f"{k}: cannot run past {end}", (end, 0.93), xycoords=("data", "axes fraction"),
+                            xytext=(8, 0), textcoords="offset points", color=line.get_color(), fontsize=9,
+                            fontweight="bold")
         ax.axvline(L, color="gray", linestyle="--", linewidth=1)
         ax.annotate(f"L = {L}", (L, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
                     textcoords="offset points", color="gray", fontsize=9)
         ax.set(xlim=(0, results["max_len"]), xlabel="token position")
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)  # below
     if tuned:
         a2.axvline(tuned, color="gray", linestyle=":", linewidth=1.5)
         a2.annotate(f"fine-tuned length {_multiple(tuned, L)}", (tuned, 0), xycoords=("data", "axes fraction"),
                     xytext=(3, 4), textcoords="offset points", color="gray", fontsize=9)
-    n_docs, width = models[wall[0]]["position"]["n_docs"], models[wall[0]]["position"]["curve"][0]["hi"]
-    a1.set(ylabel="loss (nats)", title="The wall: every scheme trained at L, evaluated to " + _multiple(results["max_len"], L))
-    a2.set(title="The rescue: RoPE, fine-tuned (solid) and training-free (dashed) scalings")
-    fig.text(0.5, -0.04, f"Mean loss of {n_docs} documents at each position, in bins of {width} positions"
+    lo, hi = min(shown), max(shown)
+    a1.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+    pos0 = models[wall[0]]["position"]
+    a1.set(ylabel=f"loss − {reference}'s loss (nats)" if reference else "loss (nats)",
+           title="The wall: every scheme trained at L, evaluated to " + _multiple(results["max_len"], L))
+    a2.set(title="The rescue: RoPE, fine-tuned (solid), training-free (dashed)")
+    fig.text(0.5, -0.22, f"Mean loss of {pos0['n_docs']} documents in bins of {pos0['curve'][0]['hi']} positions"
+             + (f", minus {reference}'s at the same positions of the same documents" if reference else "")
              + (f"; bands ± std across {n_seeds} seeds" if n_seeds > 1 else "; one seed"), ha="center", fontsize=9)
-    ymin = min(c["mean"] for k in (*wall, *rescue, *training_free) for c in models[k]["position"]["curve"][1:])
-    ymax = max(c["mean"] for k in (*wall, *rescue, *training_free) for c in models[k]["position"]["curve"][1:])
-    a1.set_ylim(ymin - 0.1 * (ymax - ymin), ymax + 0.15 * (ymax - ymin))  # the first bin (no context) off-scale
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
