@@ -293,6 +293,7 @@ def read_the_figure(results, scale):
         rescued.append(text)
     free = [f"{m} {base_ratio:.2f}×" for m, base_ratio in
             ((free_label(m), ratios(results, free_label(m)).get(f)) for m in TRAINING_FREE) if base_ratio]
+    out.append("")  # two paragraphs
     out.append(f"**The rescue** (right), at {f}L: " + "; ".join(rescued)
                + (f". Training-free, perplexity at {f}L over L: " + ", ".join(free) if free else "") + ".")
     return out
