@@ -82,10 +82,11 @@ SCALES = {
     "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=500,
                  train={"max_iters": 1750, "eval_interval": 350, "ckpt_interval": 350, "log_interval": 50},
                  extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4}, eval=CPU_EVAL),
-    # The same experiment in ~8 minutes, for smoke runs: a soft shape (RoPE +10-15% by 8L), not the wall.
+    # The same pipeline in under 8 minutes, for smoke runs: a soft shape (RoPE ~+10% by 4L), not the wall.
     "cpu-quick": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=150,
-                       train={"max_iters": 350, "eval_interval": 175, "ckpt_interval": 175, "log_interval": 50},
-                       extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4}, eval=CPU_EVAL),
+                       train={"max_iters": 250, "eval_interval": 125, "ckpt_interval": 125, "log_interval": 50},
+                       extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4},
+                       eval=CPU_EVAL | {"n_docs": 4}),
     "gpu": Scale("gpu30m", "data/stdlib", None, 4096, extend_steps=100,
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
                  eval=dict(n_docs=8, passkey_trials=2, recall_trials=8)),
