@@ -205,7 +205,7 @@ def explain(cfg: ExplainConfig) -> Path:
         if own is not None:  # the frequencies the weights were trained with: the checkpoint's own scaling
             trained_scaling = ckpt["config"]["model"].get("rope_scaling")
             trained, _, _ = frequencies_of(model, trained_scaling, seq_len=trained_len)
-            distances = sorted({0, *np.unique(np.geomspace(1, max_len, 200).astype(int)).tolist()})
+            distances = list(range(max_len))  # every distance: the bound oscillates, the figure bins it
             result["angles"] = {"own": angle_coverage(own, trained_len, max_len, trained)}
             result["decay"] = {"distances": distances, "own": decay_bound(own, distances)}
             for label, scaling in scalings_for(model, trained_len, max_len).items():

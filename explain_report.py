@@ -3,6 +3,8 @@ sentences computed from those numbers, then its figure. Matplotlib is optional: 
 
 from pathlib import Path
 
+import numpy as np
+
 SHOWN_LAYERS = 4  # layers drawn in the attention panels (all of them in explain.json)
 
 
@@ -42,10 +44,13 @@ def angle_text(r):
 
 def decay_text(r):
     d, L, T = r["decay"], r["L"], r["max_len"]
-    at = lambda curve, x: curve[min(range(len(d["distances"])), key=lambda i: abs(d["distances"][i] - x))]  # noqa: E731
-    return [f"RoFormer's bound on |q·k| falls with distance for this model's frequencies: {at(d['own'], L):.3f} of "
-            f"its value at 0 by distance {L} (L) and {at(d['own'], T):.3f} by {T}. A scaling that slows the "
-            "frequencies (PI, and the slow pairs under NTK and YaRN) flattens it, so far keys keep more weight."]
+    near = lambda curve, x: float(np.mean(curve[int(x / 2 ** 0.5):int(x * 2 ** 0.5) + 1]))  # noqa: E731  an octave
+    pi = next((k for k in d if k == "PI"), None)
+    return [f"RoFormer's bound on |q·k| falls with distance for this model's frequencies: on average "
+            f"{near(d['own'], L):.2f} of its value at 0 around distance {L} (L) and {near(d['own'], T):.2f} around "
+            f"{T} (means over an octave of distances; the bound oscillates)."
+            + (f" With PI it is {near(d[pi], L):.2f} and {near(d[pi], T):.2f}: slower frequencies keep far keys "
+               "heavier." if pi else "")]
 
 
 def attention_text(r):
@@ -130,11 +135,14 @@ def _plots(r, out_dir):
         fig, ax = plt.subplots(figsize=(7, 4))
         if "decay" in r:
             ds = r["decay"]["distances"]
+            edges = sorted({int(e) for e in [1, *np.geomspace(2, len(ds), 40)]})  # log-spaced distance bins
+            mids = [(lo * hi) ** 0.5 for lo, hi in zip(edges[:-1], edges[1:])]
             for k, v in r["decay"].items():
                 if k != "distances":
-                    ax.plot(ds[1:], v[1:], linewidth=2 if k == "own" else 1, linestyle="-" if k == "own" else "--",
+                    binned = [float(np.mean(v[lo:hi])) for lo, hi in zip(edges[:-1], edges[1:])]
+                    ax.plot(mids, binned, linewidth=2.2 if k == "own" else 1.2, linestyle="-" if k == "own" else "--",
                             label="this model" if k == "own" else k)
-            ax.set(xscale="log", ylabel="relative bound on |q·k| (RoFormer)")
+            ax.set(xscale="log", ylabel="RoFormer's bound on |q·k|, relative\n(mean over log-spaced distance bins)")
         else:
             ds = [1, T]
             for h, m in enumerate(r["alibi_slopes"]):

@@ -1,7 +1,7 @@
 """The wall and the rescue, end to end, in one command.
 
     python reproduce.py                  # CPU scale: base 256 -> x4 and x8, under 30 minutes on 2 cores, offline
-    python reproduce.py --scale cpu-quick  # the same in ~8 minutes, for smoke runs: a soft shape, not the wall
+    python reproduce.py --scale cpu-quick  # the same in under 8 minutes, for smoke runs: a soft shape, not the wall
     python reproduce.py --scale gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
