@@ -1,7 +1,7 @@
 """The wall and the rescue, end to end, in one command.
 
     python reproduce.py                  # CPU scale: base 256 -> x4 and x8, under 30 minutes on 2 cores, offline
-    python reproduce.py --scale cpu-quick  # the same in under 8 minutes, for smoke runs: a soft shape, not the wall
+    python reproduce.py --scale cpu-quick  # the same, shorter, for smoke runs: a soft shape, not the wall
     python reproduce.py --scale gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
@@ -82,7 +82,7 @@ SCALES = {
     "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=500,
                  train={"max_iters": 1750, "eval_interval": 350, "ckpt_interval": 350, "log_interval": 50},
                  extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4}, eval=CPU_EVAL),
-    # The same pipeline in under 8 minutes, for smoke runs: a soft shape (RoPE ~+10% by 4L), not the wall.
+    # The same pipeline, shorter (aimed at under 8 minutes), for smoke runs: a soft shape (RoPE ~+10% by 4L).
     "cpu-quick": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=150,
                        train={"max_iters": 250, "eval_interval": 125, "ckpt_interval": 125, "log_interval": 50},
                        extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4},
