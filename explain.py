@@ -121,8 +121,8 @@ def distance_edges(max_len, base_len):
 class AttentionStats:
     """What the probe keeps per layer, summed over documents and heads, so no T x T matrix outlives its layer."""
 
-    def __init__(self, n_layer, T, base_len, bins):
-        self.T, self.L, self.bins = T, base_len, bins
+    def __init__(self, n_layer, T, base_len):
+        self.T, self.L = T, base_len
         self.edges = distance_edges(T, base_len)
         q = torch.arange(T)[:, None]
         self.distance = q - torch.arange(T)[None, :]  # (T, T): query minus key position
@@ -159,7 +159,7 @@ def far_share(probs, base_len):
 def attention_analysis(model, docs, base_len, max_len, bins):
     """Run the model on each document with the attention probe on; also its loss per position."""
     T = max_len
-    stats = AttentionStats(model.config.n_layer, T, base_len, bins)
+    stats = AttentionStats(model.config.n_layer, T, base_len)
     device = model.lm_head.weight.device
     losses = []
     for d in docs:

@@ -112,7 +112,8 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
     start = dataclasses.replace(
         base, **RECIPE, out_dir=out_dir, run_name="", resume=False, init_from=str(ext.ckpt), max_iters=ext.steps,
         lr_decay_iters=None, warmup_iters=min(MAX_WARMUP, ext.steps // 5), min_doc_len=target_len + 1,
-        device="auto", dtype="auto", compile="auto", batch_size=micro, grad_accum_steps=math.ceil(seqs / micro), model=model_cfg)
+        device="auto", dtype="auto", compile="auto", batch_size=micro, grad_accum_steps=math.ceil(seqs / micro),
+        model=model_cfg)
     cfg = parse(train.TrainConfig, overrides, defaults=start) if isinstance(overrides, list) else apply(start, overrides)
     if "batch_size" in names and "grad_accum_steps" not in names:  # a smaller micro-batch keeps the step's tokens
         cfg = dataclasses.replace(cfg, grad_accum_steps=math.ceil(seqs / cfg.batch_size))
