@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class ReproduceConfig:
-    scale: Literal["cpu", "cpu-quick", "gpu"] = "cpu"  # cpu: base 256, ~30 min on 2 cores (cpu-quick: ~8, a soft
+    scale: Literal["cpu", "cpu-quick", "gpu"] = "cpu"  # cpu: base 256, ~30 min on 2 cores (cpu-quick: ~5, a soft
     #                                                   shape); gpu: base 4096, one GPU
     out_dir: str = ""  # "": runs/<scale>
     seeds: int = 1  # train every model with seeds 1337, 1338, ...: the tables give mean ± std over them
@@ -82,7 +82,7 @@ SCALES = {
     "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=500,
                  train={"max_iters": 1750, "eval_interval": 350, "ckpt_interval": 350, "log_interval": 50},
                  extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4}, eval=CPU_EVAL),
-    # The same pipeline, shorter (aimed at under 8 minutes), for smoke runs: a soft shape (RoPE ~+10% by 4L).
+    # The same pipeline, shorter (5 min on 2 cores), for smoke runs: a soft shape (RoPE ~+6% by 4L).
     "cpu-quick": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=150,
                        train={"max_iters": 250, "eval_interval": 125, "ckpt_interval": 125, "log_interval": 50},
                        extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4},
@@ -361,7 +361,40 @@ def observations(results):
         what = "loss minus the reference's" if pos.get("relative") else "loss"
         out.append(f"- **{label}**: {what} {near:+.3f} just before L, {last['mean']:+.3f} at positions "
                    f"[{last['lo']}, {last['hi']}) ({last['mean'] - near:+.3f}).")
-    return out + significance(results)
+    return out + claims(results) + significance(results)
+
+
+def claims(results):
+    """The headline's claims against the seed spread, by the rule of `significance`: does each model's
+    sliding-window perplexity at k·L differ from its own at L (the wall, or its absence), and does each model
+    extended past L differ from the extended scheme at the same window (the rescue)?"""
+    if seeds(results) < 2:
+        return []
+    L, models = results["base_len"], results["models"]
+    ppl = {label: {e["window"]: e for e in r.get("ppl", [])} for label, r in models.items() if r.get("ppl")}
+    if EXTENDED not in ppl or L not in ppl[EXTENDED]:
+        return []
+    windows = sorted(w for w in ppl[EXTENDED] if w > L)
+
+    def cell(a, b):  # b against a: the ratio of the means, and whether the difference exceeds the spread
+        if "ppl" not in a or "ppl" not in b:
+            return "cannot run"
+        real = differs({"mean": a["ppl"], "std": a.get("ppl_sd")}, {"mean": b["ppl"], "std": b.get("ppl_sd")})
+        return f"{b['ppl'] / a['ppl']:.2f}× ({'beyond' if real else 'within'})"
+
+    lines = ["", f"### The claims against the seed spread ({seeds(results)} seeds)", "",
+             "Each cell is a ratio of mean perplexities, and whether the two differ by more than the sum of their "
+             "standard deviations across seeds (beyond) or not (within). Left: each model at k·L against itself "
+             f"at L (the wall: beyond and above 1; flat: within). Right: each model against {EXTENDED} at the "
+             "same window (the rescue: beyond and below 1).", "",
+             "| model | " + " | ".join(f"{w // L}L / L" for w in windows) + " | "
+             + " | ".join(f"against {EXTENDED} at {w // L}L" for w in windows) + " |",
+             "|---|" + "---|" * 2 * len(windows)]
+    for label, p in ppl.items():
+        own = [cell(p[L], p[w]) if L in p and w in p else "—" for w in windows]
+        against = ["" if label == EXTENDED else cell(ppl[EXTENDED][w], p[w]) if w in p else "—" for w in windows]
+        lines.append(f"| {label} | " + " | ".join(own + against) + " |")
+    return lines
 
 
 def significance(results):

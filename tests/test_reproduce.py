@@ -70,10 +70,29 @@ def test_more_seeds_add_runs_and_every_cell_gets_a_spread(tiny_scale, tmp_path, 
     assert merged["models"]["rope"]["ppl"][0]["ppl"] == pytest.approx((a + b) / 2)
     assert merged["models"]["rope"]["ppl"][0]["ppl_sd"] == pytest.approx(abs(a - b) / 2 ** 0.5)
     assert "Which differences exceed the seed spread (2 seeds)" in report
+    assert "The claims against the seed spread (2 seeds)" in report
     n_models = len(reproduce.models_to_evaluate(tiny_scale, run_dir))
     pairs = [ln for ln in report.splitlines() if ln.startswith("| ") and ln.count("| yes ") + ln.count("| no ") > 0]
     assert len(pairs) >= n_models * (n_models - 1) // 2 - (n_models - 1)  # pairs with learned past L: cannot run
     assert "± " in report.split("## Sliding-window perplexity")[1].split("##")[0]
+
+
+def test_claims_call_a_rise_real_only_beyond_the_spread():
+    def ppl(*cells):  # (window, mean, std) -> merged sliding-window entries
+        return [{"window": w, "ppl": m, "ppl_sd": sd} for w, m, sd in cells]
+    results = {"base_len": 16, "n_seeds": 3, "models": {
+        "rope": {"ppl": ppl((16, 10.0, 0.2), (64, 13.0, 0.3))},  # rises by 3.0, spread 0.5: the wall
+        "alibi": {"ppl": ppl((16, 10.0, 0.2), (64, 10.3, 0.2))},  # rises by 0.3, spread 0.4: flat
+        "rope + PI fine-tuned": {"ppl": ppl((16, 10.5, 0.1), (64, 10.6, 0.1))},
+        "learned": {"ppl": [{"window": 16, "ppl": 12.0, "ppl_sd": 0.1}, {"window": 64, "cannot_run": "too long"}]}}}
+    cells = [[c.strip() for c in ln.split("|")[1:-1]] for ln in reproduce.claims(results)
+             if ln.startswith("| ") and not ln.startswith("| model")]
+    rows = {c[0]: c[1:] for c in cells}
+    assert rows["rope"] == ["1.30× (beyond)", ""]
+    assert rows["alibi"] == ["1.03× (within)", "0.79× (beyond)"]
+    assert rows["rope + PI fine-tuned"] == ["1.01× (within)", "0.82× (beyond)"]
+    assert rows["learned"] == ["cannot run", "cannot run"]
+    assert reproduce.claims(results | {"n_seeds": 1}) == []  # one seed: no spread, no verdict
 
 
 def test_parallel_workers_reproduce_the_same_numbers(tiny_scale, tmp_path, threads_of_a_worker_slot):
