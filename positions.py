@@ -12,6 +12,7 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
   max_len                 the longest sequence it can run (learned: its table; None: unbounded)
   rope_types, no_scaling  the rope_scaling types it accepts, and why it refuses the others
   check_config(config)    its own checks of a GPTConfig (called when the config is made)
+  options                 its own keys of GPTConfig.pos_options, with their defaults (option_values)
   cache_key(seq_len)      changes when what a position means changes with the length (dynamic NTK)
 
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
@@ -71,6 +72,7 @@ class PositionScheme(nn.Module):
 
     rope_types = ()  # rope_scaling types this scheme accepts
     no_scaling = "it has no positions to scale"  # why it refuses any other type
+    options = {}  # this scheme's keys of GPTConfig.pos_options -> their defaults
 
     def __init__(self, config):
         super().__init__()
@@ -82,6 +84,17 @@ class PositionScheme(nn.Module):
         if scaling is not None and scaling["rope_type"] not in cls.rope_types:
             raise ValueError(f"pos_encoding {config.pos_encoding!r} cannot use rope_scaling "
                              f"{scaling['rope_type']!r}: {cls.no_scaling}")
+        cls.option_values(config)
+
+    @classmethod
+    def option_values(cls, config):
+        """This scheme's options: its defaults, with config.pos_options over them; ValueError on a key it lacks."""
+        given = config.pos_options or {}
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            takes = f"it takes {', '.join(cls.options)}" if cls.options else "it has no options"
+            raise ValueError(f"unknown pos_options key(s) {unknown} for pos_encoding {config.pos_encoding!r}: {takes}")
+        return cls.options | given
 
     max_len = None  # the longest sequence this scheme can run; None: any length
 
