@@ -3,9 +3,9 @@
     python export_hf.py --ckpt=out/cpu_rope/ckpt.pt --out_dir=hf/cpu_rope
 
 rope -> GPTNeoXForCausalLM (sequential residual, exact GELU, tied embeddings, scaling as rope_parameters),
-learned -> GPT2LMHeadModel. ALiBi, sinusoidal and none have no exact architecture in transformers (see
-NO_ARCHITECTURE). The folder holds config.json (with a "posenc" record of our config, so import_hf.py restores
-it exactly), model.safetensors, GPT-2's tokenizer files and a README.md model card. The export is refused
+learned -> GPT2LMHeadModel. The other schemes have no exact architecture in transformers (each says why, as its
+`no_export` in positions.py). The folder holds config.json (with a "posenc" record of our config, so import_hf.py
+restores it exactly), model.safetensors, GPT-2's tokenizer files and a README.md model card. The export is refused
 unless the transformers model's logits equal ours on a probe sequence. The mapping itself is in hf.py.
 """
 import dataclasses
@@ -19,17 +19,9 @@ from config import ConfigError, check_fields, cli, parse
 from rope_scaling import length_dependent
 from hf import (GPT2_VOCAB, NEOX, architecture, check_parity, convert, hf_config, key_pairs, legacy_rope,
                 require_transformers, rope_parameters)
-from positions import permute_rope_layout
+from positions import SCHEMES, permute_rope_layout
 from run_folder import claim, clear
 from tokenizer import find_tokenizer_dir
-
-NO_ARCHITECTURE = {
-    "alibi": "transformers has no architecture with our ALiBi block: Falcon (alibi=True) adds the bias before the "
-             "1/sqrt(head_dim) scaling (slopes m/sqrt(head_dim)) and builds it in bfloat16; BLOOM normalizes the "
-             "token embeddings (word_embeddings_layernorm) and uses tanh-approximate GELU; rope and learned export",
-    "sinusoidal": "transformers has no architecture with fixed sinusoidal positions added to the token embeddings",
-    "none": "transformers has no architecture without position information (NoPE)",
-}
 
 
 @dataclass
@@ -44,8 +36,9 @@ class ExportConfig:
 
 def check_exportable(config, vocab=None):
     """One line naming why this model cannot be exported exactly, or nothing."""
-    if config.pos_encoding in NO_ARCHITECTURE:
-        raise ValueError(f"cannot export a {config.pos_encoding} model: {NO_ARCHITECTURE[config.pos_encoding]}")
+    reason = SCHEMES[config.pos_encoding].no_export
+    if reason:
+        raise ValueError(f"cannot export a {config.pos_encoding} model: {reason}")
     architecture(config)  # a scheme added since: no known architecture either
     if vocab or config.vocab_size < GPT2_VOCAB:
         raise ValueError(f"cannot export a model with a compact {config.vocab_size}-id vocabulary (data prepared with "

@@ -14,6 +14,7 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
   check_config(config)    its own checks of a GPTConfig (called when the config is made)
   options                 its own keys of GPTConfig.pos_options, with their defaults (option_values)
   cache_key(seq_len)      changes when what a position means changes with the length (dynamic NTK)
+  no_export               why no transformers architecture computes it exactly (export_hf.py refuses with it)
 
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone). RoPE scaling
@@ -73,6 +74,7 @@ class PositionScheme(nn.Module):
     rope_types = ()  # rope_scaling types this scheme accepts
     no_scaling = "it has no positions to scale"  # why it refuses any other type
     options = {}  # this scheme's keys of GPTConfig.pos_options -> their defaults
+    no_export = None  # why export_hf.py cannot export it exactly; None: hf.ARCHITECTURES has its architecture
 
     def __init__(self, config):
         super().__init__()
@@ -130,6 +132,7 @@ class NoPE(PositionScheme):
     """No positions at all (the control): order is known only through the causal mask."""
 
     no_scaling = "it has no position encoding (NoPE), so there is nothing to scale"
+    no_export = "transformers has no architecture without position information (NoPE)"
 
 
 class Learned(PositionScheme):
@@ -165,6 +168,7 @@ class Sinusoidal(PositionScheme):
 
     rope_types = ("linear",)
     no_scaling = "sinusoidal positions can only be interpolated (rope_type 'linear')"
+    no_export = "transformers has no architecture with fixed sinusoidal positions added to the token embeddings"
     scale = 0.02 * math.sqrt(2)  # table RMS 1/sqrt(2) -> 0.02, GPT-2's token embedding std at init
 
     def __init__(self, config):
@@ -186,6 +190,10 @@ class ALiBi(PositionScheme):
     """Attention with Linear Biases: logit -= slope_h * (i - j). No parameters, no table, no scaling."""
 
     no_scaling = "ALiBi needs no scaling: its bias depends only on distance, so it runs at any length as it is"
+    no_export = ("transformers has no architecture with our ALiBi block: Falcon (alibi=True) adds the bias before "
+                 "the 1/sqrt(head_dim) scaling (slopes m/sqrt(head_dim)) and builds it in bfloat16; BLOOM normalizes "
+                 "the token embeddings (word_embeddings_layernorm) and uses tanh-approximate GELU; rope and learned "
+                 "export")
 
     def __init__(self, config):
         super().__init__(config)
