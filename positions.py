@@ -2,8 +2,8 @@
 
 A scheme acts in exactly one of three places, and the model calls every hook unconditionally:
   embed(pos)                         -> (T, C) added to the token embeddings    learned, sinusoidal
-  rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope
-  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi
+  rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope
+  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5
 plus `score_mod(layer)`, the FlexAttention form of the same bias, so a GPU never builds a T x T tensor.
 The hooks see the layer index, so a per-layer scheme (NoPE on some layers, another theta on local layers)
 is one class too.
@@ -17,8 +17,10 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
   no_export               why no transformers architecture computes it exactly (export_hf.py refuses with it)
 
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
-Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone). RoPE scaling
-(linear = Position Interpolation, ntk, dynamic, yarn, llama3) is in rope_scaling.py.
+Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
+layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
+bias, Raffel et al. 2020). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3) is in
+rope_scaling.py.
 """
 
 import math
@@ -26,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from rope_scaling import ROPE_SCALING, check_scaling, length_dependent, rope_frequencies
+from rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
 
 
 def rope_cos_sin(pos, inv_freq, attention_factor=1.0):
@@ -66,6 +68,17 @@ def sinusoidal_table(pos, C):
     i = torch.arange(0, C, 2, dtype=torch.float64)
     angles = pos.to(torch.float64)[:, None] / 10000 ** (i / C)
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).float()  # (T, C)
+
+
+def t5_buckets(distance, num_buckets=32, max_distance=128):
+    """T5's causal bucket of each distance i - j (query i, key j): distances below num_buckets // 2 are their own
+    bucket, the other half of the buckets are log-spaced up to max_distance, and farther ones share the last bucket.
+    A future key (i < j) is bucket 0, as in T5 (the causal mask hides it anyway). Integer tensor in, long out."""
+    d = distance.clamp(min=0)
+    exact = num_buckets // 2
+    far = exact + (torch.log(d.clamp(min=exact).float() / exact) / math.log(max_distance / exact)
+                   * (num_buckets - exact)).long()  # truncation, as T5 does
+    return torch.where(d < exact, d, far.clamp(max=num_buckets - 1))
 
 
 class PositionScheme(nn.Module):
@@ -186,7 +199,26 @@ class Sinusoidal(PositionScheme):
         return self.table[pos] * self.scale
 
 
-class ALiBi(PositionScheme):
+class SharedBias(PositionScheme):
+    """A logit bias that every layer shares, `bias(q_pos, k_pos)` -> (nh, Tq, Tk) in fp32 (even after model.half()):
+    built by the first layer of a forward, reused by the others (the model passes every layer the same position
+    tensors). Compiled, it is fused into the graph instead."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._score_mod = None
+        self._last = None  # (q_pos, k_pos, bias) of the last call
+
+    def attn_bias(self, q_pos, k_pos, layer):
+        if torch.compiler.is_compiling():
+            return self.bias(q_pos, k_pos)
+        if self._last is None or self._last[0] is not q_pos or self._last[1] is not k_pos:
+            self._last = (q_pos, k_pos, self.bias(q_pos, k_pos))
+        return self._last[2]
+
+
+
+class ALiBi(SharedBias):
     """Attention with Linear Biases: logit -= slope_h * (i - j). No parameters, no table, no scaling."""
 
     no_scaling = "ALiBi needs no scaling: its bias depends only on distance, so it runs at any length as it is"
@@ -198,21 +230,10 @@ class ALiBi(PositionScheme):
     def __init__(self, config):
         super().__init__(config)
         self.register_buffer("slopes", torch.tensor(alibi_slopes(config.n_head)), persistent=False)
-        self._score_mod = None
-        self._last = None  # (q_pos, k_pos, bias) of the last call
-
-    def attn_bias(self, q_pos, k_pos, layer):
-        # The same bias for every layer: built by the first layer of a forward, reused by the others (the model
-        # passes every layer the same position tensors). Compiled, it is fused into the graph instead.
-        if torch.compiler.is_compiling():
-            return self.bias(q_pos, k_pos)
-        if self._last is None or self._last[0] is not q_pos or self._last[1] is not k_pos:
-            self._last = (q_pos, k_pos, self.bias(q_pos, k_pos))
-        return self._last[2]
 
     def bias(self, q_pos, k_pos):
         distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
-        return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk); fp32 even after model.half()
+        return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk)
 
     def score_mod(self, layer):
         # One function per device, the same for every layer: a new function object would recompile FlexAttention.
@@ -224,6 +245,56 @@ class ALiBi(PositionScheme):
 
             alibi.device = slopes.device
             self._score_mod = alibi
+        return self._score_mod
+
+
+class T5Bias(SharedBias):
+    """T5's relative position bias (Raffel et al. 2020), causal: one learned scalar per (head, distance bucket), one
+    table (nh, num_buckets) shared by all layers. Buckets as T5 computes them (t5_buckets): exact for distances below
+    num_buckets / 2, log-spaced up to max_distance, and one last bucket for everything farther, so it runs at any
+    length. The table starts at zero (at init the model is NoPE; it learns which distances matter) and is decayed
+    like every 2-d tensor. On the GPU its score_mod reads the table inside FlexAttention (no T x T tensor); on the CPU
+    the bias is materialized once per forward, like ALiBi's.
+    """
+
+    options = {"num_buckets": 32, "max_distance": 128}  # T5's defaults
+    no_scaling = ("T5's bias needs no scaling: every distance past max_distance shares its last bucket, so it runs at "
+                  "any length as it is")
+    no_export = ("transformers has no decoder-only model with T5's bias: T5, mT5, UMT5, LongT5, Switch Transformers, "
+                 "Pop2Piano, UDOP and Pix2Struct are encoder-decoders with RMSNorm (T5LayerNorm) where we have "
+                 "LayerNorm and no 1/sqrt(head_dim) scaling, and MPNet is a bidirectional encoder")
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = self.option_values(config)
+        self.num_buckets, self.max_distance = o["num_buckets"], o["max_distance"]
+        self.table = nn.Parameter(torch.zeros(config.n_head, self.num_buckets))  # (nh, num_buckets)
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        o = cls.option_values(config)
+        low = 2
+        for key in ("num_buckets", "max_distance"):  # the log-spaced buckets start at num_buckets // 2
+            if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < low:
+                raise ValueError(f"bad pos_options value {o[key]!r} for {key!r} of t5: expected an integer >= {low}")
+            low = o[key] // 2 + 1
+
+    def bias(self, q_pos, k_pos):
+        buckets = t5_buckets(q_pos[:, None] - k_pos[None, :], self.num_buckets, self.max_distance)  # (Tq, Tk)
+        return self.table.float()[:, buckets]  # (nh, Tq, Tk)
+
+    def score_mod(self, layer):
+        # One function per table and device, the same for every layer (a new function would recompile FlexAttention);
+        # it reads the parameter itself, so gradients reach the table.
+        if getattr(self._score_mod, "table", None) is not self.table or self._score_mod.device != self.table.device:
+            table, num_buckets, max_distance = self.table, self.num_buckets, self.max_distance
+
+            def t5(score, b, h, q_idx, kv_idx):
+                return score + table[h, t5_buckets(q_idx - kv_idx, num_buckets, max_distance)]
+
+            t5.table, t5.device = table, table.device
+            self._score_mod = t5
         return self._score_mod
 
 
@@ -279,6 +350,74 @@ class RoPE(PositionScheme):
         return apply_rope(q, cos, sin, self.layout), apply_rope(k, cos, sin, self.layout)
 
 
+class RoPENoPE(RoPE):
+    """RoPE on most layers, no positions on every nope_interval-th: the hybrid of Yang et al. 2025 ("Rope to Nope
+    and Back Again", arXiv 2501.18795), SmolLM3's no_rope_layers and Llama 4's iRoPE. NoPE layers are those with
+    (layer + 1) % nope_interval == 0 (layers 3, 7, ... for 4, SmolLM3's and Llama 4's rule), or exactly the indices in
+    nope_layers. The RoPE layers are plain RoPE, with every rope_scaling method; NoPE layers have nothing to scale.
+
+    attn_scale > 0 turns on Llama 4's query temperature on the NoPE layers (Scalable-Softmax, arXiv 2501.19399):
+    q * (1 + attn_scale * log1p(floor((p + 1) / floor_scale))) at position p; Llama 4 uses attn_scale 0.1, floor_scale
+    8192. Meta describes it as inference-time temperature scaling for length generalization: the softmax over more
+    keys is sharpened as a query sits farther out. floor_scale defaults to the training length L
+    (original_max_position_embeddings once extended), so the temperature is 1 on the positions trained on (all but
+    the last, p + 1 = L) and grows with the log of the multiple of L past them: 1 + attn_scale * ln(1 + k) at
+    p + 1 = kL. Llama 4's 8192 is a fixed length far below its context; our L plays that role at any scale.
+    """
+
+    options = {"nope_interval": 4, "nope_layers": None, "attn_scale": 0.0, "floor_scale": None}
+    no_export = ("transformers' models with NoPE layers (SmolLM3 and Llama 4: no_rope_layers) are Llama blocks, with "
+                 "RMSNorm and a SiLU-gated MLP where we have LayerNorm and a GELU MLP (and Llama 4 adds q/k L2 norms and "
+                 "chunked attention on its RoPE layers); GPT-NeoX, our rope export, has no NoPE layers")
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = self.option_values(config)
+        self.nope = self.nope_layers(config)
+        self.attn_scale = float(o["attn_scale"])
+        self.floor_scale = o["floor_scale"] or original_length(config.rope_scaling, config.block_size)
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        o = cls.option_values(config)
+        number = (int, float)
+        for key, ok, expected in (
+                ("nope_interval", isinstance(o["nope_interval"], int) and o["nope_interval"] >= 1, "an integer >= 1"),
+                ("attn_scale", isinstance(o["attn_scale"], number) and o["attn_scale"] >= 0, "a number >= 0"),
+                ("floor_scale", o["floor_scale"] is None or isinstance(o["floor_scale"], int) and o["floor_scale"] >= 1,
+                 "an integer >= 1, or null for the training length")):
+            if not ok or isinstance(o[key], bool):
+                raise ValueError(f"bad pos_options value {o[key]!r} for {key!r} of rope_nope: expected {expected}")
+        cls.nope_layers(config)
+
+    @classmethod
+    def nope_layers(cls, config):
+        """The indices of the NoPE layers, as a frozenset."""
+        o, given = cls.option_values(config), config.pos_options or {}
+        if o["nope_layers"] is None:
+            return frozenset(i for i in range(config.n_layer) if (i + 1) % o["nope_interval"] == 0)
+        layers = o["nope_layers"]
+        if "nope_interval" in given:
+            raise ValueError("give rope_nope either nope_interval or nope_layers in pos_options, not both")
+        if (not isinstance(layers, list) or len(set(layers)) != len(layers)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.n_layer for i in layers)):
+            raise ValueError(f"bad pos_options value {layers!r} for 'nope_layers' of rope_nope: expected a list of "
+                             f"distinct layer indices in 0..{config.n_layer - 1}")
+        return frozenset(layers)
+
+    def temperature(self, pos):
+        """(T,) fp32 factor of the queries at positions pos on a NoPE layer."""
+        return 1 + self.attn_scale * torch.log1p(torch.floor((pos.float() + 1) / self.floor_scale))
+
+    def rotate(self, q, k, pos, layer):
+        if layer not in self.nope:
+            return super().rotate(q, k, pos, layer)
+        if self.attn_scale:
+            q = (q.float() * self.temperature(pos)[:, None]).type_as(q)  # (B, nh, T, hs) times (T, 1)
+        return q, k
+
+
 def layout_permutation(head_dim, rot_dim, to_layout):
     """Index list p with W_new = W_old[p] (per head) converting q/k rows between the two RoPE pairings."""
     to_half = list(range(0, rot_dim, 2)) + list(range(1, rot_dim, 2))  # interleaved -> half
@@ -302,4 +441,5 @@ def permute_rope_layout(state_dict, config, to_layout):
     return out
 
 
-SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE}
+SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE,
+           "rope_nope": RoPENoPE, "t5": T5Bias}
