@@ -366,9 +366,9 @@ class RoPENoPE(RoPE):
     """
 
     options = {"nope_interval": 4, "nope_layers": None, "attn_scale": 0.0, "floor_scale": None}
-    no_export = ("transformers' models with NoPE layers (SmolLM3 and Llama 4: no_rope_layers) are Llama blocks, with "
-                 "RMSNorm and a SiLU-gated MLP where we have LayerNorm and a GELU MLP (and Llama 4 adds q/k L2 norms and "
-                 "chunked attention on its RoPE layers); GPT-NeoX, our rope export, has no NoPE layers")
+    no_export = ("transformers' models with NoPE layers (SmolLM3 and Llama 4: no_rope_layers) are Llama blocks, "
+                 "with RMSNorm and a SiLU-gated MLP where we have LayerNorm and a GELU MLP (and Llama 4 adds q/k L2 "
+                 "norms and chunked attention on its RoPE layers); GPT-NeoX, our rope export, has no NoPE layers")
 
     def __init__(self, config):
         super().__init__(config)
