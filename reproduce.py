@@ -5,6 +5,7 @@
     python reproduce.py --scale gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
+    python reproduce.py --schemes=+rope_nope,t5  # the five schemes and these two (--schemes=rope,alibi: only those)
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
@@ -28,7 +29,7 @@ import torch
 import evaluate
 import explain
 import train
-from config import at_least, check_fields, cli, parse
+from config import ConfigError, at_least, check_fields, cli, parse
 from data.loader import load_meta
 from data.prepare import prepare
 from papers import RESCUE, nearest
@@ -40,6 +41,8 @@ from jobs import Job, run_jobs
 from sweep import compute, differs, merge_seeds
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_SCHEMES = ("learned", "sinusoidal", "alibi", "rope", "none")  # trained unless --schemes says otherwise
+EXTENDED = "rope"  # the scheme whose context is extended
 
 
 @dataclass
@@ -50,11 +53,24 @@ class ReproduceConfig:
     seeds: int = 1  # train every model with seeds 1337, 1338, ...: the tables give mean ± std over them
     workers: int = 0  # training runs at once (sweep.run_jobs); 0: one per visible GPU, or 2 on a CPU, 1: in this process
     reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES  # trained and compared; "+a,b": the default ones and a, b
 
     def __post_init__(self):
         check_fields(self)
         at_least(self, 1, "seeds")
         at_least(self, 0, "workers")
+        self.schemes = wall_schemes(self.schemes)
+
+
+def wall_schemes(given):
+    """The schemes to train: `given`, or, when it starts with '+', DEFAULT_SCHEMES and the ones given."""
+    names = [*(DEFAULT_SCHEMES if given and given[0].startswith("+") else ()), *(g.lstrip("+") for g in given)]
+    for name in names:
+        if name not in SCHEMES:
+            raise ConfigError(f"bad value {name!r} for config key 'schemes': choose from {', '.join(SCHEMES)}")
+    if EXTENDED not in names:
+        raise ConfigError(f"config key 'schemes' must include {EXTENDED}: its context is the one extended")
+    return tuple(dict.fromkeys(names))  # in order, once each
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,6 @@ SCALES = {
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
                  eval=dict(n_docs=8, passkey_trials=2, recall_trials=8)),
 }
-EXTENDED = "rope"  # the scheme whose context is extended
 TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # rope_types evaluated with no fine-tuning
 FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
 HEADLINE_TRAINING_FREE = ("dynamic", "yarn")  # the training-free rows in the headline figure (all are in the tables)
@@ -182,10 +197,10 @@ def tuned_label(method):
     return f"{EXTENDED} + {ROPE_SCALING[method].label} fine-tuned"
 
 
-def models_to_evaluate(scale, run_dir):
+def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES):
     """label -> checkpoint, or (checkpoint, rope_scaling) for a training-free scaling of the RoPE model."""
     run_dir = Path(run_dir)
-    models = {scheme: run_dir / scheme / "ckpt.pt" for scheme in SCHEMES}
+    models = {scheme: run_dir / scheme / "ckpt.pt" for scheme in schemes}
     for method in TRAINING_FREE:
         models[free_label(method)] = (models[EXTENDED], scaling_dict(method, scale.factor, scale.base_len))
     for method in FINE_TUNED:
@@ -430,8 +445,9 @@ def significance(results):
     return lines
 
 
-def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference=""):
-    """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers: see
+def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference="",
+        schemes=DEFAULT_SCHEMES):
+    """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers, schemes: see
     ReproduceConfig (the tests run in this process, workers=1)."""
     t0, run_dir = time.time(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -442,7 +458,7 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
     seed_list = [train.TrainConfig.seed + i for i in range(seeds)]
     # In each seed the extended scheme trains first and its fine-tunes come next in the queue: with several
     # workers they start as soon as it is done, beside the other schemes' training.
-    others = [s for s in SCHEMES if s != EXTENDED]
+    others = [s for s in schemes if s != EXTENDED]
     stages.run_jobs([job for s in seed_list for job in (train_stage(scale, EXTENDED, s, run_dir),
                                                         *(fine_tune_stage(scale, m, s, run_dir) for m in FINE_TUNED),
                                                         *(train_stage(scale, o, s, run_dir) for o in others))],
@@ -451,8 +467,10 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
                                        reference=reference, resume=True, **scale.eval)
-        stages.run(f"evaluate (seed {s})",
-                   lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s)), c) and None)
+        added = [k for k in schemes if k not in DEFAULT_SCHEMES]  # a new stage: a run that adds schemes evaluates them
+        models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes)
+        stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
+                   lambda c=eval_cfg, m=models: evaluate.evaluate(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
             cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len,
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
@@ -467,7 +485,7 @@ def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
     return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
-               cfg.reference)
+               cfg.reference, cfg.schemes)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_pipeline_runs_every_stage_and_resumes(tiny_scale, tmp_path, capsys):
 
 def stage_names(*seeds):
     return {"data"} | {name for s in seeds for name in (
-        *(f"train {scheme} (seed {s})" for scheme in reproduce.SCHEMES), f"fine-tune rope with PI (seed {s})",
+        *(f"train {scheme} (seed {s})" for scheme in reproduce.DEFAULT_SCHEMES), f"fine-tune rope with PI (seed {s})",
         f"fine-tune rope with YaRN (seed {s})", f"evaluate (seed {s})",
         *(f"explain {label} (seed {s})" for label in ("rope", "rope + PI fine-tuned", "rope + YaRN fine-tuned")))}
 
@@ -164,3 +164,18 @@ def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp
     monkeypatch.setitem(tasks.TASKS, "ppl", ppl)
     reproduce.run(tiny_scale, run_dir)
     assert evaluation(run_dir) == evaluation(tmp_path / "reference")
+
+
+def test_schemes_add_to_the_default_five_or_replace_them(tmp_path):
+    from config import parse
+    five = ("learned", "sinusoidal", "alibi", "rope", "none")
+    assert parse(reproduce.ReproduceConfig, []).schemes == reproduce.DEFAULT_SCHEMES == five
+    added = parse(reproduce.ReproduceConfig, ["--schemes=+rope_nope,t5"]).schemes
+    assert added == (*reproduce.DEFAULT_SCHEMES, "rope_nope", "t5")
+    assert parse(reproduce.ReproduceConfig, ["--schemes=rope,alibi"]).schemes == ("rope", "alibi")
+    models = reproduce.models_to_evaluate(reproduce.SCALES["cpu"], tmp_path, added)
+    assert models["t5"] == str(tmp_path / "t5" / "ckpt.pt") and "rope_nope" in models
+    for flag, words in [("--schemes=+rotary", "bad value 'rotary' for config key 'schemes'"),
+                        ("--schemes=alibi", "must include rope")]:
+        with pytest.raises(ValueError, match=words):
+            parse(reproduce.ReproduceConfig, [flag])
