@@ -22,3 +22,9 @@ def test_every_table_starts_at_its_training_length_and_has_a_value_per_length():
     for L, table in papers.WALL.items():
         assert table["lengths"][0] == L
         assert all(len(ppl) == len(table["lengths"]) for ppl in table["ppl"].values())
+
+
+def test_t5_row_skips_the_lengths_where_it_ran_out_of_memory():
+    assert papers.nearest("t5", 2)["ratio"] == pytest.approx(18.79 / 19.65)  # 1012 / 512
+    longest = papers.nearest("t5", 32)  # 15512 / 512 and 16024 / 1024 are out of memory: 8512 / 512 is the nearest
+    assert longest["length"] == 8512 and longest["ratio"] == pytest.approx(43.08 / 19.65)
