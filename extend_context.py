@@ -131,6 +131,8 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
     ckpt = load_checkpoint(ext.ckpt)
     base = from_dict(train.TrainConfig, ckpt["config"])
     if ext.method == DROPE:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its step-0 checkpoint is written before the processes meet
+            raise ConfigError("drope's recalibration runs in one process: start it without torchrun")
         if ext.steps == 0:
             raise ConfigError("drope recalibrates the model without positions: give --steps > 0 (the paper spends the "
                               "last eighth of pretraining on it)")

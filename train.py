@@ -80,6 +80,9 @@ class TrainConfig:
         at_least(self, 0, "max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "ckpt_interval",
                  "min_doc_len", "learning_rate", "min_lr", "weight_decay", "grad_clip", "pose_window")
         at_least(self, 1, "pose_chunks")
+        if self.pose_window and self.model.pos_encoding != "rope":
+            raise ConfigError(f"pose_window: PoSE shifts RoPE position ids; this model has {self.model.pos_encoding!r} "
+                              "positions")
         if self.pose_window > self.model.block_size:
             raise ConfigError(f"pose_window={self.pose_window} is longer than block_size={self.model.block_size}: PoSE "
                               "trains on windows shorter than the positions it reaches")
