@@ -126,7 +126,8 @@ def main(argv=None):
             raise RuntimeError(f"case {case} failed: {run.stderr.strip().splitlines()[-1] if run.stderr else ''}")
         rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"{'case':<12} {'T':>6} {'batch':>6} {'tokens':>7} {'ms/step':>9} {'vs base':>8} {'peak MiB':>9} {'vs base':>8}")
+    print(f"{'case':<12} {'T':>6} {'batch':>6} {'tokens':>7} {'ms/step':>9} {'vs base':>8} {'peak MiB':>9} "
+          f"{'vs base':>8}")
     for r in rows:
         print(f"{r['case']:<12} {r['T']:6d} {r['batch_size']:6d} {r['tokens_per_step']:7d} {r['ms_per_step']:9.1f} "
               f"{r['ms_per_step'] / base['ms_per_step']:7.2f}x {r['peak_mib']:9.1f} "

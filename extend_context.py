@@ -47,7 +47,7 @@ DROPE = "drope"  # the method that is not a rope_type: drop the positions, recal
 @dataclass
 class ExtendConfig:
     ckpt: str = ""  # the base checkpoint (required)
-    method: str = ""  # required: a rope_type of rope_scaling.py (linear | ntk | dynamic | yarn | llama3 | direct | abf) or drope
+    method: str = ""  # required: a rope_type (linear, ntk, dynamic, yarn, llama3, direct, abf), or drope
     factor: float | None = None  # the context multiple, from the original training length ...
     target_len: int | None = None  # ... or the new length: give exactly one
     steps: int = 0  # fine-tuning steps; 0: training-free
@@ -66,8 +66,8 @@ class ExtendConfig:
         if self.pose and self.steps == 0:
             raise ConfigError("--pose is a way to fine-tune: give --steps > 0")
         if self.method == DROPE and (self.pose or self.factor or self.target_len or self.scaling_params):
-            raise ConfigError("drope takes no --factor, --target_len, --scaling_params or --pose: it removes the positions "
-                              "and recalibrates at the original length")
+            raise ConfigError("drope takes no --factor, --target_len, --scaling_params or --pose: it removes the "
+                              "positions and recalibrates at the original length")
 
 
 def check_extendable(model_cfg, scaling, target_len, path):
@@ -94,8 +94,8 @@ def rope_scaling_for(model_cfg, method, factor=None, target_len=None, params=Non
         params["base"] = abf_base(target_len)
         if params["base"] <= model_cfg.rope_theta:
             raise ValueError(f"Xu et al.'s bound for {target_len} tokens (base >= 0.0424 * {target_len}^1.628 = "
-                             f"{params['base']:.0f}) is below this model's base {model_cfg.rope_theta:g}: ABF would not "
-                             "raise it; give one with --scaling_params='{\"base\": 500000}'")
+                             f"{params['base']:.0f}) is below this model's base {model_cfg.rope_theta:g}: ABF would "
+                             "not raise it; give one with --scaling_params='{\"base\": 500000}'")
     return scaling_dict(method, factor, base_len, **params), target_len
 
 

@@ -120,7 +120,8 @@ class Rescue:
 LLAMA2_LONG_BASE = 5e5  # the base Xiong et al. raised Llama 2's 1e4 to (ABF); Xu et al.'s bound at 4 x 256 is below 1e4
 RESCUES = {
     "direct": Rescue(f"{EXTENDED} + direct (no scaling) fine-tuned", ("--method=direct",)),
-    "abf": Rescue(f"{EXTENDED} + ABF fine-tuned", ("--method=abf", f'--scaling_params={{"base": {LLAMA2_LONG_BASE:g}}}')),
+    "abf": Rescue(f"{EXTENDED} + ABF fine-tuned",
+                  ("--method=abf", f'--scaling_params={{"base": {LLAMA2_LONG_BASE:g}}}')),
     "pose": Rescue(f"{EXTENDED} + PI + PoSE fine-tuned", ("--method=linear", "--pose=true")),
     "drope": Rescue(f"{EXTENDED} + DroPE recalibrated", ("--method=drope",)),
     "self_extend": Rescue(f"{EXTENDED} + Self-Extend (no fine-tune)", fine_tuned=False),
@@ -514,8 +515,8 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
                                        reference=reference, resume=True, **scale.eval)
         stages.run(f"evaluate (seed {s})",
-                   lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s), rescues), c)
-                   and None)
+                   lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s), rescues),
+                                                             c) and None)
         for label, ckpt in explained(run_dir, s).items():
             cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len,
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)

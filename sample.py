@@ -44,7 +44,7 @@ class SampleConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False  # torch.compile the model (pays off for long generations)
     rope_scaling: dict | None = None  # run with this rope_scaling instead of the checkpoint's ({}: none)
-    self_extend: tuple[int, ...] = ()  # W,G: Self-Extend (training-free): exact positions within W, grouped by G past it
+    self_extend: tuple[int, ...] = ()  # W,G: Self-Extend (training-free): exact positions within W, grouped past it
 
     def __post_init__(self):
         check_fields(self)
