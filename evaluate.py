@@ -3,6 +3,7 @@
     python evaluate.py --ckpt=out/cpu_rope/ckpt.pt,out/cpu_alibi/ckpt.pt --data_dir=data/stdlib4k --max_len=2048
     python evaluate.py --ckpt=out/cpu_rope/ckpt.pt --rope_scaling='{"rope_type": "dynamic", "factor": 4,
         "original_max_position_embeddings": 256}' --tasks=ppl,passkey      # a training-free scaling
+    python evaluate.py --ckpt=out/cpu_rope/ckpt.pt --self_extend=64,5      # Self-Extend: W=64, G=5, training-free
 
 For one or more checkpoints, on held-out documents of a prepared corpus, runs the tasks of tasks.py (loss by
 position, sliding-window perplexity, short-context loss, passkey, recall) and writes <out_dir>/results.json
@@ -21,6 +22,7 @@ from checkpoint import model_from_checkpoint
 from config import ConfigError, at_least, check_fields, cli, parse, resolve_device
 from data.loader import check_vocabulary, data_identity, load_meta, load_split, long_documents
 from metrics import start_wandb
+from positions import check_self_extend_flag, set_self_extend
 from run_folder import claim, clear, write_atomic
 from tasks import TASKS, EvalData, log, relative_loss, training_length
 
@@ -46,6 +48,7 @@ class EvalConfig:
     recall_kind: Literal["random", "text"] = "random"  # span of random tokens (only copying predicts it) or text
     seed: int = 0
     rope_scaling: dict | None = None  # applied to every checkpoint given by path ({}: none)
+    self_extend: tuple[int, ...] = ()  # W,G: Self-Extend (training-free) on every checkpoint given by path
     wandb: Literal["off", "offline", "online"] = "off"
     reference: str = ""  # loss by position is also shown minus this model's (a label); "": the extended model
     resume: bool = False  # reuse results of unchanged checkpoints and settings in out_dir/results.json
@@ -54,6 +57,7 @@ class EvalConfig:
     def __post_init__(self):
         check_fields(self)
         at_least(self, 1, "max_len", "base_len", "n_docs", "batch_size", "passkey_trials", "recall_trials", "span_len")
+        check_self_extend_flag(self.self_extend)
         unknown = set(self.tasks) - set(TASKS)
         if unknown or not self.tasks:
             raise ConfigError(f"bad value {','.join(self.tasks)!r} for config key 'tasks': choose from {', '.join(TASKS)}")
@@ -83,9 +87,10 @@ def held_out_documents(data_dir, min_len, n_docs):
     return docs, note
 
 
-def load_models(models, labels=(), device="cpu", rope_scaling=None):
-    """{label: model} from checkpoint paths (a list) or a dict of label -> GPT, path, or (path, rope_scaling)
-    to evaluate a checkpoint with another scaling (e.g. dynamic NTK with no fine-tuning)."""
+def load_models(models, labels=(), device="cpu", rope_scaling=None, self_extend=()):
+    """{label: model} from checkpoint paths (a list) or a dict of label -> GPT, path, (path, rope_scaling) to
+    evaluate a checkpoint with another scaling (e.g. dynamic NTK with no fine-tuning), or (path, rope_scaling,
+    (W, G)) to run it with Self-Extend."""
     if not isinstance(models, dict):
         models = list(models)
         labels = list(labels) or [Path(p).parent.name or Path(p).stem for p in models]
@@ -95,10 +100,13 @@ def load_models(models, labels=(), device="cpu", rope_scaling=None):
     out = {}
     for label, m in models.items():
         if isinstance(m, (str, Path, tuple)):
-            path, scaling = m if isinstance(m, tuple) else (m, rope_scaling)
+            path, scaling, extend = (*m, ())[:3] if isinstance(m, tuple) else (m, rope_scaling, self_extend)
             m, ckpt = model_from_checkpoint(str(path), device, override_scaling=scaling)
+            if extend:
+                set_self_extend(m, *extend)
             stat = Path(path).stat()  # what a result was computed from: a changed checkpoint is evaluated anew
-            m.checkpoint_id = f"{path} {stat.st_size} {stat.st_mtime_ns} {json.dumps(scaling)}"
+            m.checkpoint_id = (f"{path} {stat.st_size} {stat.st_mtime_ns} {json.dumps(scaling)}"
+                               + (f" self_extend={list(extend)}" if extend else ""))
             m.trained_on = ckpt.get("data")  # its data's identity: the vocabulary must match the evaluation data
         out[label] = m.eval()
     return out
@@ -132,7 +140,7 @@ def evaluate(models, cfg: EvalConfig):
     """Run cfg.tasks for every model (see load_models); write results.json, summary.md and plots to cfg.out_dir
     (if set) and return the results. With cfg.resume, reuse a checkpoint's results from out_dir/results.json
     when it and every setting are unchanged."""
-    models = load_models(models, cfg.labels, resolve_device(cfg.device), cfg.rope_scaling)
+    models = load_models(models, cfg.labels, resolve_device(cfg.device), cfg.rope_scaling, cfg.self_extend)
     if cfg.reference and cfg.reference not in models:
         raise ConfigError(f"bad value {cfg.reference!r} for config key 'reference': choose one of {', '.join(models)}")
     identity = data_identity(cfg.data_dir)

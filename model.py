@@ -106,6 +106,9 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q, k, v, scheme, q_pos, k_pos, layer):
+        y = scheme.attend(q, k, v, q_pos, k_pos, layer)  # a scheme that attends itself (RoPE with Self-Extend)
+        if y is not None:
+            return y
         if self.probe is not None:
             return self.attend_and_show(q, k, v, scheme, q_pos, k_pos, layer)
         dropout = self.dropout if self.training else 0.0
@@ -227,14 +230,19 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, kv_cache=None, last_only=False, reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False, reduction="mean", pos=None):
         """idx (B, T). Without targets: logits (B, T, vocab), or (B, 1, vocab) with last_only, and loss None.
         With targets: logits None and the loss (mean over targets != -1, or (B, T) with reduction="none"),
-        computed in chunks so the full fp32 logits never exist."""
+        computed in chunks so the full fp32 logits never exist. pos: position ids (T,) or (B, T) instead of
+        0..T-1, increasing along T and below block_size (PoSE's skip-wise training, pose.py); no KV cache."""
         B, T = idx.size()
         scheme = self.transformer.pos
         start = kv_cache.pos if kv_cache is not None else 0
         end = start + T
+        if pos is not None and kv_cache is not None:
+            raise ValueError("position ids (pos) and a KV cache do not go together: the cache counts positions")
+        if pos is not None:
+            end = self.config.block_size  # the tables cover every id below block_size
         scheme.check_length(end)  # learned positions refuse past their table, in one line
         if kv_cache is not None:
             if end > kv_cache.max_len:
@@ -244,8 +252,8 @@ class GPT(nn.Module):
             if key != kv_cache.key:  # positions changed meaning (dynamic NTK): recompute the whole cache
                 idx, start, kv_cache.pos, kv_cache.key = kv_cache.tokens[:, :end], 0, 0, key
         scheme.prepare(end, idx.device)  # tables built once here, sliced by every layer
-        k_pos = torch.arange(end, device=idx.device)
-        q_pos = k_pos[start:]
+        k_pos = torch.arange(end, device=idx.device) if pos is None else pos
+        q_pos = k_pos[start:] if pos is None else pos
         x = self.transformer.wte(idx)  # (B, T, C)
         pe = scheme.embed(q_pos)
         if pe is not None:

@@ -140,6 +140,11 @@ class PositionScheme(nn.Module):
     def score_mod(self, layer):
         return None
 
+    def attend(self, q, k, v, q_pos, k_pos, layer):
+        """The attention output (B, nh, Tq, hs) if this scheme computes attention itself, else None (the
+        model's kernels). Only RoPE with Self-Extend does."""
+        return None
+
 
 class NoPE(PositionScheme):
     """No positions at all (the control): order is known only through the causal mask."""
@@ -359,8 +364,82 @@ class RoPE(PositionScheme):
             self._table_key = key
 
     def rotate(self, q, k, pos, layer):
-        cos, sin = self.cos[pos], self.sin[pos]  # (T, rot_dim / 2)
+        if self.self_extend is not None:  # keys are cached as they are: Self-Extend rotates them twice in attend
+            return q, k
+        cos, sin = self.cos[pos], self.sin[pos]  # (T, rot_dim / 2), or (B, T, rot_dim / 2) for per-sequence ids
+        if pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rot_dim / 2): the same for every head
         return apply_rope(q, cos, sin, self.layout), apply_rope(k, cos, sin, self.layout)
+
+    self_extend = None  # (window, group) once set_self_extend is called: an inference option, not a trained one
+
+    def attend(self, q, k, v, q_pos, k_pos, layer):
+        if self.self_extend is None:
+            return None
+        window, group = self.self_extend
+        far = self.grouped(q_pos[-1:], window, group)  # the largest grouped id needs a table that long
+        self.prepare(max(int(k_pos[-1]) + 1, int(far) + 1), q.device)
+        return self_extend_attention(q, k, v, q_pos, k_pos, self.cos, self.sin, self.layout, window, group)
+
+    @staticmethod
+    def grouped(q_pos, window, group):
+        """A query's grouped position: floor(p / G) shifted by W - W // G, so grouped distances continue from W."""
+        return q_pos // group + window - window // group
+
+
+SELF_EXTEND_CHUNK = 1024  # queries per block of explicit scores: B * nh * 1024 * Tk fp32 at a time
+
+
+def check_self_extend(window, group):
+    """One clear line for a bad Self-Extend setting: the window W and the group size G are integers >= 1."""
+    for name, value in (("window", window), ("group", group)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"bad Self-Extend {name} {value!r}: give --self_extend=W,G with integers W >= 1 "
+                             "(the neighbor window) and G >= 1 (the group size), e.g. --self_extend=64,4")
+
+
+def check_self_extend_flag(values):
+    """The --self_extend=W,G flag of evaluate.py and sample.py: empty (off) or two integers >= 1."""
+    if values and len(values) != 2:
+        raise ValueError(f"bad value {','.join(map(str, values))!r} for config key 'self_extend': give two numbers "
+                         "W,G (the neighbor window and the group size), e.g. --self_extend=64,4")
+    if values:
+        check_self_extend(*values)
+
+
+def set_self_extend(model, window, group):
+    """Self-Extend (Jin et al. 2024, "LLM Maybe LongLM") on a RoPE model, training-free: keys within `window`
+    of the query keep their exact relative positions, farther keys use grouped positions floor(p / group).
+    ValueError (one line) for a bad setting or a model it cannot run on."""
+    check_self_extend(window, group)
+    scheme = model.transformer.pos
+    if not isinstance(scheme, RoPE):
+        raise ValueError(f"Self-Extend regroups RoPE positions; this model has {model.config.pos_encoding!r} positions")
+    if length_dependent(scheme.scaling):
+        raise ValueError(f"Self-Extend keeps the model's frequencies, but {scheme.scaling['rope_type']!r} changes them "
+                         "with the length: use a fixed scaling or none")
+    scheme.self_extend = (window, group)
+    return model
+
+
+def self_extend_attention(q, k, v, q_pos, k_pos, cos, sin, layout, window, group, chunk=SELF_EXTEND_CHUNK):
+    """Causal attention of unrotated q (B, nh, Tq, hs) over unrotated k, v (B, nh, Tk, hs): scores from exact
+    positions where the distance is < window, from grouped positions elsewhere, in one softmax (fp32).
+    The scores are formed explicitly, a block of queries at a time, two q·k products per block."""
+    def rot(x, pos):
+        return apply_rope(x, cos[pos], sin[pos], layout).float()
+
+    k_near, k_far = rot(k, k_pos), rot(k, k_pos // group)
+    vf, scale, out = v.float(), 1 / math.sqrt(q.size(-1)), []
+    for s in range(0, q.size(-2), chunk):
+        qp, qc = q_pos[s:s + chunk], q[..., s:s + chunk, :]
+        distance = qp[:, None] - k_pos[None, :]  # (Tq, Tk)
+        near = rot(qc, qp) @ k_near.transpose(-2, -1)  # (B, nh, Tq, Tk)
+        far = rot(qc, RoPE.grouped(qp, window, group)) @ k_far.transpose(-2, -1)
+        scores = torch.where(distance < window, near, far) * scale
+        probs = scores.masked_fill(distance < 0, -math.inf).softmax(-1)
+        out.append(probs @ vf)
+    return torch.cat(out, dim=-2).to(v.dtype)
 
 
 class RoPENoPE(RoPE):

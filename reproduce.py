@@ -6,6 +6,8 @@
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
     python reproduce.py --schemes=+rope_nope,t5  # the five schemes and these two (--schemes=rope,alibi: only those)
+    python reproduce.py --rescues=all    # also the direct fine-tune (the control), ABF, PoSE, Self-Extend and
+                                         # DroPE, and a rescue table comparing every rescue (or --rescues=pose,abf)
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
@@ -18,6 +20,7 @@ the default --workers=0, one per GPU or two at once on a CPU, the RoPE fine-tune
 """
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -54,11 +57,18 @@ class ReproduceConfig:
     workers: int = 0  # training runs at once (sweep.run_jobs); 0: one per visible GPU, or 2 on a CPU, 1: in this process
     reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
     schemes: tuple[str, ...] = DEFAULT_SCHEMES  # trained and compared; "+a,b": the default ones and a, b
+    rescues: tuple[str, ...] = ()  # more rescue rows, and the rescue table: all, or some of direct, abf, pose,
+    #                                self_extend, drope (comma-separated)
 
     def __post_init__(self):
         check_fields(self)
         at_least(self, 1, "seeds")
         at_least(self, 0, "workers")
+        self.rescues = tuple(RESCUES) if self.rescues == ("all",) else self.rescues
+        unknown = [r for r in self.rescues if r not in RESCUES]
+        if unknown:
+            raise ConfigError(f"bad value {','.join(unknown)!r} for config key 'rescues': choose all, or some of "
+                              f"{', '.join(RESCUES)}")
         self.schemes = wall_schemes(self.schemes)
 
 
@@ -111,6 +121,26 @@ TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # rope_types evaluated wit
 FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
 HEADLINE_TRAINING_FREE = ("dynamic", "yarn")  # the training-free rows in the headline figure (all are in the tables)
 HEADLINE_REFERENCE = "alibi"  # the headline's curves are loss minus this model's: flat past L, so the wall shows
+
+
+@dataclass(frozen=True)
+class Rescue:
+    """A rescue beyond the default rows (--rescues): an extend_context.py run with the fine-tunes' steps and
+    tokens, or (self_extend) an inference option of the evaluation."""
+    label: str
+    flags: tuple = ()  # extend_context.py flags; () with fine_tuned=False: training-free
+    fine_tuned: bool = True
+
+
+LLAMA2_LONG_BASE = 5e5  # the base Xiong et al. raised Llama 2's 1e4 to (ABF); Xu et al.'s bound at 4 x 256 is below 1e4
+RESCUES = {
+    "direct": Rescue(f"{EXTENDED} + direct (no scaling) fine-tuned", ("--method=direct",)),
+    "abf": Rescue(f"{EXTENDED} + ABF fine-tuned",
+                  ("--method=abf", f'--scaling_params={{"base": {LLAMA2_LONG_BASE:g}}}')),
+    "pose": Rescue(f"{EXTENDED} + PI + PoSE fine-tuned", ("--method=linear", "--pose=true")),
+    "drope": Rescue(f"{EXTENDED} + DroPE recalibrated", ("--method=drope",)),
+    "self_extend": Rescue(f"{EXTENDED} + Self-Extend (no fine-tune)", fine_tuned=False),
+}
 
 
 class Stages:
@@ -189,6 +219,29 @@ def fine_tune_stage(scale, method, seed, run_dir):
                kind="fine-tune"), out_dir
 
 
+def rescue_stage(scale, name, seed, run_dir):
+    """The extend_context.py job of a rescue in RESCUES: the PI and YaRN fine-tunes' steps and settings."""
+    base, out_dir = seed_dir(run_dir, seed) / EXTENDED, seed_dir(run_dir, seed) / f"{EXTENDED}_{name}_ft"
+    factor = () if name == "drope" else (f"--factor={scale.factor}",)  # DroPE recalibrates at L
+    argv = [f"--ckpt={base / 'ckpt.pt'}", *RESCUES[name].flags, *factor, f"--steps={scale.extend_steps}",
+            f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
+    if holds_run(out_dir):
+        argv.append("--resume=true")
+    return Job(rescue_name(name, seed), [("extend_context.py", argv)], after=(train_name(EXTENDED, seed),),
+               run_dir=str(out_dir), steps=scale.extend_steps, kind="fine-tune"), out_dir
+
+
+def rescue_name(name, seed):
+    return f"rescue {RESCUES[name].label} (seed {seed})"
+
+
+def self_extend_setting(scale):
+    """(W, G) for Self-Extend: a quarter of L as the neighbor window, and the smallest group whose reach
+    (L - W)·G + W covers the fine-tuned length factor·L."""
+    window = scale.base_len // 4
+    return window, math.ceil((scale.factor * scale.base_len - window) / (scale.base_len - window))
+
+
 def free_label(method):
     return f"{EXTENDED} + {ROPE_SCALING[method].label} (no fine-tune)"
 
@@ -197,15 +250,20 @@ def tuned_label(method):
     return f"{EXTENDED} + {ROPE_SCALING[method].label} fine-tuned"
 
 
-def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES):
-    """label -> checkpoint, or (checkpoint, rope_scaling) for a training-free scaling of the RoPE model."""
+def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=()):
+    """label -> checkpoint, or (checkpoint, rope_scaling[, Self-Extend's (W, G)]) for a training-free option of
+    the RoPE model."""
     run_dir = Path(run_dir)
     models = {scheme: run_dir / scheme / "ckpt.pt" for scheme in schemes}
     for method in TRAINING_FREE:
         models[free_label(method)] = (models[EXTENDED], scaling_dict(method, scale.factor, scale.base_len))
     for method in FINE_TUNED:
         models[tuned_label(method)] = run_dir / f"{EXTENDED}_{method}_ft" / "ckpt.pt"
-    return {k: (str(v[0]), v[1]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
+    for name in rescues:
+        r = RESCUES[name]
+        models[r.label] = (run_dir / f"{EXTENDED}_{name}_ft" / "ckpt.pt" if r.fine_tuned else
+                           (models[EXTENDED], None, self_extend_setting(scale)))
+    return {k: (str(v[0]), *v[1:]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
 
 
 def explained(run_dir, seed):
@@ -236,7 +294,7 @@ def why(run_dir):
     return out
 
 
-def write_report(scale, run_dir, stages, command, results, wall=None):
+def write_report(scale, run_dir, stages, command, results, wall=None, rescues=()):
     """report.md: what ran, on what, with how much compute and time, then the evaluation's tables and plots."""
     run_dir = Path(run_dir)
     summary = (run_dir / "eval" / "summary.md").read_text()
@@ -267,6 +325,7 @@ def write_report(scale, run_dir, stages, command, results, wall=None):
         + (f"; this command ran {wall:.0f} s" if wall else "")
         + (f", reusing {len(stages.skipped)} stages of an earlier run." if stages.skipped else "."),
         "",
+        *(rescue_table(results, scale, stages, rescues) if rescues else []),
         *beside_the_papers(results, scale, train_tokens), "",
         *observations(results), "",
         *why(run_dir), "",
@@ -274,6 +333,41 @@ def write_report(scale, run_dir, stages, command, results, wall=None):
     ]
     (run_dir / "report.md").write_text("\n".join(lines))
     print(f"wrote {run_dir / 'report.md'}")
+
+
+def rescue_table(results, scale, stages, rescues):
+    """Every rescue of the RoPE model side by side: perplexity at L, 2L, 4L, 8L (sliding windows), the
+    short-context loss against the base model's, and the steps, tokens and seconds its training took (seed
+    1337's stage; training-free rows took none)."""
+    seed, L, models = train.TrainConfig.seed, scale.base_len, results["models"]
+    rows = [(EXTENDED, None), *((free_label(m), None) for m in TRAINING_FREE),
+            *((tuned_label(m), f"fine-tune {EXTENDED} with {ROPE_SCALING[m].label} (seed {seed})") for m in FINE_TUNED),
+            *((RESCUES[r].label, rescue_name(r, seed) if RESCUES[r].fine_tuned else None) for r in rescues)]
+    ks = [k for k in (1, 2, 4, 8) if k <= scale.eval_factor]
+    short = models[EXTENDED].get("short", {}).get("loss")
+    window, group = self_extend_setting(scale)
+    out = ["## Every rescue, side by side", "",
+           f"Sliding-window perplexity of the RoPE model and each rescue at k·L (L = {L}); the short-context loss "
+           f"minus {EXTENDED}'s; the training each took (fine-tunes: {scale.extend_steps} steps at {scale.factor}L, "
+           f"PoSE at L with position ids to {scale.factor}L, DroPE recalibrated at L; seed {seed}). Self-Extend: "
+           f"W = {window}, G = {group} (reach (L − W)·G + W = {(L - window) * group + window}); ABF's base "
+           f"{LLAMA2_LONG_BASE:g} (Llama 2 Long's).", "",
+           "| model | " + " | ".join(f"ppl {k}L" for k in ks) + " | short loss Δ | steps | tokens | seconds |",
+           "|---|" + "---|" * (len(ks) + 4)]
+    for label, stage in rows:
+        if label not in models:
+            continue
+        ppl = {e["window"]: e.get("ppl") for e in models[label].get("ppl", [])}
+        cells = [f"{ppl[k * L]:.2f}" if ppl.get(k * L) else "cannot run" for k in ks]
+        own = models[label].get("short", {}).get("loss")
+        cells.append(f"{own - short:+.3f}" if own is not None and short is not None else "")
+        done = stages.done.get(stage or "", {})
+        c = done.get("result") if isinstance(done.get("result"), dict) else {}
+        cells += [str(c.get("steps", 0 if stage is None else "")), format(c["tokens"], ",") if "tokens" in c else
+                  ("0" if stage is None else ""), f"{done['seconds']:.0f}" if "seconds" in done else
+                  ("0" if stage is None else "")]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def ratios(results, label):
@@ -446,9 +540,9 @@ def significance(results):
 
 
 def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference="",
-        schemes=DEFAULT_SCHEMES):
+        schemes=DEFAULT_SCHEMES, rescues=()):
     """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers, schemes: see
-    ReproduceConfig (the tests run in this process, workers=1)."""
+    ReproduceConfig (the tests run in this process, workers=1); rescues: names in RESCUES."""
     t0, run_dir = time.time(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
@@ -461,14 +555,17 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
     others = [s for s in schemes if s != EXTENDED]
     stages.run_jobs([job for s in seed_list for job in (train_stage(scale, EXTENDED, s, run_dir),
                                                         *(fine_tune_stage(scale, m, s, run_dir) for m in FINE_TUNED),
+                                                        *(rescue_stage(scale, r, s, run_dir) for r in rescues
+                                                          if RESCUES[r].fine_tuned),
                                                         *(train_stage(scale, o, s, run_dir) for o in others))],
                     workers)
     for s in seed_list:
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
                                        reference=reference, resume=True, **scale.eval)
-        added = [k for k in schemes if k not in DEFAULT_SCHEMES]  # a new stage: a run that adds schemes evaluates them
-        models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes)
+        # a run that adds schemes or rescues evaluates them in a new stage (the finished models are reused)
+        added = [*(k for k in schemes if k not in DEFAULT_SCHEMES), *rescues]
+        models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues)
         stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
                    lambda c=eval_cfg, m=models: evaluate.evaluate(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
@@ -477,7 +574,7 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
             stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
     results = merge_seeds([json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list])
     evaluate.write_report(results, run_dir / "eval")
-    write_report(scale, run_dir, stages, command, results, time.time() - t0)
+    write_report(scale, run_dir, stages, command, results, time.time() - t0, rescues)
     return run_dir / "report.md"
 
 
@@ -485,7 +582,7 @@ def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
     return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
-               cfg.reference, cfg.schemes)
+               cfg.reference, cfg.schemes, cfg.rescues)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 linear = Position Interpolation (Chen et al. 2023), ntk = NTK-aware base change (bloc97 2023), dynamic = NTK
 with the factor grown to the current length, yarn = YaRN (Peng et al. 2023), llama3 = Llama 3.1's wavelength
-bands. Formulas and reference values: ../shared/REFERENCE.md.
+bands; and two that fine-tuning needs beside them: direct = no scaling at all (the control PI compares
+against), abf = a larger base (Xiong et al. 2023, Llama 2 Long). Formulas and reference values:
+../shared/REFERENCE.md.
 
 Adding a method is one decorated function: `@method("name", "label", options={...})` declares its optional
 keys (with their defaults), whether it needs `original_max_position_embeddings`, and whether its frequencies
@@ -154,3 +156,28 @@ def llama3(inv_freq, *, factor, original_len, low_freq_factor, high_freq_factor,
     blended = (1 - gamma) * inv_freq / factor + gamma * inv_freq
     out = torch.where(wavelen > L / low_freq_factor, inv_freq / factor, blended)
     return torch.where(wavelen < L / high_freq_factor, inv_freq, out), 1.0
+
+
+# ----------------------------------------------------------------------------- fine-tuning recipes as methods
+# Both keep plain RoPE's form (so a checkpoint exports as the default rope type, hf.rope_parameters), and both
+# record original_max_position_embeddings, so every report knows the length the weights were first trained at.
+
+@method("direct", "direct (no scaling)")
+def direct(inv_freq, **_):
+    """No scaling: RoPE fine-tuned at the target length as it is, the control of PI's paper (without it nobody
+    can tell whether interpolation is what rescues the model)."""
+    return inv_freq, 1.0
+
+
+ABF_COEFFICIENT, ABF_EXPONENT = 0.0424, 1.628  # Xu et al. (NeurIPS 2024): base >= 0.0424 * L^1.628
+
+
+def abf_base(target_len):
+    """The smallest RoPE base that a context of target_len tokens needs, by Xu et al.'s lower bound."""
+    return ABF_COEFFICIENT * target_len ** ABF_EXPONENT
+
+
+@method("abf", "ABF", options={"base": None})
+def abf(inv_freq, *, d, factor, original_len, base, **_):
+    """Adjusted base frequency: plain RoPE with a new base; None: Xu et al.'s bound for factor * original_len."""
+    return inverse_frequencies(base or abf_base(factor * original_len), d), 1.0

@@ -3,6 +3,7 @@
     python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt="Once upon a time" --max_new_tokens=200
     python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt_file=long_document.txt --temperature=0
     cat notes.txt | python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt=- --top_p=0.9
+    python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt_file=long_document.txt --self_extend=64,5  # Self-Extend
 
 The prompt is prefilled in one forward (the fast attention kernels), then each new token goes through the
 model's preallocated KV cache, one position at a time.
@@ -20,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from checkpoint import model_from_checkpoint
 from config import ConfigError, at_least, check_fields, cli, parse, resolve_device, resolve_dtype
+from positions import check_self_extend_flag, set_self_extend
 from tokenizer import tokenizer_for
 
 # Every decode step has a new key length, and cuDNN attention (SDPA's first choice on H100) builds a new
@@ -42,9 +44,11 @@ class SampleConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False  # torch.compile the model (pays off for long generations)
     rope_scaling: dict | None = None  # run with this rope_scaling instead of the checkpoint's ({}: none)
+    self_extend: tuple[int, ...] = ()  # W,G: Self-Extend (training-free): exact positions within W, grouped past it
 
     def __post_init__(self):
         check_fields(self)
+        check_self_extend_flag(self.self_extend)
         at_least(self, 1, "num_samples", "max_new_tokens", "top_k")
         at_least(self, 0, "temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -141,6 +145,8 @@ def load(cfg):
         raise ConfigError("missing --ckpt: e.g. --ckpt=out/cpu_rope/ckpt.pt")
     device = resolve_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.ckpt, device, override_scaling=cfg.rope_scaling)
+    if cfg.self_extend:
+        set_self_extend(model, *cfg.self_extend)
     model = to_inference_dtype(model, resolve_dtype(cfg.dtype, device)[0])
     tokenizer = tokenizer_for((ckpt.get("data") or {}).get("vocab"))  # the vocabulary it was trained on
     return (torch.compile(model, dynamic=True) if cfg.compile else model), tokenizer, device

@@ -229,8 +229,8 @@ def compute(run_dir) -> dict:
     metrics = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     val = [m for m in metrics if m.get("kind") == "val"]
     steps = val[-1]["step"] if val else 0
-    tokens = steps * config["batch_size"] * config["grad_accum_steps"] * config["model"]["block_size"] * \
-        info.get("world_size", 1)
+    T = config.get("pose_window") or config["model"]["block_size"]  # tokens per sequence trained (PoSE: its window)
+    tokens = steps * config["batch_size"] * config["grad_accum_steps"] * T * info.get("world_size", 1)
     return {"steps": steps, "tokens": tokens, "train_seconds": round(train_seconds(metrics), 1),
             "val_loss": val[-1]["loss"] if val else None}
 

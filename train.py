@@ -34,6 +34,7 @@ from config import (ConfigError, Interrupted, at_least, check_fields, cli, confi
 from data.loader import BatchSampler, data_identity
 from metrics import WANDB_PROJECT, MetricsLog, start_wandb
 from model import GPT, GPTConfig, H100_BF16_PEAK_FLOPS
+from pose import PoSEPositions
 from run_folder import claim, clear, write_atomic
 
 
@@ -68,6 +69,8 @@ class TrainConfig:
     overwrite: bool = False  # replace the run in out_dir (a fresh run refuses a folder that holds one)
     init_from: str = "scratch"  # scratch | path of a checkpoint whose weights start this run
     min_doc_len: int = 0  # >0: train only on windows inside documents at least this long
+    pose_window: int = 0  # >0: PoSE (pose.py): train on windows this long, position ids skip-wise below block_size
+    pose_chunks: int = 2  # PoSE: chunks per window, each shifted by its own skip
     peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU
     model: GPTConfig = field(default_factory=GPTConfig)
 
@@ -75,7 +78,14 @@ class TrainConfig:
         check_fields(self)
         at_least(self, 1, "batch_size", "grad_accum_steps", "eval_iters", "log_interval", "peak_flops")
         at_least(self, 0, "max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "ckpt_interval",
-                 "min_doc_len", "learning_rate", "min_lr", "weight_decay", "grad_clip")
+                 "min_doc_len", "learning_rate", "min_lr", "weight_decay", "grad_clip", "pose_window")
+        at_least(self, 1, "pose_chunks")
+        if self.pose_window and self.model.pos_encoding != "rope":
+            raise ConfigError(f"pose_window: PoSE shifts RoPE position ids; this model has {self.model.pos_encoding!r} "
+                              "positions")
+        if self.pose_window > self.model.block_size:
+            raise ConfigError(f"pose_window={self.pose_window} is longer than block_size={self.model.block_size}: PoSE "
+                              "trains on windows shorter than the positions it reaches")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"beta1={self.beta1} and beta2={self.beta2} must lie in [0, 1)")
 
@@ -205,6 +215,7 @@ class Run:
     interrupted: int = 0  # the signal that asked to stop, 0: none
     step_times: list = field(default_factory=list)
     metrics: MetricsLog | None = None
+    pose: PoSEPositions | None = None  # PoSE: the position ids of each training batch
 
     @property
     def master(self):
@@ -219,12 +230,16 @@ class Run:
             print(*args, **kwargs)
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
     """Seeds, model, optimizer, samplers and run folder; a resumed run restores everything it saved."""
     device_type = device.split(":")[0]
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
+    seed_everything(cfg.seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg, model, ckpt = build_model(cfg)
@@ -240,11 +255,13 @@ def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
         step_model = DDP(eval_model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
     T = cfg.model.block_size
-    train_sampler = BatchSampler(cfg.data_dir, "train", cfg.batch_size, T, cfg.seed, device,
+    train_sampler = BatchSampler(cfg.data_dir, "train", cfg.batch_size, cfg.pose_window or T, cfg.seed, device,
                                  min_doc_len=cfg.min_doc_len or None, rank=rank, world_size=world)
     val_sampler = BatchSampler(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed + 1, device, rank=rank, world_size=world)
     run = Run(cfg, device, rank, world, model, step_model, eval_model, optimizer, autocast, train_sampler,
               val_sampler, val_sampler.state_dict(), data)
+    if cfg.pose_window:
+        run.pose = PoSEPositions(cfg.pose_window, T, cfg.pose_chunks, cfg.seed, rank)
     if ckpt is not None:
         restore(run, ckpt)
     if cfg.overwrite and not cfg.resume and run.master:  # every check passed: now the old run may go
@@ -353,10 +370,11 @@ def train_step(run: Run, stop: StopOnInterrupt | None = None) -> float:
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum_steps):
         x, y = run.train_sampler.next()
+        pos = run.pose.draw(x.size(0), run.train_sampler.step, x.device) if run.pose else None
         sync = model.no_sync() if run.world > 1 and micro < cfg.grad_accum_steps - 1 else nullcontext()
         with sync:  # DDP all-reduces gradients on the last micro-step only
             with run.autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, pos=pos)
             (loss / cfg.grad_accum_steps).backward()
         loss_sum += loss.detach().float()
     stop_flag = torch.tensor(float(stop is not None and stop.requested > 0), device=run.device)
@@ -389,7 +407,7 @@ def log_step(run: Run, lr: float, dt: float) -> None:
     if not (_every(run.step, cfg.log_interval) or run.step == cfg.max_iters):
         return
     times = run.step_times or [dt]
-    T = cfg.model.block_size
+    T = cfg.pose_window or cfg.model.block_size  # tokens per sequence trained (PoSE: its window)
     run.tokens_per_sec = cfg.batch_size * T * cfg.grad_accum_steps * run.world * len(times) / sum(times)
     run.mfu = run.model.estimate_mfu(run.tokens_per_sec / run.world, T, cfg.peak_flops)
     ms = 1000 * sum(times) / len(times)

@@ -37,6 +37,8 @@ SCALINGS = {
     "dynamic": {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": L},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L, "beta_fast": 16.0},
     "llama3": {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": L, "high_freq_factor": 2.0},
+    "direct": {"rope_type": "direct", "factor": 4.0, "original_max_position_embeddings": L},
+    "abf": {"rope_type": "abf", "factor": 4.0, "original_max_position_embeddings": L, "base": 5e5},
 }
 VARIANTS = {  # the defaults, then everything moved off them at once
     "default": {},
@@ -137,6 +139,29 @@ def test_export_import_round_trip_is_bit_identical(kind, tmp_path):
     for k, w in before["model"].items():
         assert torch.equal(after["model"][k], w), k
     assert after["step"] == 42 and after["data"] == {k: v for k, v in DATA.items() if k != "path"}
+
+
+@pytest.mark.parametrize("rope_type", ["abf", "direct"])
+def test_abf_and_direct_export_as_the_default_rope_type_and_round_trip(rope_type, tmp_path):
+    """Plain RoPE with a new base (ABF) or the old one (direct) is the default rope type with that base: the
+    round trip through our record is bit-identical, and the transformers config alone gives the same logits."""
+    model = random_model(SCALINGS[rope_type], rope_theta=500.0)
+    base = SCALINGS[rope_type].get("base", 500.0)
+    src = write_ckpt(model, tmp_path / "ckpt.pt")
+    export_hf.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'hf'}"])
+    params = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
+    assert params["rope_type"] == "default" and params["rope_theta"] == pytest.approx(base, rel=1e-12)
+    import_hf.main([f"--hf_dir={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}"])
+    before, after = load_checkpoint(src), load_checkpoint(tmp_path / "back" / "ckpt.pt")
+    assert after["config"] == before["config"]
+    for k, w in before["model"].items():
+        assert torch.equal(after["model"][k], w), k
+    hf = export_hf.to_hf(model)
+    hf.save_pretrained(tmp_path / "plain")  # no record of ours: what transformers alone says
+    derived, record = import_hf.from_hf(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))
+    assert record == {} and derived.config.rope_scaling is None
+    assert derived.config.rope_theta == pytest.approx(base, rel=1e-12)
+    assert logits_diff(model, export_hf.to_hf(derived), 4 * L) < 1e-4
 
 
 def test_import_without_our_record_uses_the_transformers_config(tmp_path):

@@ -179,3 +179,34 @@ def test_schemes_add_to_the_default_five_or_replace_them(tmp_path):
                         ("--schemes=alibi", "must include rope")]:
         with pytest.raises(ValueError, match=words):
             parse(reproduce.ReproduceConfig, [flag])
+
+
+def test_rescues_all_adds_every_recipe_and_the_rescue_table(tiny_scale, tmp_path):
+    """--rescues=all: the direct control, ABF, PoSE and DroPE train with the fine-tunes' steps, Self-Extend is
+    evaluated training-free, and one table holds every rescue with its steps, tokens and seconds."""
+    cfg = reproduce.ReproduceConfig(rescues=("all",))
+    assert cfg.rescues == tuple(reproduce.RESCUES)
+    run_dir = tmp_path / "run"
+    report = reproduce.run(tiny_scale, run_dir, rescues=cfg.rescues).read_text()
+    stages = json.loads((run_dir / "stages.json").read_text())
+    trained = [r for r in reproduce.RESCUES.values() if r.fine_tuned]
+    evaluated = f"evaluate (seed 1337) with {', '.join(reproduce.RESCUES)}"  # its own stage: a later run adds them
+    assert set(stages) == stage_names(1337) - {"evaluate (seed 1337)"} | {evaluated} | {
+        f"rescue {r.label} (seed 1337)" for r in trained}
+    table = report.split("## Every rescue, side by side")[1].split("## ")[0]
+    for r in reproduce.RESCUES.values():
+        row = next(ln for ln in table.splitlines() if ln.startswith(f"| {r.label} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(cells[1:5]) and "cannot run" not in cells[1:5], row  # ppl at L, 2L, 4L, 8L
+        steps, tokens = int(cells[6]), int(cells[7].replace(",", ""))
+        assert (steps, tokens > 0) == ((2, True) if r.fine_tuned else (0, False)), row
+    pose = next(ln for ln in table.splitlines() if ln.startswith(f"| {reproduce.RESCUES['pose'].label} |"))
+    pi = next(ln for ln in table.splitlines() if ln.startswith("| rope + PI fine-tuned |"))
+    assert pose.split("|")[-3] == pi.split("|")[-3]  # PoSE and full-length PI: equal steps, equal tokens
+    drope = json.loads((run_dir / "seed1337" / "rope_drope_ft" / "config.json").read_text())["config"]["model"]
+    assert drope["pos_encoding"] == "none"
+
+
+def test_a_bad_rescue_name_is_one_line():
+    with pytest.raises(ValueError, match="bad value 'pse' for config key 'rescues': choose all, or some of direct"):
+        reproduce.ReproduceConfig(rescues=("pse",))
