@@ -61,7 +61,7 @@ NEAREST_FLAG = {
 class GGUFConfig:
     ckpt: str = ""  # a train.py or extend_context.py checkpoint (required)
     out: str = ""  # the .gguf file to write (required)
-    dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f32"  # of the matrices; norms and biases stay f32 as llama.cpp keeps them
+    dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f32"  # of the matrices; norms and biases stay f32
     overwrite: bool = False  # replace an existing file
 
     def __post_init__(self):
@@ -146,9 +146,9 @@ def rope_metadata(config, arch="gptneox"):
         plain = (attention_factor == 1.0 and not length_dependent(s)
                  and torch.allclose(ours, inverse_frequencies(base, d), rtol=1e-12, atol=0))
         if not plain:
-            raise ValueError(f"cannot export rope_type {kind!r} to GGUF: "
-                             + NEAREST_FLAG.get(kind, "llama.cpp reads only linear and yarn scaling and a base; nearest:"
-                                                      f" --rope-scaling yarn --rope-scale {s['factor']:g}"))
+            nearest = (f"llama.cpp reads only linear and yarn scaling and a base; nearest: --rope-scaling yarn "
+                       f"--rope-scale {s['factor']:g}")
+            raise ValueError(f"cannot export rope_type {kind!r} to GGUF: {NEAREST_FLAG.get(kind, nearest)}")
         meta["freq_base"] = base
     meta = {prefix + k: v for k, v in meta.items()}
     theirs, mscale = llama_cpp_frequencies(d, meta, arch)

@@ -40,7 +40,9 @@ DECODE = 64  # greedy decoding steps in the speed comparison
 
 def label(config):
     s = config.rope_scaling
-    return "RoPE" if not s else {"linear": "PI", "yarn": "YaRN"}.get(s["rope_type"], s["rope_type"]) + f" x{s['factor']:g}"
+    if not s:
+        return "RoPE"
+    return {"linear": "PI", "yarn": "YaRN"}.get(s["rope_type"], s["rope_type"]) + f" x{s['factor']:g}"
 
 
 def nll(logits, targets):
@@ -149,7 +151,8 @@ def main(argv=None):
     ok &= tokens_ok
     fast = speed(model, first, doc, 4 * L, args.threads)
     lines = [f"# llama.cpp parity ({version()})", "",
-             f"{platform.processor() or platform.machine()}, {args.threads} threads; python {platform.python_version()}, "
+             f"{platform.processor() or platform.machine()}, {args.threads} threads; "
+             f"python {platform.python_version()}, "
              f"torch {torch.__version__}" + (f"; llama-cpp-python built in {args.build_seconds} s" if args.build_seconds
                                              else ""), "",
              f"One held-out document of {args.data_dir}; L = {L}. max |Δ| against our model (exact GELU) and against "
@@ -162,8 +165,8 @@ def main(argv=None):
                      f"{r['max_logit']:.1f} | {r['greedy_ours']:.4f} | {r['greedy_ggml']:.4f} | {ppl} |")
     f32 = [r for r in results if r["dtype"] == "f32"]
     exact = all(r["max_d_ours"] <= args.tol and r["greedy_ours"] == 1.0 for r in f32)
-    lines += ["", f"The issue's goal against our model as it is (exact GELU), f32: max |Δ| <= {args.tol:g} and the same "
-              f"greedy tokens at every position: {'met' if exact else 'not met'} (largest "
+    lines += ["", f"The issue's goal against our model as it is (exact GELU), f32: max |Δ| <= {args.tol:g} and "
+              f"the same greedy tokens at every position: {'met' if exact else 'not met'} (largest "
               f"{max(r['max_d_ours'] for r in f32):.2e}; reported, not gated: it measures llama.cpp's GELU)"]
     lines += ["", f"llama.cpp tokenizes the document (and a unicode tail) as tiktoken does: {tokens_ok}", "",
               f"Speed, {first.name}, tokens/s: prefill of {fast['T']} tokens ours {fast['ours_prefill']:.0f}, "
@@ -172,8 +175,9 @@ def main(argv=None):
               f"{fast['same_decoded_tokens']}", "", f"passed: {ok} (f32 within {args.tol:g} of ggml-GELU, its greedy "
               "tokens at every position, tokenization)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": results, "speed": fast, "tokenization": tokens_ok,
-                                                  "version": version(), "goal_vs_exact": exact, "passed": ok}, indent=2) + "\n")
+    summary = {"rows": results, "speed": fast, "tokenization": tokens_ok, "version": version(),
+               "goal_vs_exact": exact, "passed": ok}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n".join(lines))
     return 0 if ok else 1
 

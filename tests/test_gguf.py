@@ -110,8 +110,8 @@ def error_line(main, argv):
 ROUNDING = {"f32": 0.0, "f16": 2.0 ** -11, "bf16": 2.0 ** -8, "q8_0": (0.5 + 127 * 2.0 ** -11) / 127}
 
 
-@pytest.mark.parametrize("dtype, variant", [*((d, "default") for d in ROUNDING), ("f32", "changed"), ("q8_0", "changed"),
-                                            ("f32", "learned")])
+@pytest.mark.parametrize("dtype, variant", [*((d, "default") for d in ROUNDING), ("f32", "changed"),
+                                            ("q8_0", "changed"), ("f32", "learned")])
 def test_every_tensor_reads_back_with_its_name_shape_and_values(dtype, variant, tmp_path, without_tokenizer):
     kw = {"default": {}, "changed": CHANGED, "learned": dict(pos_encoding="learned", bias=True)}[variant]
     model = random_model(**kw)
