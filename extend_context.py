@@ -4,10 +4,12 @@ r"""Extend a RoPE model's context: scale its frequencies, then optionally fine-t
     python extend_context.py --ckpt=out/gpt2_124m_rope/ckpt.pt --method=yarn --target_len=32768 --steps=400 \
         --batch_tokens=65536 --activation_checkpointing=true
     python extend_context.py --ckpt=out/gpt2_124m_rope/ckpt.pt --method=dynamic --factor=8 --steps=0   # training-free
+    python extend_context.py --ckpt=out/cpu_rope/ckpt.pt --method=longrope --factor=4 --search=true  # LongRoPE search
 
 Methods are the rope_types of rope_scaling.py: linear = Position Interpolation (Chen et al. 2023), ntk =
-NTK-aware base, dynamic = dynamic NTK, yarn (Peng et al. 2023), llama3. Fine-tuning is train.main with
-init_from=<ckpt>: the same loop, logging, checkpoints, resume (--resume=true) and errors. Defaults follow the PI
+NTK-aware base, dynamic = dynamic NTK, yarn (Peng et al. 2023), llama3, longrope (Ding et al. 2024; with
+--search=true its long factors are searched first, see longrope_search.py), proportional (p-RoPE). Fine-tuning
+is train.main with init_from=<ckpt>: the same loop, logging, checkpoints, resume (--resume=true) and errors. Defaults follow the PI
 and YaRN recipes: lr 2e-5, no weight decay, a short warmup, then cosine. Any train or model key can be given
 as --key=value. --factor and --target_len count from the original training length (a model extended before
 keeps its original). The output is a train.py checkpoint whose config holds rope_scaling; its "extension"
@@ -39,20 +41,26 @@ SET_BY_EXTENSION = ("block_size", "rope_scaling")
 @dataclass
 class ExtendConfig:
     ckpt: str = ""  # the base checkpoint (required)
-    method: str = ""  # a rope_type of rope_scaling.py (required): linear | ntk | dynamic | yarn | llama3
+    method: str = ""  # a rope_type of rope_scaling.py (required): linear | ntk | dynamic | yarn | llama3 | longrope | ...
     factor: float | None = None  # the context multiple, from the original training length ...
     target_len: int | None = None  # ... or the new length: give exactly one
     steps: int = 0  # fine-tuning steps; 0: training-free
     batch_tokens: int | None = None  # tokens per optimizer step (default: the base run's), by accumulation
     out_dir: str = ""  # "": <base run folder>_<method>_x<factor>
     scaling_params: dict | None = None  # more rope_scaling keys, e.g. {"beta_fast": 16}
+    search: bool = False  # longrope: search its long factors first (longrope_search.py), from PI, NTK and YaRN's
+    search_budget: int = 48  # candidates the search scores, its three starting points included
+    search_docs: int = 4  # held-out val documents it scores them on, at the target length
 
     def __post_init__(self):
         check_fields(self)
-        at_least(self, 1, "factor", "target_len", "batch_tokens")
+        at_least(self, 1, "factor", "target_len", "batch_tokens", "search_docs")
+        at_least(self, 3, "search_budget")
         at_least(self, 0, "steps")
         if self.method and self.method not in ROPE_SCALING:
             raise ConfigError(f"bad value {self.method!r} for config key 'method': choose one of {', '.join(ROPE_SCALING)}")
+        if self.search and self.method != "longrope":
+            raise ConfigError(f"--search=true searches LongRoPE's factors: give --method=longrope (not {self.method!r})")
 
 
 def check_extendable(model_cfg, scaling, target_len, path):
@@ -117,11 +125,21 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
     cfg = parse(train.TrainConfig, overrides, defaults=start) if isinstance(overrides, list) else apply(start, overrides)
     if "batch_size" in names and "grad_accum_steps" not in names:  # a smaller micro-batch keeps the step's tokens
         cfg = dataclasses.replace(cfg, grad_accum_steps=math.ceil(seqs / cfg.batch_size))
+    searched = None
+    if ext.search:  # the found factors go into the checkpoint's rope_scaling (and so into sample, evaluate, export)
+        from longrope_search import search_checkpoint
+        searched = search_checkpoint(ext.ckpt, cfg.data_dir, target_len, factor, base_len, ext.search_budget,
+                                     ext.search_docs, seed=cfg.seed, device=cfg.device, log=log)
+        scaling = searched.scaling
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, rope_scaling=scaling))
     log(f"extending {ext.ckpt} (step {ckpt.get('step')}): {ext.method} x{factor:g}, {base_len} -> {target_len} "
         f"tokens, {ext.steps} fine-tuning steps of {cfg.batch_size * cfg.grad_accum_steps * target_len * world:,} tokens")
 
     record = {"base_ckpt": str(Path(ext.ckpt).resolve()), "base_step": ckpt.get("step"), "method": ext.method,
               "factor": factor, "original_len": base_len, "target_len": target_len, "steps": ext.steps}
+    if searched:
+        record["search"] = {"loss": searched.loss, "start_losses": searched.starts, "candidates": searched.evaluated,
+                            "docs": ext.search_docs, "seed": cfg.seed}
     if ext.steps > 0:
         if length_dependent(scaling):
             log(f"note: {ext.method} scaling changes with the length and is meant to be training-free; fine-tuning "
