@@ -27,6 +27,7 @@ import torch
 
 import evaluate
 import explain
+import extend_context
 import train
 from config import at_least, check_fields, cli, parse
 from data.loader import load_meta
@@ -50,6 +51,7 @@ class ReproduceConfig:
     seeds: int = 1  # train every model with seeds 1337, 1338, ...: the tables give mean ± std over them
     workers: int = 0  # training runs at once (sweep.run_jobs); 0: one per visible GPU, or 2 on a CPU, 1: in this process
     reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
+    longrope: bool = False  # also a training-free LongRoPE row whose factors are searched (extend_context.py --search)
 
     def __post_init__(self):
         check_fields(self)
@@ -94,6 +96,7 @@ SCALES = {
 EXTENDED = "rope"  # the scheme whose context is extended
 TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # rope_types evaluated with no fine-tuning
 FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
+SEARCHED = f"{EXTENDED}_longrope_search"  # the run folder of the opt-in LongRoPE row (--longrope=true)
 HEADLINE_TRAINING_FREE = ("dynamic", "yarn")  # the training-free rows in the headline figure (all are in the tables)
 HEADLINE_REFERENCE = "alibi"  # the headline's curves are loss minus this model's: flat past L, so the wall shows
 
@@ -182,12 +185,14 @@ def tuned_label(method):
     return f"{EXTENDED} + {ROPE_SCALING[method].label} fine-tuned"
 
 
-def models_to_evaluate(scale, run_dir):
+def models_to_evaluate(scale, run_dir, longrope=False):
     """label -> checkpoint, or (checkpoint, rope_scaling) for a training-free scaling of the RoPE model."""
     run_dir = Path(run_dir)
     models = {scheme: run_dir / scheme / "ckpt.pt" for scheme in SCHEMES}
     for method in TRAINING_FREE:
         models[free_label(method)] = (models[EXTENDED], scaling_dict(method, scale.factor, scale.base_len))
+    if longrope:
+        models[f"{EXTENDED} + LongRoPE searched (no fine-tune)"] = run_dir / SEARCHED / "ckpt.pt"
     for method in FINE_TUNED:
         models[tuned_label(method)] = run_dir / f"{EXTENDED}_{method}_ft" / "ckpt.pt"
     return {k: (str(v[0]), v[1]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
@@ -430,9 +435,16 @@ def significance(results):
     return lines
 
 
-def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference=""):
+def search_stage(scale, seed_folder):
+    """The searched LongRoPE extension of the seed's RoPE model, training-free (longrope_search.py)."""
+    ext = extend_context.ExtendConfig(ckpt=str(seed_folder / EXTENDED / "ckpt.pt"), method="longrope",
+                                      factor=scale.factor, search=True, out_dir=str(seed_folder / SEARCHED))
+    extend_context.extend(ext, {"data_dir": scale.data_dir, "overwrite": True})  # overwrite: an interrupted one
+
+
+def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference="", longrope=False):
     """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers: see
-    ReproduceConfig (the tests run in this process, workers=1)."""
+    ReproduceConfig (the tests run in this process, workers=1). longrope: add the searched LongRoPE row."""
     t0, run_dir = time.time(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
@@ -448,11 +460,14 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
                                                         *(train_stage(scale, o, s, run_dir) for o in others))],
                     workers)
     for s in seed_list:
+        if longrope:
+            stages.run(f"search LongRoPE factors (seed {s})", lambda s=s: search_stage(scale, seed_dir(run_dir, s)))
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
                                        reference=reference, resume=True, **scale.eval)
         stages.run(f"evaluate (seed {s})",
-                   lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s)), c) and None)
+                   lambda c=eval_cfg, s=s: evaluate.evaluate(models_to_evaluate(scale, seed_dir(run_dir, s), longrope),
+                                                             c) and None)
         for label, ckpt in explained(run_dir, s).items():
             cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len,
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
@@ -467,7 +482,7 @@ def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
     return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
-               cfg.reference)
+               cfg.reference, cfg.longrope)
 
 
 if __name__ == "__main__":

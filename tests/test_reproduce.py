@@ -164,3 +164,13 @@ def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp
     monkeypatch.setitem(tasks.TASKS, "ppl", ppl)
     reproduce.run(tiny_scale, run_dir)
     assert evaluation(run_dir) == evaluation(tmp_path / "reference")
+
+
+def test_opt_in_longrope_row_searches_and_is_evaluated(tiny_scale, tmp_path):
+    run_dir = tmp_path / "run"
+    report = reproduce.run(tiny_scale, run_dir, longrope=True).read_text()
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert set(stages) == stage_names(1337) | {"search LongRoPE factors (seed 1337)"}
+    assert "**rope + LongRoPE searched (no fine-tune)**" in report
+    search = json.loads((run_dir / "seed1337" / reproduce.SEARCHED / "extension.json").read_text())["search"]
+    assert search["loss"] <= min(search["start_losses"].values())
