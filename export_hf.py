@@ -16,9 +16,8 @@ from pathlib import Path
 
 from checkpoint import model_from_checkpoint
 from config import ConfigError, check_fields, cli, parse
-from rope_scaling import length_dependent
 from hf import (GPT2_VOCAB, NEOX, architecture, check_parity, convert, hf_config, key_pairs, legacy_rope,
-                require_transformers, rope_parameters)
+                parity_lengths, require_transformers, rope_parameters)
 from positions import SCHEMES, permute_rope_layout
 from run_folder import claim, clear
 from tokenizer import find_tokenizer_dir
@@ -97,15 +96,19 @@ def model_card(ckpt, config, run_dir, arch):
     c, data, s = config, shareable(ckpt.get("data")), config.rope_scaling or {}
     rope = f", θ={c.rope_theta:g}, rotary fraction {c.rotary_fraction:g}" if architecture(c) is NEOX else ""
     ext = {k: v for k, v in (ckpt.get("extension") or {}).items() if k != "base_ckpt"}  # no local paths
-    dynamic = (" (transformers recomputes these frequencies only when the input grows past the longest one seen: "
-               "for exact logits use a fresh model per length; generate's cached keys keep older frequencies)")
+    caveats = {  # what transformers does with frequencies that change with the length
+        "dynamic": " (transformers recomputes these frequencies only when the input grows past the longest one seen: "
+                   "for exact logits use a fresh model per length; generate's cached keys keep older frequencies)",
+        "longrope": " (transformers switches to the long factors for an input longer than the original length, but "
+                    "generate's cached keys keep the short factors' rotation: decoding across the switch drifts from "
+                    "the full forward)"}
     lines = ["---", "library_name: transformers", f"tags: [posenc, {c.pos_encoding}]", "---", f"# {run_dir.name}", "",
              f"A {c.n_layer}-layer, {c.n_embd}-wide GPT ({c.n_head} heads) trained with posenc, exported as `{arch}`: "
              "its fp32 logits equal posenc's (checked at export).", "",
              f"- positions: {c.pos_encoding}{rope}",
              f"- training length: {s.get('original_max_position_embeddings', c.block_size)} tokens "
              f"(block_size {c.block_size})",
-             f"- rope_scaling: {s or 'none'}" + (dynamic if length_dependent(config.rope_scaling) else ""),
+             f"- rope_scaling: {s or 'none'}" + caveats.get(s.get("rope_type"), ""),
              *([f"- context extension: {ext}"] if ext else []),
              f"- training: {ckpt.get('step')} steps, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}",
              f"- data: {data.get('source', 'unknown')}, tokens {data.get('tokens')}, sha256 "
@@ -126,8 +129,8 @@ def export(ckpt_path, out_dir, overwrite=False):
     transformers = require_transformers()
     transformers.utils.logging.disable_progress_bar()
     hf = to_hf(model)
-    T = model.transformer.pos.max_len or 2 * config.block_size  # past the training length where it can run
-    check_parity(model, hf, min(T, 512))
+    for T in parity_lengths(model):
+        check_parity(model, hf, T)
     data = shareable(ckpt.get("data"))
     hf.config.posenc = {"model": dataclasses.asdict(config), "data": data, "step": ckpt.get("step")}
     out_dir = Path(out_dir)

@@ -6,10 +6,12 @@ r"""Extend a RoPE model's context: scale its frequencies, then optionally fine-t
     python extend_context.py --ckpt=out/gpt2_124m_rope/ckpt.pt --method=dynamic --factor=8 --steps=0   # training-free
     python extend_context.py --ckpt=out/cpu_rope/ckpt.pt --method=linear --factor=4 --steps=50 --pose=true  # PoSE
     python extend_context.py --ckpt=out/cpu_rope/ckpt.pt --method=drope --steps=100   # DroPE: drop RoPE, recalibrate
+    python extend_context.py --ckpt=out/cpu_rope/ckpt.pt --method=longrope --factor=4 --search=true  # LongRoPE search
 
 Methods are the rope_types of rope_scaling.py: linear = Position Interpolation (Chen et al. 2023), ntk =
-NTK-aware base, dynamic = dynamic NTK, yarn (Peng et al. 2023), llama3; direct = no scaling (the control: RoPE
-fine-tuned at the target length as it is); abf = a new base (Xiong et al. 2023), --scaling_params='{"base": 5e5}'
+NTK-aware base, dynamic = dynamic NTK, yarn (Peng et al. 2023), llama3, longrope (Ding et al. 2024; with
+--search=true its long factors are searched first, see longrope_search.py), proportional (p-RoPE); direct = no
+scaling (the control: RoPE fine-tuned at the target length as it is); abf = a new base (Xiong et al. 2023), --scaling_params='{"base": 5e5}'
 or, without one, Xu et al.'s bound 0.0424 * target_len^1.628. And one that is not a scaling: drope (Gelberg et
 al. 2025) removes the positions (the model goes on as NoPE) and recalibrates it at the original length.
 --pose=true fine-tunes any scaling with PoSE (pose.py): windows of the original length whose position ids skip
@@ -47,7 +49,8 @@ DROPE = "drope"  # the method that is not a rope_type: drop the positions, recal
 @dataclass
 class ExtendConfig:
     ckpt: str = ""  # the base checkpoint (required)
-    method: str = ""  # required: a rope_type (linear, ntk, dynamic, yarn, llama3, direct, abf), or drope
+    method: str = ""  # required: a rope_type (linear, ntk, dynamic, yarn, llama3, longrope, proportional, direct,
+    #                   abf), or drope
     factor: float | None = None  # the context multiple, from the original training length ...
     target_len: int | None = None  # ... or the new length: give exactly one
     steps: int = 0  # fine-tuning steps; 0: training-free
@@ -55,10 +58,14 @@ class ExtendConfig:
     out_dir: str = ""  # "": <base run folder>_<method>_x<factor>
     scaling_params: dict | None = None  # more rope_scaling keys, e.g. {"beta_fast": 16}, or abf's {"base": 5e5}
     pose: bool = False  # PoSE: fine-tune on windows of the original length, position ids skip-wise to the target
+    search: bool = False  # longrope: search its long factors first (longrope_search.py), from PI, NTK and YaRN's
+    search_budget: int = 48  # candidates the search scores, its three starting points included
+    search_docs: int = 4  # held-out val documents it scores them on, at the target length
 
     def __post_init__(self):
         check_fields(self)
-        at_least(self, 1, "factor", "target_len", "batch_tokens")
+        at_least(self, 1, "factor", "target_len", "batch_tokens", "search_docs")
+        at_least(self, 3, "search_budget")
         at_least(self, 0, "steps")
         if self.method and self.method not in (*ROPE_SCALING, DROPE):
             raise ConfigError(f"bad value {self.method!r} for config key 'method': choose one of "
@@ -68,6 +75,8 @@ class ExtendConfig:
         if self.method == DROPE and (self.pose or self.factor or self.target_len or self.scaling_params):
             raise ConfigError("drope takes no --factor, --target_len, --scaling_params or --pose: it removes the "
                               "positions and recalibrates at the original length")
+        if self.search and self.method != "longrope":
+            raise ConfigError(f"--search=true searches LongRoPE's factors: give --method=longrope (not {self.method!r})")
 
 
 def check_extendable(model_cfg, scaling, target_len, path):
@@ -162,6 +171,13 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
     cfg = parse(train.TrainConfig, overrides, defaults=start) if isinstance(overrides, list) else apply(start, overrides)
     if "batch_size" in names and "grad_accum_steps" not in names:  # a smaller micro-batch keeps the step's tokens
         cfg = dataclasses.replace(cfg, grad_accum_steps=math.ceil(seqs / cfg.batch_size))
+    searched = None
+    if ext.search:  # the found factors go into the checkpoint's rope_scaling (and so into sample, evaluate, export)
+        from longrope_search import search_checkpoint
+        searched = search_checkpoint(ext.ckpt, cfg.data_dir, target_len, factor, base_len, ext.search_budget,
+                                     ext.search_docs, seed=cfg.seed, device=cfg.device, log=log)
+        scaling = searched.scaling
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, rope_scaling=scaling))
     how = (f"{DROPE}: positions removed, recalibrated at {base_len} tokens" if ext.method == DROPE else
            f"{ext.method}{' + PoSE' if ext.pose else ''} x{factor:g}, {base_len} -> {target_len} tokens")
     log(f"extending {ext.ckpt} (step {ckpt.get('step')}): {how}, {ext.steps} fine-tuning steps of "
@@ -171,6 +187,9 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
               "factor": factor, "original_len": base_len, "target_len": target_len, "steps": ext.steps}
     if ext.pose:
         record |= {"pose_window": cfg.pose_window, "pose_chunks": cfg.pose_chunks}
+    if searched:
+        record["search"] = {"loss": searched.loss, "start_losses": searched.starts, "candidates": searched.evaluated,
+                            "docs": ext.search_docs, "seed": cfg.seed}
     if ext.steps > 0:
         if length_dependent(scaling):
             log(f"note: {ext.method} scaling changes with the length and is meant to be training-free; fine-tuning "

@@ -8,14 +8,17 @@ from dataclasses import dataclass
 import torch
 
 from positions import RoPE
-from rope_scaling import ROPE_SCALING, inverse_frequencies, length_dependent, rope_frequencies
+from rope_scaling import ROPE_SCALING, inverse_frequencies, length_dependent, longrope_factors, rope_frequencies
 
 GPT2_VOCAB, EOT = 50257, 50256
 # transformers' rope_parameters keys of the rope_types it shares with us (same names, same formulas)
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
              "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
                       "truncate"),
-             "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+             "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+             "longrope": ("factor", "original_max_position_embeddings", "short_factor", "long_factor",
+                          "attention_factor"),
+             "proportional": ("factor", "partial_rotary_factor")}  # p-RoPE's fraction replaces partial rotary's
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ def rope_parameters(config):
     keys = ROPE_KEYS[kind]  # our defaults written out: transformers requires some of them (llama3's)
     defaults = {k: v for k, v in ROPE_SCALING[kind].options.items() if k in keys and v is not None}
     given = {k: s[k] for k in keys if s.get(k) is not None}
+    if kind == "longrope":  # transformers requires both lists: our defaults written out
+        given |= dict(zip(("short_factor", "long_factor"), longrope_factors(s, d)))
     return params | {"rope_type": kind} | defaults | given | {"factor": float(s["factor"])}
 
 
@@ -102,9 +107,10 @@ def hf_config(config, transformers):
     params = rope_parameters(config)
     rope = {"rope_parameters": params} if int(transformers.__version__.split(".")[0]) >= 5 else legacy_rope(params)
     # transformers' dynamic NTK reads its original length L from max_position_embeddings; every other type from
-    # its params
+    # its params (LongRoPE too)
     max_len = (config.rope_scaling["original_max_position_embeddings"]
-               if length_dependent(config.rope_scaling) else config.block_size)
+               if length_dependent(config.rope_scaling) and "original_max_position_embeddings" not in
+               ROPE_KEYS[config.rope_scaling["rope_type"]] else config.block_size)
     return transformers.GPTNeoXConfig(
         hidden_size=config.n_embd, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
         intermediate_size=4 * config.n_embd, hidden_act="gelu", layer_norm_eps=1e-5, use_parallel_residual=False,
@@ -135,6 +141,15 @@ def convert(w, kind, config, to_hf):
         shape = (3, nh, hs) if to_hf else (nh, 3, hs)
         return w.reshape(*shape, *w.shape[1:]).transpose(0, 1).reshape(w.shape).contiguous()
     return w
+
+
+def parity_lengths(model):
+    """The lengths the logit check runs at: past the training length where the model can run, after the original
+    length itself for a scaling that changes with the length (the other side of LongRoPE's switch). Growing:
+    transformers' dynamic NTK keeps the frequencies of the longest input it has seen."""
+    c, past = model.config, min(model.transformer.pos.max_len or 2 * model.config.block_size, 512)
+    short = c.rope_scaling["original_max_position_embeddings"] if length_dependent(c.rope_scaling) else past
+    return tuple(sorted({min(short, past), past}))
 
 
 @torch.no_grad()

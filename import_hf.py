@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import FORMAT_VERSION, load_weights, model_config, save_checkpoint
 from config import ConfigError, check_fields, cli, parse, to_dict
-from hf import ROPE_KEYS, check_parity, convert, hf_config, key_pairs, require_transformers
+from hf import ROPE_KEYS, check_parity, convert, hf_config, key_pairs, parity_lengths, require_transformers
 from model import GPT, GPTConfig
 from positions import permute_rope_layout
 from rope_scaling import ROPE_SCALING
@@ -59,9 +59,12 @@ def our_scaling(params, max_len):
     if unknown:
         raise ValueError(f"rope_type {kind!r} with {', '.join(sorted(unknown))} has no posenc equivalent")
     scaling = {"rope_type": kind, **{k: params[k] for k in ROPE_KEYS[kind] if params.get(k) is not None}}
-    m = ROPE_SCALING[kind]  # a length-dependent method (dynamic) reads L from max_position_embeddings, as in hf.py
-    if m.length_dependent or ("original_max_position_embeddings" not in scaling and m.needs_original_len):
+    m = ROPE_SCALING[kind]  # dynamic reads L from max_position_embeddings, as in hf.py
+    if ("original_max_position_embeddings" not in ROPE_KEYS[kind] and m.length_dependent) or \
+            ("original_max_position_embeddings" not in scaling and m.needs_original_len):
         scaling["original_max_position_embeddings"] = max_len  # transformers' fallback (dynamic: always)
+    if "factor" not in scaling and kind in ("longrope", "proportional"):  # transformers' defaults for these two
+        scaling["factor"] = max_len / scaling["original_max_position_embeddings"] if kind == "longrope" else 1.0
     return scaling
 
 
@@ -87,9 +90,12 @@ def derived_config(c, bias):
         return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                          n_embd=C, bias=bias, pos_encoding="learned")
     theta, fraction, params = rope_settings(c)
+    scaling = our_scaling(params, c.max_position_embeddings)
+    if scaling and ROPE_SCALING[scaling["rope_type"]].whole_head:  # p-RoPE: the fraction is its own, in scaling
+        fraction = 1.0
     return GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
                      n_head=c.num_attention_heads, n_embd=C, bias=bias, pos_encoding="rope", rope_theta=theta,
-                     rotary_fraction=fraction, rope_scaling=our_scaling(params, c.max_position_embeddings))
+                     rotary_fraction=fraction, rope_scaling=scaling)
 
 
 def recorded_config(c, derived, transformers, path):
@@ -130,8 +136,9 @@ def from_hf(hf, path="the model"):
     if config.rope_layout != "half":
         state = permute_rope_layout(state, config, config.rope_layout)  # transformers' half pairing -> ours
     model = load_weights(GPT(config), state, path).eval()
-    T = model.transformer.pos.max_len or 2 * config.block_size  # past the training length where it can run
-    check_parity(model, hf.float().eval(), min(T, 512), what="import")
+    hf = hf.float().eval()
+    for T in parity_lengths(model):
+        check_parity(model, hf, T, what="import")
     return model, getattr(c, "posenc", None) or {}
 
 

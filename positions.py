@@ -19,8 +19,8 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
-bias, Raffel et al. 2020). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3) is in
-rope_scaling.py.
+bias, Raffel et al. 2020). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
+proportional, direct, abf) is in rope_scaling.py.
 """
 
 import math
@@ -335,7 +335,12 @@ class RoPE(PositionScheme):
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
-        cls.rotated_dim(config)
+        scaling = check_scaling(config.rope_scaling)
+        if scaling is not None and ROPE_SCALING[scaling["rope_type"]].whole_head and config.rotary_fraction != 1:
+            raise ValueError(f"rope_type {scaling['rope_type']!r} gives frequencies for the whole head (zero for the "
+                             "pairs it leaves unrotated): set rotary_fraction=1 and its fraction as rope_scaling "
+                             "partial_rotary_factor")
+        rope_frequencies(cls.rotated_dim(config), config.rope_theta, scaling)  # options that must fit the head
 
     @staticmethod
     def rotated_dim(config):
@@ -347,7 +352,7 @@ class RoPE(PositionScheme):
         return rot_dim
 
     def cache_key(self, seq_len):
-        # Only a length-dependent method (dynamic NTK) changes meaning with the length: key = its frequencies.
+        # Only a length-dependent method (dynamic NTK, LongRoPE) changes meaning with the length: key = its frequencies.
         if not length_dependent(self.scaling):
             return None
         inv_freq, attention_factor = rope_frequencies(self.rot_dim, self.theta, self.scaling, seq_len)

@@ -31,6 +31,7 @@ import torch
 
 import evaluate
 import explain
+import extend_context
 import train
 from config import ConfigError, at_least, check_fields, cli, parse
 from data.loader import load_meta
@@ -59,6 +60,7 @@ class ReproduceConfig:
     schemes: tuple[str, ...] = DEFAULT_SCHEMES  # trained and compared; "+a,b": the default ones and a, b
     rescues: tuple[str, ...] = ()  # more rescue rows, and the rescue table: all, or some of direct, abf, pose,
     #                                self_extend, drope (comma-separated)
+    longrope: bool = False  # also a training-free LongRoPE row whose factors are searched (extend_context.py --search)
 
     def __post_init__(self):
         check_fields(self)
@@ -119,6 +121,7 @@ SCALES = {
 }
 TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # rope_types evaluated with no fine-tuning
 FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
+SEARCHED = f"{EXTENDED}_longrope_search"  # the run folder of the opt-in LongRoPE row (--longrope=true)
 HEADLINE_TRAINING_FREE = ("dynamic", "yarn")  # the training-free rows in the headline figure (all are in the tables)
 HEADLINE_REFERENCE = "alibi"  # the headline's curves are loss minus this model's: flat past L, so the wall shows
 
@@ -250,13 +253,15 @@ def tuned_label(method):
     return f"{EXTENDED} + {ROPE_SCALING[method].label} fine-tuned"
 
 
-def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=()):
+def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=(), longrope=False):
     """label -> checkpoint, or (checkpoint, rope_scaling[, Self-Extend's (W, G)]) for a training-free option of
     the RoPE model."""
     run_dir = Path(run_dir)
     models = {scheme: run_dir / scheme / "ckpt.pt" for scheme in schemes}
     for method in TRAINING_FREE:
         models[free_label(method)] = (models[EXTENDED], scaling_dict(method, scale.factor, scale.base_len))
+    if longrope:
+        models[f"{EXTENDED} + LongRoPE searched (no fine-tune)"] = run_dir / SEARCHED / "ckpt.pt"
     for method in FINE_TUNED:
         models[tuned_label(method)] = run_dir / f"{EXTENDED}_{method}_ft" / "ckpt.pt"
     for name in rescues:
@@ -539,10 +544,18 @@ def significance(results):
     return lines
 
 
+def search_stage(scale, seed_folder):
+    """The searched LongRoPE extension of the seed's RoPE model, training-free (longrope_search.py)."""
+    ext = extend_context.ExtendConfig(ckpt=str(seed_folder / EXTENDED / "ckpt.pt"), method="longrope",
+                                      factor=scale.factor, search=True, out_dir=str(seed_folder / SEARCHED))
+    extend_context.extend(ext, {"data_dir": scale.data_dir, "overwrite": True})  # overwrite: an interrupted one
+
+
 def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference="",
-        schemes=DEFAULT_SCHEMES, rescues=()):
+        schemes=DEFAULT_SCHEMES, rescues=(), longrope=False):
     """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers, schemes: see
-    ReproduceConfig (the tests run in this process, workers=1); rescues: names in RESCUES."""
+    ReproduceConfig (the tests run in this process, workers=1); rescues: names in RESCUES; longrope: add the
+    searched LongRoPE row."""
     t0, run_dir = time.time(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
@@ -560,12 +573,14 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
                                                         *(train_stage(scale, o, s, run_dir) for o in others))],
                     workers)
     for s in seed_list:
+        if longrope:
+            stages.run(f"search LongRoPE factors (seed {s})", lambda s=s: search_stage(scale, seed_dir(run_dir, s)))
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
                                        reference=reference, resume=True, **scale.eval)
         # a run that adds schemes or rescues evaluates them in a new stage (the finished models are reused)
-        added = [*(k for k in schemes if k not in DEFAULT_SCHEMES), *rescues]
-        models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues)
+        added = [*(k for k in schemes if k not in DEFAULT_SCHEMES), *rescues, *(["longrope"] if longrope else [])]
+        models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues, longrope)
         stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
                    lambda c=eval_cfg, m=models: evaluate.evaluate(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
@@ -582,7 +597,7 @@ def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
     return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
-               cfg.reference, cfg.schemes, cfg.rescues)
+               cfg.reference, cfg.schemes, cfg.rescues, cfg.longrope)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,20 @@ def test_training_free_extension_writes_the_scaled_checkpoint(corpus, base_ckpt)
     assert load_checkpoint(again)["config"]["model"]["rope_scaling"] == {**scaling, "factor": 16.0}
 
 
+def test_longrope_search_writes_its_factors_into_the_checkpoint(corpus, base_ckpt, capsys):
+    path = extend(ExtendConfig(ckpt=base_ckpt, method="longrope", target_len=TARGET_LEN, search=True, search_budget=6,
+                               search_docs=2, out_dir=str(corpus / "longrope0")))
+    ckpt = load_checkpoint(path)
+    scaling, record = ckpt["config"]["model"]["rope_scaling"], ckpt["extension"]["search"]
+    assert scaling["rope_type"] == "longrope" and len(scaling["long_factor"]) == 64 // 2 // 2  # 32-dim heads
+    assert record["candidates"] == 6 and record["loss"] <= min(record["start_losses"].values())
+    model, _ = model_from_checkpoint(path)  # sample, evaluate and export load the searched factors
+    assert model.transformer.pos.scaling == scaling
+    out = capsys.readouterr().out
+    assert "searching LongRoPE factors: 6 candidates, 2 val documents of >= 129 tokens" in out
+    assert "LongRoPE searched" in out
+
+
 def test_too_few_long_documents_falls_back_to_concatenated_documents(corpus, base_ckpt, capsys):
     short = corpus / "short"
     short.mkdir()
@@ -181,6 +195,7 @@ def test_factor_and_target_len():
     (["--method=linear", "--factor=0.5"], "config key 'factor': expected a number >= 1"),
     (["--method=linear", "--factor=4", "--block_size=64"], "extend_context.py sets block_size itself"),
     (["--method=linear", "--factor=4", "--batch_size=0"], "config key 'batch_size': expected a number >= 1"),
+    (["--method=yarn", "--factor=4", "--search=true"], "give --method=longrope"),
 ])
 def test_command_line_errors_are_one_line(base_ckpt, argv, message):
     with pytest.raises(SystemExit) as e:

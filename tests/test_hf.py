@@ -308,3 +308,78 @@ def test_an_export_or_import_never_replaces_an_earlier_one_unasked(tmp_path):
     assert "give --ckpt and --out_dir" in error_line(export_hf.main, [f"--ckpt={src}"])
     assert "no transformers model at" in error_line(import_hf.main, [f"--hf_dir={tmp_path}/none", "--out_dir=x"])
     export_hf.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'hf'}", "--overwrite=true"])  # when asked: fine
+
+
+# ----------------------------------------------------------------------- LongRoPE and proportional (p-RoPE)
+
+LONGROPE = {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": L,
+            "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 5.0, 9.0]}  # 8 rotated dims: 4 pairs
+PROPORTIONAL = {"rope_type": "proportional", "factor": 2.0, "partial_rotary_factor": 0.5}
+NEW_TYPES = {
+    "longrope": lambda: random_model(LONGROPE),
+    "longrope-defaults-partial-interleaved": lambda: random_model(  # short 1, long = factor; 2 pairs
+        {k: v for k, v in LONGROPE.items() if not k.endswith("_factor")}, rotary_fraction=0.5,
+        rope_layout="interleaved", rope_theta=500.0),
+    "proportional": lambda: random_model(PROPORTIONAL, rope_layout="interleaved", bias=True),
+}
+
+
+@pytest.mark.parametrize("kind", NEW_TYPES)
+def test_longrope_and_proportional_export_with_our_logits_at_L_and_4L(kind):
+    model = NEW_TYPES[kind]()
+    hf = export_hf.to_hf(model)
+    assert hf.config.rope_parameters["rope_type"] == kind.partition("-")[0]
+    for T in (L, 4 * L, L + 1, L):  # both sides of LongRoPE's switch, and back: it switches per input
+        assert logits_diff(model, hf, T) < 1e-4, (kind, T)
+
+
+@pytest.mark.parametrize("kind", NEW_TYPES)
+def test_longrope_and_proportional_round_trip_is_bit_identical(kind, tmp_path):
+    model = NEW_TYPES[kind]()
+    src = write_ckpt(model, tmp_path / "ckpt.pt")
+    export_hf.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'hf'}"])
+    import_hf.main([f"--hf_dir={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'back'}"])
+    before, after = load_checkpoint(src), load_checkpoint(tmp_path / "back" / "ckpt.pt")
+    assert after["config"] == before["config"]
+    for k, w in before["model"].items():
+        assert torch.equal(after["model"][k], w), k
+
+
+def test_plain_longrope_and_proportional_folders_import_with_transformers_defaults(tmp_path):
+    """Without our record: LongRoPE's factor from max_position_embeddings / original (Phi-3's way), p-RoPE's
+    fraction in rope_scaling and the whole head rotated."""
+    cases = {"longrope": ({k: v for k, v in LONGROPE.items() if k != "factor"}, 4 * L),
+             "proportional": ({"rope_type": "proportional", "partial_rotary_factor": 0.25}, L)}
+    for kind, (params, max_len) in cases.items():
+        config = transformers.GPTNeoXConfig(**{**NEOX, "max_position_embeddings": max_len, "rope_parameters": {
+            "rope_theta": 1e4, "partial_rotary_factor": 1.0, **params}})
+        hf = transformers.GPTNeoXForCausalLM(config).eval()
+        hf.save_pretrained(tmp_path / kind)
+        model, _ = import_hf.from_hf(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / kind))
+        c = model.config
+        assert c.rope_scaling["rope_type"] == kind and c.rotary_fraction == 1.0 and c.block_size == max_len
+        if kind == "longrope":
+            assert c.rope_scaling["factor"] == 4.0 and c.rope_scaling["long_factor"] == LONGROPE["long_factor"]
+        else:
+            assert c.rope_scaling == {"rope_type": "proportional", "partial_rotary_factor": 0.25, "factor": 1.0}
+        for T in (L, 4 * L):
+            idx = torch.randint(0, 64, (1, T))
+            with torch.no_grad():
+                assert (model(idx)[0] - hf(idx).logits).abs().max() < 1e-4, (kind, T)
+
+
+@torch.no_grad()
+def test_transformers_cache_keeps_short_factor_keys_past_the_longrope_switch():
+    """What the README says: transformers' full forward switches exactly, but its KV cache keeps the keys it
+    rotated with the short factors, so cached decoding past the original length drifts from the full forward
+    (ours recomputes them: tests/test_rope_types.py)."""
+    model = random_model(LONGROPE)
+    hf = export_hf.to_hf(model)
+    idx = torch.randint(0, 50257, (1, L + 4), generator=torch.Generator().manual_seed(0))
+    out = hf(idx[:, :L - 2], use_cache=True)
+    drift = []
+    for t in range(L - 2, L + 4):
+        out = hf(idx[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        drift.append((out.logits[:, -1] - model(idx[:, :t + 1])[0][:, -1]).abs().max().item())
+    assert max(drift[:2]) < 1e-4  # up to the original length: exact
+    assert min(drift[2:]) > 1e-2, drift  # past it: stale keys

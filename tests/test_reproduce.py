@@ -210,3 +210,14 @@ def test_rescues_all_adds_every_recipe_and_the_rescue_table(tiny_scale, tmp_path
 def test_a_bad_rescue_name_is_one_line():
     with pytest.raises(ValueError, match="bad value 'pse' for config key 'rescues': choose all, or some of direct"):
         reproduce.ReproduceConfig(rescues=("pse",))
+
+
+def test_opt_in_longrope_row_searches_and_is_evaluated(tiny_scale, tmp_path):
+    run_dir = tmp_path / "run"
+    report = reproduce.run(tiny_scale, run_dir, longrope=True).read_text()
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert set(stages) == stage_names(1337) - {"evaluate (seed 1337)"} | {
+        "evaluate (seed 1337) with longrope", "search LongRoPE factors (seed 1337)"}
+    assert "**rope + LongRoPE searched (no fine-tune)**" in report
+    search = json.loads((run_dir / "seed1337" / reproduce.SEARCHED / "extension.json").read_text())["search"]
+    assert search["loss"] <= min(search["start_losses"].values())
