@@ -3,8 +3,10 @@
 `tiny` is the one small model every test file builds: tiny(**overrides) -> GPT in eval mode.
 """
 
+import glob
 import os
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -20,6 +22,39 @@ TINY = dict(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=32)
 def tiny_config(**overrides) -> GPTConfig:
     """A 2-layer, width-32 config trained at 32 tokens over a 128-token vocabulary, with overrides."""
     return GPTConfig(**(TINY | overrides))
+
+
+EXPORT_LEN = 16  # the original training length of the export tests' models (test_hf.py, test_gguf.py)
+
+
+def random_export_model(scaling=None, **kw):
+    """A GPT-2-vocabulary model with far-from-init weights (so a wrong mapping shows in the logits), its block size
+    as extend_context.py sets it: the target length when scaled, else the training length."""
+    block = int(EXPORT_LEN * scaling["factor"]) if scaling else EXPORT_LEN
+    config = GPTConfig(**{"block_size": block, "vocab_size": 50304, "n_layer": 2, "n_head": 4, "n_embd": 32,
+                          "rope_scaling": scaling, "pos_encoding": "rope", **kw})
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # LayerNorm weights ~ N(1, 0.5), biases ~ N(0, 0.5)
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                p.mul_(5)
+    return model
+
+
+def stdlib_corpus(root, packages):
+    """A corpus of the standard library's modules in `packages`, one document per file, prepared into root/data
+    (80/20 train/val); root/text holds the documents."""
+    from data.prepare import prepare
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for pkg in packages for f in glob.glob(os.path.join(stdlib, pkg, "*.py")))
+    (root / "text").mkdir()
+    for i, path in enumerate(files):
+        with open(path, encoding="utf-8") as f:
+            (root / "text" / f"doc{i:03d}.txt").write_text(f.read(), encoding="utf-8")
+    prepare(str(root / "text"), root / "data", val_fraction=0.2, quiet=True)
+    return root
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ The corpus is a few standard-library packages copied under our own file names, s
 (a hash of the name) does not depend on the Python version.
 """
 
-import glob
 import os
 import re
-import sysconfig
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import cli
 from data.loader import BatchSampler
+from conftest import stdlib_corpus
 from data.prepare import prepare
 from extend_context import ExtendConfig, extend
 from model import GPTConfig
@@ -30,14 +29,7 @@ PACKAGES = ("email", "json", "http", "logging", "importlib", "asyncio")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("extend")
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files = sorted(f for pkg in PACKAGES for f in glob.glob(os.path.join(stdlib, pkg, "*.py")))
-    (root / "text").mkdir()
-    for i, path in enumerate(files):
-        with open(path, encoding="utf-8") as f:
-            (root / "text" / f"doc{i:03d}.txt").write_text(f.read(), encoding="utf-8")
-    prepare(str(root / "text"), root / "data", val_fraction=0.2, quiet=True)
-    return root
+    return stdlib_corpus(root, PACKAGES)
 
 
 def train_tiny(root, name, pos_encoding="rope", max_iters=150):

@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import EXPORT_LEN, random_export_model as random_model
+
 gguf = pytest.importorskip("gguf")
 
 import export_gguf  # noqa: E402
 from checkpoint import FORMAT_VERSION, save_checkpoint  # noqa: E402
 from config import cli, to_dict as config_to_dict  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT  # noqa: E402
 from positions import RoPE, permute_rope_layout  # noqa: E402
 from rope_scaling import rope_frequencies  # noqa: E402
 from tokenizer import EOT, get_tokenizer  # noqa: E402
 from train import TrainConfig  # noqa: E402
 
-L = 16  # the original training length of the test models
+L = EXPORT_LEN  # the original training length of the test models
 SCALINGS = {
     "none": None,
     "linear": {"rope_type": "linear", "factor": 4.0},
@@ -34,20 +36,6 @@ SCALINGS = {
 }
 CHANGED = dict(rope_theta=500.0, rotary_fraction=0.5, rope_layout="interleaved", bias=True)
 DATA = {"source": "test corpus", "tokens": {"train": 100, "val": 10}, "vocab": None}
-
-
-def random_model(scaling=None, **kw):
-    block = int(L * scaling["factor"]) if scaling else L
-    config = GPTConfig(**{"block_size": block, "vocab_size": 50304, "n_layer": 2, "n_head": 4, "n_embd": 32,
-                          "rope_scaling": scaling, "pos_encoding": "rope", **kw})
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # LayerNorm weights ~ N(1, 0.5), biases ~ N(0, 0.5)
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                p.mul_(5)
-    return model
 
 
 def write_ckpt(model, path, data=DATA):

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from conftest import EXPORT_LEN, random_export_model as random_model
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
@@ -20,7 +22,7 @@ import export_hf  # noqa: E402
 import import_hf  # noqa: E402
 from checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint  # noqa: E402
 from config import cli, to_dict as config_to_dict  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT  # noqa: E402
 from positions import permute_rope_layout  # noqa: E402
 from train import TrainConfig  # noqa: E402
 from sample import generate  # noqa: E402
@@ -29,7 +31,7 @@ from tokenizer import get_tokenizer  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-L = 16  # the original training length of the test models
+L = EXPORT_LEN  # the original training length of the test models
 SCALINGS = {
     "none": None,
     "linear": {"rope_type": "linear", "factor": 4.0, "original_max_position_embeddings": L},
@@ -47,21 +49,6 @@ VARIANTS = {  # the defaults, then everything moved off them at once
 }
 DATA = {"path": "/data/x", "source": "test corpus", "tokens": {"train": 100, "val": 10}, "sha256": {"train.bin": "ab"},
         "tokenizer": "gpt2", "vocab": None}
-
-
-def random_model(scaling=None, **kw):
-    """Block size as extend_context.py sets it: the target length when scaled, else the training length."""
-    block = int(L * scaling["factor"]) if scaling else L
-    config = GPTConfig(block_size=block, vocab_size=50304, n_layer=2, n_head=4, n_embd=32, rope_scaling=scaling,
-                       **{"pos_encoding": "rope", **kw})
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # LayerNorm weights ~ N(1, 0.5), biases ~ N(0, 0.5)
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                p.mul_(5)
-    return model
 
 
 def logits_diff(model, hf, T, seed=0):

@@ -5,10 +5,7 @@ chunk is the plain fine-tune), Self-Extend's exact cases (plain RoPE inside the 
 equals full; weights that sum to 1), ABF's bound, and a DroPE model that loads, samples and evaluates past L.
 """
 
-import glob
 import math
-import os
-import sysconfig
 
 import pytest
 import torch
@@ -20,8 +17,7 @@ import sample
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import ConfigError, cli
-from conftest import tiny_config
-from data.prepare import prepare
+from conftest import stdlib_corpus
 from extend_context import ExtendConfig, extend
 from model import GPT, GPTConfig
 from pose import pose_positions
@@ -191,14 +187,7 @@ def test_direct_is_plain_rope_at_every_length(tiny):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("rescues")
-    files = sorted(f for pkg in ("email", "json", "http", "logging")
-                   for f in glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], pkg, "*.py")))
-    (root / "text").mkdir()
-    for i, path in enumerate(files):
-        with open(path, encoding="utf-8") as f:
-            (root / "text" / f"doc{i:03d}.txt").write_text(f.read(), encoding="utf-8")
-    prepare(str(root / "text"), root / "data", val_fraction=0.2, quiet=True)
-    return root
+    return stdlib_corpus(root, ("email", "json", "http", "logging"))
 
 
 def tiny_train(root, name, max_iters=5, block_size=BASE_LEN, **kw):

@@ -13,7 +13,7 @@ import extend_context
 import model as model_module
 from conftest import tiny_config
 from model import GPT
-from positions import NoPE, RoPE, RoPENoPE, T5Bias, t5_buckets
+from positions import NoPE, RoPE, RoPENoPE, t5_buckets
 from rope_scaling import ROPE_SCALING, length_dependent
 from test_kv_cache import TIGHT, cached_logits, prefix_logits
 from train import load_config
