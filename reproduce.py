@@ -260,10 +260,10 @@ def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=(), long
     models = {scheme: run_dir / scheme / "ckpt.pt" for scheme in schemes}
     for method in TRAINING_FREE:
         models[free_label(method)] = (models[EXTENDED], scaling_dict(method, scale.factor, scale.base_len))
-    if longrope:
-        models[f"{EXTENDED} + LongRoPE searched (no fine-tune)"] = run_dir / SEARCHED / "ckpt.pt"
     for method in FINE_TUNED:
         models[tuned_label(method)] = run_dir / f"{EXTENDED}_{method}_ft" / "ckpt.pt"
+    if longrope:  # after the fine-tunes: the default reference stays the first of them
+        models[f"{EXTENDED} + LongRoPE searched (no fine-tune)"] = run_dir / SEARCHED / "ckpt.pt"
     for name in rescues:
         r = RESCUES[name]
         models[r.label] = (run_dir / f"{EXTENDED}_{name}_ft" / "ckpt.pt" if r.fine_tuned else
