@@ -79,3 +79,13 @@ def threads_of_a_worker_slot():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def error_line(main, argv):
+    """The message a CLI (config.cli) exits with for bad input, checked to be one line starting with 'error: '."""
+    from config import cli
+    with pytest.raises(SystemExit) as e:
+        cli(main, argv, errors=(ValueError, OSError, ImportError))
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXPORT_LEN, random_export_model as random_model
+from conftest import EXPORT_LEN, error_line, random_export_model as random_model
 
 gguf = pytest.importorskip("gguf")
 
 import export_gguf  # noqa: E402
 from checkpoint import FORMAT_VERSION, save_checkpoint  # noqa: E402
-from config import cli, to_dict as config_to_dict  # noqa: E402
+from config import to_dict as config_to_dict  # noqa: E402
 from model import GPT  # noqa: E402
 from positions import RoPE, permute_rope_layout  # noqa: E402
 from rope_scaling import rope_frequencies  # noqa: E402
@@ -80,14 +80,6 @@ def without_tokenizer(monkeypatch):
     """Files without the tokenizer's 150k strings, which gguf's reader takes seconds to parse: for the tests of
     tensors and model keys (the tokenizer has its own, below)."""
     monkeypatch.setattr(export_gguf, "tokenizer_metadata", lambda vocab_size: {})
-
-
-def error_line(main, argv):
-    with pytest.raises(SystemExit) as e:
-        cli(main, argv, errors=(ValueError, OSError, ImportError))
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
 
 
 # ----------------------------------------------------------------------------- tensors

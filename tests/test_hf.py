@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import EXPORT_LEN, random_export_model as random_model
+from conftest import EXPORT_LEN, error_line, random_export_model as random_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -21,7 +21,7 @@ pytest.importorskip("safetensors")
 import export_hf  # noqa: E402
 import import_hf  # noqa: E402
 from checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint  # noqa: E402
-from config import cli, to_dict as config_to_dict  # noqa: E402
+from config import to_dict as config_to_dict  # noqa: E402
 from model import GPT  # noqa: E402
 from positions import permute_rope_layout  # noqa: E402
 from train import TrainConfig  # noqa: E402
@@ -62,14 +62,6 @@ def write_ckpt(model, path, data=DATA, **extra):
             "optimizer": None, "data": data, "best_val_loss": 3.25, "format_version": FORMAT_VERSION,
             **extra}
     return save_checkpoint(ckpt, path)
-
-
-def error_line(main, argv):
-    with pytest.raises(SystemExit) as e:
-        cli(main, argv, errors=(ValueError, OSError, ImportError))
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
