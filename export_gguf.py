@@ -11,10 +11,11 @@ head as `output.weight` (gptneox requires it: the tied embedding is written twic
 every bias: a model trained without them gets zeros, which add nothing. Interleaved RoPE pairs are first moved to
 the half pairing.
 
-One difference no file can remove: llama.cpp's GELU is the tanh approximation, read through an fp16 table on CPU
-(ggml's GGML_GELU_FP16), where ours is exact (erf); it has no exact-GELU feed-forward for any architecture. So
-llama.cpp's logits differ from ours by that activation's error (scripts/check_llama_cpp.sh measures both it and
-the match with our model run with ggml's GELU, which isolates the mapping).
+The activation: llama.cpp's GELU is the tanh approximation (read through an fp16 table on CPU, ggml's
+GGML_GELU_FP16); it has no exact-GELU feed-forward for any architecture. A model trained with
+--activation=gelu_tanh (GPT-2's own GELU) computes the same function, and llama.cpp gives its logits within the
+fp16 table's rounding. A model with our default exact GELU (erf) exports too, with a note: its logits differ by
+the approximation's error as well (scripts/check_llama_cpp.sh measures both).
 
 Scaling, as llama.cpp reads it from `<arch>.rope.*`: none and PI (rope.scaling.type linear, factor), YaRN (type
 yarn, factor, original_context_length, attn_factor), and any method that is plain RoPE with another base (our
@@ -27,6 +28,7 @@ import contextlib
 import functools
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -274,6 +276,14 @@ def write_gguf(model, path, dtype="f32", name=""):
     return Path(path)
 
 
+def activation_note(config):
+    """What an exact-GELU model keeps from llama.cpp's tanh GELU, in one line; None for a gelu_tanh model."""
+    if config.activation == "gelu_tanh":
+        return None
+    return ("note: this model's GELU is exact (erf); llama.cpp computes the tanh approximation, so its logits differ "
+            "from ours by that error (about 1e-3 on a small model); train with --activation=gelu_tanh for parity")
+
+
 def export(ckpt_path, out, dtype="f32", overwrite=False):
     """Write the GGUF file for a checkpoint; returns its path."""
     model, ckpt = model_from_checkpoint(ckpt_path)
@@ -287,6 +297,8 @@ def export(ckpt_path, out, dtype="f32", overwrite=False):
     tmp = out.with_name(out.name + ".tmp")
     write_gguf(model, tmp, dtype, name=Path(ckpt_path).resolve().parent.name)
     tmp.replace(out)  # never a half-written file under the final name
+    if note := activation_note(model.config):
+        print(note, file=sys.stderr)
     return out
 
 
@@ -330,13 +342,34 @@ def with_ggml_gelu(model):
             m.gelu = g
 
 
-def llama_cpp_logits(path, tokens, n_threads=None):
-    """llama.cpp's logits (T, vocab) for one token sequence, as one batch with an f32 KV cache (its default f16
-    cache would round keys and values), using the scaling in the file."""
+def open_llama(path, n_ctx, n_threads=None, repack=True):
+    """A llama_cpp.Llama on a GGUF file that keeps every position's logits, with an f32 KV cache (its default f16
+    cache would round keys and values) and batches of up to n_ctx tokens. repack=False is llama.cpp's --no-repack
+    (model_params.use_extra_bufts off), which llama-cpp-python 0.3.36 takes as no argument: its AMX kernels crash
+    on Q8_0 matrices on the 2-core AMX VM this was checked on."""
     llama_cpp = require_llama_cpp()
+    kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
+              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=n_threads)
+    if repack:
+        return llama_cpp.Llama(**kw)
+    bindings, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking  # read once, in Llama.__init__
+    try:
+        return llama_cpp.Llama(**kw)
+    finally:
+        bindings.llama_model_default_params = default
+
+
+def llama_cpp_logits(path, tokens, n_threads=None, repack=True):
+    """llama.cpp's logits (T, vocab) for one token sequence, as one batch, using the scaling in the file."""
     T = len(tokens)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=T, n_batch=T, n_ubatch=T, logits_all=True, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=n_threads)
+    llm = open_llama(path, T, n_threads, repack)
     try:
         llm.eval(list(map(int, tokens)))
         return np.array(llm.scores[:T], dtype=np.float32)

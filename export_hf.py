@@ -2,7 +2,7 @@
 
     python export_hf.py --ckpt=out/cpu_rope/ckpt.pt --out_dir=hf/cpu_rope
 
-rope -> GPTNeoXForCausalLM (sequential residual, exact GELU, tied embeddings, scaling as rope_parameters),
+rope -> GPTNeoXForCausalLM (sequential residual, our GELU, tied embeddings, scaling as rope_parameters),
 learned -> GPT2LMHeadModel. The other schemes have no exact architecture in transformers (each says why, as its
 `no_export` in positions.py). The folder holds config.json (with a "posenc" record of our config, so import_hf.py
 restores it exactly), model.safetensors, GPT-2's tokenizer files and a README.md model card. The export is refused

@@ -11,6 +11,12 @@ from positions import RoPE
 from rope_scaling import ROPE_SCALING, inverse_frequencies, length_dependent, longrope_factors, rope_frequencies
 
 GPT2_VOCAB, EOT = 50257, 50256
+# GPTConfig.activation -> transformers' name (hidden_act, activation_function); "gelu_new" is GPT-2's own tanh GELU
+HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+# what import_hf.py reads as ours: the same two functions under every name transformers gives them (gelu_fast is
+# the tanh formula with sqrt(2/pi) rounded to 10 digits)
+FROM_HF_ACTIVATION = {**{v: k for k, v in HF_ACTIVATION.items()}, "gelu_pytorch_tanh": "gelu_tanh",
+                      "gelu_fast": "gelu_tanh"}
 # transformers' rope_parameters keys of the rope_types it shares with us (same names, same formulas)
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
              "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
@@ -102,7 +108,8 @@ def hf_config(config, transformers):
     if architecture(config) is GPT2:
         p = config.dropout
         return transformers.GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                                       n_positions=config.block_size, activation_function="gelu",  # exact, not tanh
+                                       n_positions=config.block_size,
+                                       activation_function=HF_ACTIVATION[config.activation],
                                        layer_norm_epsilon=1e-5, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **common)
     params = rope_parameters(config)
     rope = {"rope_parameters": params} if int(transformers.__version__.split(".")[0]) >= 5 else legacy_rope(params)
@@ -113,9 +120,9 @@ def hf_config(config, transformers):
                ROPE_KEYS[config.rope_scaling["rope_type"]] else config.block_size)
     return transformers.GPTNeoXConfig(
         hidden_size=config.n_embd, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-        intermediate_size=4 * config.n_embd, hidden_act="gelu", layer_norm_eps=1e-5, use_parallel_residual=False,
-        attention_bias=config.bias, max_position_embeddings=max_len, hidden_dropout=config.dropout,
-        attention_dropout=config.dropout, **rope, **common)
+        intermediate_size=4 * config.n_embd, hidden_act=HF_ACTIVATION[config.activation], layer_norm_eps=1e-5,
+        use_parallel_residual=False, attention_bias=config.bias, max_position_embeddings=max_len,
+        hidden_dropout=config.dropout, attention_dropout=config.dropout, **rope, **common)
 
 
 def key_pairs(config):

@@ -4,11 +4,11 @@
     python extend_context.py --ckpt=out/cpu_rope_hf/ckpt.pt --method=yarn --factor=4 --steps=0
 
 What our GPT cannot compute exactly is refused in one line: a parallel residual (Pythia, GPT-NeoX-20B), any
-activation but exact GELU (GPT-2's own checkpoints use tanh GELU), untied embeddings, other widths or epsilons,
-RoPE types we do not have. A folder written by export_hf.py carries our config ("posenc" in config.json); it
-is used when it describes the same transformers model, so export -> import gives back config and weights bit
-for bit (the interleaved RoPE layout and an original length included). The import is refused unless our model
-gives the transformers model's logits.
+activation but GELU (exact, or the tanh approximation of GPT-2's own checkpoints: our activation="gelu_tanh"),
+untied embeddings, other widths or epsilons, RoPE types we do not have. A folder written by export_hf.py carries
+our config ("posenc" in config.json); it is used when it describes the same transformers model, so export ->
+import gives back config and weights bit for bit (the interleaved RoPE layout and an original length included).
+The import is refused unless our model gives the transformers model's logits.
 """
 import json
 import sys
@@ -19,7 +19,8 @@ import torch
 
 from checkpoint import FORMAT_VERSION, load_weights, model_config, save_checkpoint
 from config import ConfigError, check_fields, cli, parse, to_dict
-from hf import ROPE_KEYS, check_parity, convert, hf_config, key_pairs, parity_lengths, require_transformers
+from hf import (FROM_HF_ACTIVATION, ROPE_KEYS, check_parity, convert, hf_config, key_pairs, parity_lengths,
+                require_transformers)
 from model import GPT, GPTConfig
 from positions import permute_rope_layout
 from rope_scaling import ROPE_SCALING
@@ -81,21 +82,22 @@ def derived_config(c, bias):
             raise ValueError("its attention scaling or cross-attention differs from GPT-2's standard block")
     else:
         raise ValueError(f"model_type {c.model_type!r}: only gpt_neox (rope) and gpt2 (learned) map onto posenc")
-    if act != "gelu":
-        raise ValueError(f"its activation is {act!r}; ours is exact GELU ('gelu'; GPT-2's 'gelu_new' is the tanh "
-                         "approximation)")
+    if act not in FROM_HF_ACTIVATION:
+        raise ValueError(f"its activation is {act!r}; ours is GELU, exact or tanh-approximate "
+                         f"({', '.join(map(repr, FROM_HF_ACTIVATION))})")
+    activation = FROM_HF_ACTIVATION[act]
     if inner != 4 * C or eps != 1e-5:
         raise ValueError(f"its MLP width {inner} or LayerNorm eps {eps} differ from ours (4 x {C}, 1e-05)")
     if c.model_type == "gpt2":
         return GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                         n_embd=C, bias=bias, pos_encoding="learned")
+                         n_embd=C, bias=bias, pos_encoding="learned", activation=activation)
     theta, fraction, params = rope_settings(c)
     scaling = our_scaling(params, c.max_position_embeddings)
     if scaling and ROPE_SCALING[scaling["rope_type"]].whole_head:  # p-RoPE: the fraction is its own, in scaling
         fraction = 1.0
     return GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
                      n_head=c.num_attention_heads, n_embd=C, bias=bias, pos_encoding="rope", rope_theta=theta,
-                     rotary_fraction=fraction, rope_scaling=scaling)
+                     rotary_fraction=fraction, rope_scaling=scaling, activation=activation)
 
 
 def recorded_config(c, derived, transformers, path):

@@ -26,6 +26,7 @@ except ImportError:
 
 LOSS_CHUNK = 8192  # tokens per cross-entropy chunk: full fp32 logits at 32k x 50k vocab would be 6.6 GB
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, the denominator of MFU
+GELU_APPROXIMATION = {"gelu": "none", "gelu_tanh": "tanh"}  # GPTConfig.activation -> nn.GELU's approximate
 RUNTIME_FIELDS = ("dropout", "activation_checkpointing", "attn_backend")  # GPTConfig keys that are not the
 # architecture: a resumed run, or one started from another's weights, may set them anew
 
@@ -45,6 +46,7 @@ class GPTConfig:
     rope_layout: Literal["half", "interleaved"] = "half"  # half: GPT-NeoX / Hugging Face; interleaved: Meta / GPT-J
     rotary_fraction: float = 1.0  # partial rotary: rotate only this fraction of each head
     rope_scaling: dict | None = None  # Hugging Face rope_scaling dict; see rope_scaling.py
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU (nanoGPT) | GPT-2's tanh one, llama.cpp's only
     activation_checkpointing: bool = False  # recompute blocks in backward: long context in less memory
     attn_backend: Literal["auto", "sdpa", "flex"] = "auto"  # how a logit bias is applied (flex: FlexAttention)
 
@@ -184,7 +186,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=GELU_APPROXIMATION[config.activation])
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

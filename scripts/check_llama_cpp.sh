@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# llama.cpp runs our GGUF exports with our logits: build llama-cpp-python, train (or take) a CPU-scale RoPE model,
-# extend it training-free with PI and YaRN (x4), export each in f32 and f16, compare with llama.cpp at L and 4L.
+# llama.cpp runs our GGUF exports with our logits: build llama-cpp-python, train (or take) a CPU-scale RoPE model
+# (with activation=gelu_tanh, the GELU llama.cpp computes; a given exact-GELU CKPT is checked against our model run
+# with llama.cpp's GELU instead), extend it training-free with PI and YaRN (x4), export each in f32 and f16, and
+# compare with llama.cpp at L and 4L.
 #
 #   scripts/check_llama_cpp.sh                           # everything, a tiny model trained here (minutes on 2 cores)
 #   CKPT=out/cpu_rope/ckpt.pt DATA=data/stdlib scripts/check_llama_cpp.sh   # a trained full-vocabulary RoPE model
@@ -31,7 +33,8 @@ if [ -z "${CKPT:-}" ]; then
   [ -f "$DATA/meta.json" ] || python data/prepare.py --out_dir="$DATA" --max_tokens=2000000
   CKPT=$WORK/rope/ckpt.pt
   [ -f "$CKPT" ] || python train.py configs/cpu.toml --data_dir="$DATA" --out_dir="$WORK/rope" \
-                      --max_iters="${MAX_ITERS:-60}" --eval_interval=0 --ckpt_interval=0 --pos_encoding=rope --overwrite=true
+                      --max_iters="${MAX_ITERS:-60}" --eval_interval=0 --ckpt_interval=0 --pos_encoding=rope \
+                      --activation=gelu_tanh --overwrite=true  # llama.cpp's GELU: parity with the model as it is
 fi
 : "${DATA:?give DATA=<the data_dir the checkpoint was trained on> with CKPT}"
 RUN=$(dirname "$CKPT")

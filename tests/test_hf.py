@@ -44,8 +44,8 @@ SCALINGS = {
 }
 VARIANTS = {  # the defaults, then everything moved off them at once
     "default": {},
-    "theta500-partial-interleaved-bias": dict(rope_theta=500.0, rotary_fraction=0.5, rope_layout="interleaved",
-                                              bias=True),
+    "theta500-partial-interleaved-bias-tanh": dict(rope_theta=500.0, rotary_fraction=0.5, rope_layout="interleaved",
+                                                   bias=True, activation="gelu_tanh"),
 }
 DATA = {"path": "/data/x", "source": "test corpus", "tokens": {"train": 100, "val": 10}, "sha256": {"train.bin": "ab"},
         "tokenizer": "gpt2", "vocab": None}
@@ -74,12 +74,28 @@ def test_rope_exports_to_gpt_neox_with_our_logits(rope_type, variant):
         assert logits_diff(model, hf, T) < 1e-4, (rope_type, variant, T)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_learned_exports_to_gpt2_with_our_logits(bias):
-    model = random_model(pos_encoding="learned", bias=bias)
+@pytest.mark.parametrize("bias, activation", [(False, "gelu"), (True, "gelu"), (True, "gelu_tanh")])
+def test_learned_exports_to_gpt2_with_our_logits(bias, activation):
+    model = random_model(pos_encoding="learned", bias=bias, activation=activation)
     hf = export_hf.to_hf(model)
-    assert type(hf).__name__ == "GPT2LMHeadModel" and hf.config.activation_function == "gelu"
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert hf.config.activation_function == {"gelu": "gelu", "gelu_tanh": "gelu_new"}[activation]
     assert logits_diff(model, hf, L) < 1e-4
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"])
+def test_gpt2_style_tanh_gelu_imports_as_gelu_tanh(act, tmp_path):
+    """GPT-2's own checkpoints use the tanh GELU ('gelu_new'; 'gelu_pytorch_tanh', 'gelu_fast' compute it too): a plain
+    transformers GPT-2 folder, without our record, imports as activation="gelu_tanh" with its logits."""
+    config = transformers.GPT2Config(vocab_size=50304, n_embd=32, n_layer=2, n_head=4, n_positions=L,
+                                     activation_function=act)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    import_hf.main([f"--hf_dir={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'out'}"])
+    ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["config"]["model"]["activation"] == "gelu_tanh"
+    ours, _ = import_hf.from_hf(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert logits_diff(ours, hf, L) < 1e-4
 
 
 def test_parity_check_sees_small_mapping_errors():
@@ -104,7 +120,7 @@ def test_dynamic_ntk_frequencies_go_stale_in_one_transformers_instance():
 
 @pytest.mark.parametrize("kind", ["ntk-interleaved-bias", "dynamic", "yarn-partial", "learned"])
 def test_export_import_round_trip_is_bit_identical(kind, tmp_path):
-    changed = VARIANTS["theta500-partial-interleaved-bias"]
+    changed = VARIANTS["theta500-partial-interleaved-bias-tanh"]
     model = {"ntk-interleaved-bias": lambda: random_model(SCALINGS["ntk"], **changed),
              "dynamic": lambda: random_model(SCALINGS["dynamic"]),
              "yarn-partial": lambda: random_model(SCALINGS["yarn"], rotary_fraction=0.5, rope_theta=2e5),
@@ -145,7 +161,7 @@ def test_abf_and_direct_export_as_the_default_rope_type_and_round_trip(rope_type
 
 def test_import_without_our_record_uses_the_transformers_config(tmp_path):
     """A plain GPT-NeoX folder (no "posenc" record): half pairing, NTK as its base, the same logits."""
-    model = random_model(SCALINGS["ntk"], **VARIANTS["theta500-partial-interleaved-bias"])
+    model = random_model(SCALINGS["ntk"], **VARIANTS["theta500-partial-interleaved-bias-tanh"])
     hf = export_hf.to_hf(model)
     hf.save_pretrained(tmp_path / "hf")
     model2, record = import_hf.from_hf(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"))
@@ -214,17 +230,18 @@ NEOX = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_he
 
 @pytest.mark.parametrize("change, words", [
     (dict(use_parallel_residual=True), "parallel residual"),
-    (dict(hidden_act="gelu_new"), "exact GELU"),
+    (dict(hidden_act="relu"), "its activation is 'relu'; ours is GELU"),
     (dict(tie_word_embeddings=False), "not tied"),
     (dict(layer_norm_eps=1e-6), "LayerNorm eps"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 8,
                            "mscale": 0.7, "mscale_all_dim": 0.7}), "mscale"),
-    ("gpt2", "'gelu_new'"),
+    ("gpt2", "'quick_gelu'"),
     ("vocab", "not GPT-2's"),
 ])
 def test_import_refuses_in_one_line(change, words, tmp_path):
-    if change == "gpt2":  # GPT-2's own checkpoints: tanh GELU
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4))
+    if change == "gpt2":  # another function: x sigmoid(1.702 x)
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                                  activation_function="quick_gelu"))
     else:
         config = transformers.GPTNeoXConfig(**{**NEOX, **(change if change != "vocab" else {})})
         hf = transformers.GPTNeoXForCausalLM(config)

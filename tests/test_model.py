@@ -1,5 +1,7 @@
 """Model-level properties, parametrized over the registry so a new scheme is tested automatically."""
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -67,6 +69,7 @@ def test_learned_positions_hit_the_wall_with_a_clear_error(tiny):
     (dict(pos_encoding="rope", rope_layout="neox"), "config key 'rope_layout': expected half or interleaved"),
     (dict(dropout=1.5), "config key 'dropout': expected a number in"),
     (dict(n_layer=0), "config key 'n_layer': expected a number >= 1"),
+    (dict(activation="gelu_new"), "config key 'activation': expected gelu or gelu_tanh"),
     (dict(pos_encoding="alibi", rope_scaling={"rope_type": "linear", "factor": 2}), "ALiBi needs no scaling"),
     (dict(pos_encoding="learned", rope_scaling={"rope_type": "linear", "factor": 2}), "cannot be scaled"),
     (dict(pos_encoding="sinusoidal", rope_scaling={"rope_type": "yarn", "factor": 2,
@@ -77,6 +80,17 @@ def test_bad_configs_fail_at_construction_with_one_line(kw, message):
     with pytest.raises(ValueError, match=message) as err:
         tiny_config(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_gelu_tanh_is_gpt2s_formula_and_not_exact_gelu():
+    """activation="gelu_tanh" computes GPT-2's gelu_new, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), to float64
+    rounding; the default is exact GELU, which differs from it by up to about 5e-4 (near |x| = 2)."""
+    x = torch.linspace(-8, 8, 10001, dtype=torch.float64)[:, None]  # (N, 1): one MLP input feature
+    gpt2 = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    mlps = {a: GPT(tiny_config(activation=a)).transformer.h[0].mlp.gelu for a in ("gelu", "gelu_tanh")}
+    assert_close(mlps["gelu_tanh"](x), gpt2, atol=1e-12, rtol=0)
+    assert_close(mlps["gelu"](x), torch.nn.functional.gelu(x), atol=0, rtol=0)
+    assert 1e-4 < (mlps["gelu"](x) - gpt2).abs().max() < 1e-3
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
