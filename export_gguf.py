@@ -342,13 +342,14 @@ def with_ggml_gelu(model):
             m.gelu = g
 
 
-def open_llama(path, n_ctx, n_threads=None, repack=True):
-    """A llama_cpp.Llama on a GGUF file that keeps every position's logits, with an f32 KV cache (its default f16
-    cache would round keys and values) and batches of up to n_ctx tokens. repack=False is llama.cpp's --no-repack
-    (model_params.use_extra_bufts off), which llama-cpp-python 0.3.36 takes as no argument: its AMX kernels crash
-    on Q8_0 matrices on the 2-core AMX VM this was checked on."""
+def open_llama(path, n_ctx, n_threads=None, repack=True, logits_all=True):
+    """A llama_cpp.Llama on a GGUF file with an f32 KV cache (its default f16 cache would round keys and values)
+    and batches of up to n_ctx tokens, keeping every position's logits (llm.scores) or, with logits_all=False,
+    computing only the last one's (llama.cpp's own default; read it with last_logits). repack=False is
+    llama.cpp's --no-repack (model_params.use_extra_bufts off), which llama-cpp-python 0.3.36 takes as no
+    argument: its AMX kernels crash on Q8_0 matrices on the 2-core AMX VM this was checked on."""
     llama_cpp = require_llama_cpp()
-    kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
+    kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, verbose=False,
               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=n_threads)
     if repack:
         return llama_cpp.Llama(**kw)
@@ -364,6 +365,12 @@ def open_llama(path, n_ctx, n_threads=None, repack=True):
         return llama_cpp.Llama(**kw)
     finally:
         bindings.llama_model_default_params = default
+
+
+def last_logits(llm):
+    """The logits (vocab,) of the last token a logits_all=False Llama evaluated (llm.scores stays empty there)."""
+    llama_cpp = require_llama_cpp()
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
 def llama_cpp_logits(path, tokens, n_threads=None, repack=True):

@@ -15,7 +15,8 @@ The gated reference is `ours` for models trained with activation=gelu_tanh (the 
 ggml-GELU for exact-GELU models, which cannot meet the goal against themselves: llama.cpp has no exact GELU.
 The f16, bf16 and q8_0 rows are reported, not gated: they measure the rounding (q8_0 runs with --no-repack).
 Speed: tokens/s of a 4L-token prefill and of 64 greedy decoding steps after it, ours (torch fp32, KV cache)
-against llama.cpp's on the f32 file, with the same thread count, the best of 3 alternating runs.
+against llama.cpp's on the f32 file, with the same thread count, the best of 3 alternating runs; both compute
+the last position's logits only, as generation does.
 """
 import argparse
 import json
@@ -97,14 +98,14 @@ def ours_timing(model, prompt):
 
 
 def llama_timing(path, prompt, threads):
-    """The same for llama.cpp (its own KV cache, f32 like ours, all logits kept as in the parity runs)."""
-    llm = export_gguf.open_llama(path, len(prompt) + DECODE, threads)
+    """The same for llama.cpp (its own KV cache, f32 like ours; the last position's logits only, as ours)."""
+    llm = export_gguf.open_llama(path, len(prompt) + DECODE, threads, logits_all=False)
     try:
         t0 = time.perf_counter()
         llm.eval(prompt)
         prefill, tokens, t0 = time.perf_counter() - t0, [], time.perf_counter()
         for _ in range(DECODE):
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(int(np.argmax(export_gguf.last_logits(llm))))
             llm.eval([tokens[-1]])
         return prefill, time.perf_counter() - t0, tokens
     finally:
