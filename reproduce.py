@@ -6,8 +6,9 @@
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
     python reproduce.py --schemes=+rope_nope,t5  # the five schemes and these two (--schemes=rope,alibi: only those)
-    python reproduce.py --rescues=all    # also the direct fine-tune (the control), ABF, PoSE, Self-Extend and
-                                         # DroPE, and a rescue table comparing every rescue (or --rescues=pose,abf)
+    python reproduce.py --rescues=all    # also the direct fine-tune (the control), ABF, PoSE, DroPE, Self-Extend
+                                         # and searched LongRoPE, and a rescue table comparing every rescue (or
+                                         # --rescues=pose,abf)
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
@@ -59,8 +60,7 @@ class ReproduceConfig:
     reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
     schemes: tuple[str, ...] = DEFAULT_SCHEMES  # trained and compared; "+a,b": the default ones and a, b
     rescues: tuple[str, ...] = ()  # more rescue rows, and the rescue table: all, or some of direct, abf, pose,
-    #                                self_extend, drope (comma-separated)
-    longrope: bool = False  # also a training-free LongRoPE row whose factors are searched (extend_context.py --search)
+    #                                drope, self_extend, longrope (comma-separated)
 
     def __post_init__(self):
         check_fields(self)
@@ -121,7 +121,6 @@ SCALES = {
 }
 TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # rope_types evaluated with no fine-tuning
 FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
-SEARCHED = f"{EXTENDED}_longrope_search"  # the run folder of the opt-in LongRoPE row (--longrope=true)
 HEADLINE_TRAINING_FREE = ("dynamic", "yarn")  # the training-free rows in the headline figure (all are in the tables)
 HEADLINE_REFERENCE = "alibi"  # the headline's curves are loss minus this model's: flat past L, so the wall shows
 
@@ -129,10 +128,15 @@ HEADLINE_REFERENCE = "alibi"  # the headline's curves are loss minus this model'
 @dataclass(frozen=True)
 class Rescue:
     """A rescue beyond the default rows (--rescues): an extend_context.py run with the fine-tunes' steps and
-    tokens, or (self_extend) an inference option of the evaluation."""
+    tokens (fine-tune), an inference option of the evaluation (inference: Self-Extend), or a training-free
+    extension whose factors are searched on the training data (search: LongRoPE, longrope_search.py)."""
     label: str
-    flags: tuple = ()  # extend_context.py flags; () with fine_tuned=False: training-free
-    fine_tuned: bool = True
+    flags: tuple = ()  # extend_context.py flags of a fine-tune
+    kind: Literal["fine-tune", "inference", "search"] = "fine-tune"
+
+    @property
+    def fine_tuned(self):
+        return self.kind == "fine-tune"
 
 
 LLAMA2_LONG_BASE = 5e5  # the base Xiong et al. raised Llama 2's 1e4 to (ABF); Xu et al.'s bound at 4 x 256 is below 1e4
@@ -142,7 +146,8 @@ RESCUES = {
                   ("--method=abf", f'--scaling_params={{"base": {LLAMA2_LONG_BASE:g}}}')),
     "pose": Rescue(f"{EXTENDED} + PI + PoSE fine-tuned", ("--method=linear", "--pose=true")),
     "drope": Rescue(f"{EXTENDED} + DroPE recalibrated", ("--method=drope",)),
-    "self_extend": Rescue(f"{EXTENDED} + Self-Extend (no fine-tune)", fine_tuned=False),
+    "self_extend": Rescue(f"{EXTENDED} + Self-Extend (no fine-tune)", kind="inference"),
+    "longrope": Rescue(f"{EXTENDED} + LongRoPE searched (no fine-tune)", kind="search"),
 }
 
 
@@ -222,9 +227,14 @@ def fine_tune_stage(scale, method, seed, run_dir):
                kind="fine-tune"), out_dir
 
 
+def rescue_folder(name):
+    """The run folder, in a seed's folder, of a fine-tuned or searched rescue."""
+    return f"{EXTENDED}_longrope_search" if RESCUES[name].kind == "search" else f"{EXTENDED}_{name}_ft"
+
+
 def rescue_stage(scale, name, seed, run_dir):
     """The extend_context.py job of a rescue in RESCUES: the PI and YaRN fine-tunes' steps and settings."""
-    base, out_dir = seed_dir(run_dir, seed) / EXTENDED, seed_dir(run_dir, seed) / f"{EXTENDED}_{name}_ft"
+    base, out_dir = seed_dir(run_dir, seed) / EXTENDED, seed_dir(run_dir, seed) / rescue_folder(name)
     factor = () if name == "drope" else (f"--factor={scale.factor}",)  # DroPE recalibrates at L
     argv = [f"--ckpt={base / 'ckpt.pt'}", *RESCUES[name].flags, *factor, f"--steps={scale.extend_steps}",
             f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
@@ -235,7 +245,11 @@ def rescue_stage(scale, name, seed, run_dir):
 
 
 def rescue_name(name, seed):
-    return f"rescue {RESCUES[name].label} (seed {seed})"
+    """The stage that makes a rescue's model: its fine-tune job, its factor search, or None (inference only)."""
+    kind = RESCUES[name].kind
+    if kind == "search":
+        return f"search LongRoPE factors (seed {seed})"
+    return f"rescue {RESCUES[name].label} (seed {seed})" if kind == "fine-tune" else None
 
 
 def self_extend_setting(scale):
@@ -253,7 +267,7 @@ def tuned_label(method):
     return f"{EXTENDED} + {ROPE_SCALING[method].label} fine-tuned"
 
 
-def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=(), longrope=False):
+def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=()):
     """label -> checkpoint, or (checkpoint, rope_scaling[, Self-Extend's (W, G)]) for a training-free option of
     the RoPE model."""
     run_dir = Path(run_dir)
@@ -262,11 +276,9 @@ def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=(), long
         models[free_label(method)] = (models[EXTENDED], scaling_dict(method, scale.factor, scale.base_len))
     for method in FINE_TUNED:
         models[tuned_label(method)] = run_dir / f"{EXTENDED}_{method}_ft" / "ckpt.pt"
-    if longrope:  # after the fine-tunes: the default reference stays the first of them
-        models[f"{EXTENDED} + LongRoPE searched (no fine-tune)"] = run_dir / SEARCHED / "ckpt.pt"
-    for name in rescues:
+    for name in rescues:  # after the fine-tunes: the default reference stays the first of them
         r = RESCUES[name]
-        models[r.label] = (run_dir / f"{EXTENDED}_{name}_ft" / "ckpt.pt" if r.fine_tuned else
+        models[r.label] = (run_dir / rescue_folder(name) / "ckpt.pt" if r.kind != "inference" else
                            (models[EXTENDED], None, self_extend_setting(scale)))
     return {k: (str(v[0]), *v[1:]) if isinstance(v, tuple) else str(v) for k, v in models.items()}
 
@@ -347,7 +359,7 @@ def rescue_table(results, scale, stages, rescues):
     seed, L, models = train.TrainConfig.seed, scale.base_len, results["models"]
     rows = [(EXTENDED, None), *((free_label(m), None) for m in TRAINING_FREE),
             *((tuned_label(m), f"fine-tune {EXTENDED} with {ROPE_SCALING[m].label} (seed {seed})") for m in FINE_TUNED),
-            *((RESCUES[r].label, rescue_name(r, seed) if RESCUES[r].fine_tuned else None) for r in rescues)]
+            *((RESCUES[r].label, rescue_name(r, seed)) for r in rescues)]
     ks = [k for k in (1, 2, 4, 8) if k <= scale.eval_factor]
     short = models[EXTENDED].get("short", {}).get("loss")
     window, group = self_extend_setting(scale)
@@ -547,15 +559,16 @@ def significance(results):
 def search_stage(scale, seed_folder):
     """The searched LongRoPE extension of the seed's RoPE model, training-free (longrope_search.py)."""
     ext = extend_context.ExtendConfig(ckpt=str(seed_folder / EXTENDED / "ckpt.pt"), method="longrope",
-                                      factor=scale.factor, search=True, out_dir=str(seed_folder / SEARCHED))
+                                      factor=scale.factor, search=True,
+                                      out_dir=str(seed_folder / rescue_folder("longrope")))
     extend_context.extend(ext, {"data_dir": scale.data_dir, "overwrite": True})  # overwrite: an interrupted one
+    return {"steps": 0, "tokens": 0}  # no training: the rescue table gives the search's seconds
 
 
 def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference="",
-        schemes=DEFAULT_SCHEMES, rescues=(), longrope=False):
+        schemes=DEFAULT_SCHEMES, rescues=()):
     """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers, schemes: see
-    ReproduceConfig (the tests run in this process, workers=1); rescues: names in RESCUES; longrope: add the
-    searched LongRoPE row."""
+    ReproduceConfig (the tests run in this process, workers=1); rescues: names in RESCUES."""
     t0, run_dir = time.time(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
@@ -573,14 +586,14 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
                                                         *(train_stage(scale, o, s, run_dir) for o in others))],
                     workers)
     for s in seed_list:
-        if longrope:
-            stages.run(f"search LongRoPE factors (seed {s})", lambda s=s: search_stage(scale, seed_dir(run_dir, s)))
+        for r in (r for r in rescues if RESCUES[r].kind == "search"):
+            stages.run(rescue_name(r, s), lambda s=s: search_stage(scale, seed_dir(run_dir, s)))
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
                                        reference=reference, resume=True, **scale.eval)
         # a run that adds schemes or rescues evaluates them in a new stage (the finished models are reused)
-        added = [*(k for k in schemes if k not in DEFAULT_SCHEMES), *rescues, *(["longrope"] if longrope else [])]
-        models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues, longrope)
+        added = [*(k for k in schemes if k not in DEFAULT_SCHEMES), *rescues]
+        models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues)
         stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
                    lambda c=eval_cfg, m=models: evaluate.evaluate(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
@@ -597,7 +610,7 @@ def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
     return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
-               cfg.reference, cfg.schemes, cfg.rescues, cfg.longrope)
+               cfg.reference, cfg.schemes, cfg.rescues)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def test_schemes_add_to_the_default_five_or_replace_them(tmp_path):
 
 def test_rescues_all_adds_every_recipe_and_the_rescue_table(tiny_scale, tmp_path):
     """--rescues=all: the direct control, ABF, PoSE and DroPE train with the fine-tunes' steps, Self-Extend is
-    evaluated training-free, and one table holds every rescue with its steps, tokens and seconds."""
+    evaluated training-free, LongRoPE's factors are searched, and one table holds every rescue with its steps,
+    tokens and seconds."""
     cfg = reproduce.ReproduceConfig(rescues=("all",))
     assert cfg.rescues == tuple(reproduce.RESCUES)
     run_dir = tmp_path / "run"
@@ -192,7 +193,7 @@ def test_rescues_all_adds_every_recipe_and_the_rescue_table(tiny_scale, tmp_path
     trained = [r for r in reproduce.RESCUES.values() if r.fine_tuned]
     evaluated = f"evaluate (seed 1337) with {', '.join(reproduce.RESCUES)}"  # its own stage: a later run adds them
     assert set(stages) == stage_names(1337) - {"evaluate (seed 1337)"} | {evaluated} | {
-        f"rescue {r.label} (seed 1337)" for r in trained}
+        f"rescue {r.label} (seed 1337)" for r in trained} | {"search LongRoPE factors (seed 1337)"}
     table = report.split("## Every rescue, side by side")[1].split("## ")[0]
     for r in reproduce.RESCUES.values():
         row = next(ln for ln in table.splitlines() if ln.startswith(f"| {r.label} |"))
@@ -214,10 +215,10 @@ def test_a_bad_rescue_name_is_one_line():
 
 def test_opt_in_longrope_row_searches_and_is_evaluated(tiny_scale, tmp_path):
     run_dir = tmp_path / "run"
-    report = reproduce.run(tiny_scale, run_dir, longrope=True).read_text()
+    report = reproduce.run(tiny_scale, run_dir, rescues=("longrope",)).read_text()
     stages = json.loads((run_dir / "stages.json").read_text())
     assert set(stages) == stage_names(1337) - {"evaluate (seed 1337)"} | {
         "evaluate (seed 1337) with longrope", "search LongRoPE factors (seed 1337)"}
     assert "**rope + LongRoPE searched (no fine-tune)**" in report
-    search = json.loads((run_dir / "seed1337" / reproduce.SEARCHED / "extension.json").read_text())["search"]
+    search = json.loads((run_dir / "seed1337" / reproduce.rescue_folder("longrope") / "extension.json").read_text())["search"]
     assert search["loss"] <= min(search["start_losses"].values())
