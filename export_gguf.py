@@ -3,13 +3,15 @@
     python export_gguf.py --ckpt=out/cpu_rope/ckpt.pt --out=cpu_rope.gguf            # --dtype=f32|f16|bf16|q8_0
     llama-cli -m cpu_rope.gguf -p "import os" -n 64
 
-rope -> llama.cpp's `gptneox`, learned -> its `gpt2`. What llama.cpp computes there, read in its sources (the
-llama-cpp-python 0.3.36 sdist): pre-LayerNorm blocks (eps from the file), a sequential residual
-(use_parallel_residual false), a fused QKV whose rows are [all q; all k; all v] (our c_attn as it is), the NeoX
-(half) pairing over the first rope.dimension_count dims of each head with frequencies freq_base^(-2i/n_rot), the
-head as `output.weight` (gptneox requires it: the tied embedding is written twice). Both architectures require
-every bias: a model trained without them gets zeros, which add nothing. Interleaved RoPE pairs are first moved to
-the half pairing.
+rope -> llama.cpp's `gptneox`, learned -> its `gpt2`, alibi and none -> its `mpt`. What llama.cpp computes
+there, read in its sources (the llama-cpp-python 0.3.36 sdist): pre-LayerNorm blocks (eps from the file), a
+sequential residual (gptneox: use_parallel_residual false), a fused QKV whose rows are [all q; all k; all v] (our
+c_attn as it is), the head as `output.weight` (the tied embedding is written twice). gptneox rotates with the NeoX
+(half) pairing over the first rope.dimension_count dims of each head with frequencies freq_base^(-2i/n_rot);
+interleaved RoPE pairs are first moved to the half pairing. mpt adds ALiBi's slope_h * (j - i) to the scaled
+logits when attention.max_alibi_bias > 0 (8: the paper's slopes, checked against ours), and no position
+information without it (our none). gptneox and gpt2 require every bias: a model trained without them gets zeros,
+which add nothing.
 
 The activation: llama.cpp's GELU is the tanh approximation (read through an fp16 table on CPU, ggml's
 GGML_GELU_FP16); it has no exact-GELU feed-forward for any architecture. A model trained with
@@ -35,19 +37,22 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from checkpoint import model_from_checkpoint
 from config import ConfigError, check_fields, cli, parse
-from export_hf import check_exportable
+from export_hf import check_vocabulary
 from hf import EOT, GPT2_VOCAB
-from positions import RoPE, permute_rope_layout
+from positions import RoPE, alibi_slopes, permute_rope_layout
 from rope_scaling import inverse_frequencies, length_dependent, rope_frequencies
 from tokenizer import find_tokenizer_dir
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our blocks use
 # our scheme -> llama.cpp architecture; each names its position table (None: RoPE in attention)
-ARCHITECTURES = {"rope": ("gptneox", None), "learned": ("gpt2", "position_embd")}
+# (mpt: llama.cpp's MPT graph is our block with every bias and the position table optional; its ALiBi is on when
+# attention.max_alibi_bias > 0, and without it mpt has no position information at all: our none)
+ARCHITECTURES = {"rope": ("gptneox", None), "learned": ("gpt2", "position_embd"), "alibi": ("mpt", None),
+                 "none": ("mpt", None)}
+ALIBI_MAX_BIAS = 8.0  # the ALiBi paper's slopes 2^(-8h/n), as llama.cpp derives them from attention.max_alibi_bias
 BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
          "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # our block module -> llama.cpp's tensor, per layer
 # the flag a user reaches for instead of a scaling llama.cpp cannot read from the file
@@ -80,9 +85,8 @@ def require_gguf():
 
 
 NO_ARCHITECTURE = {
-    "sinusoidal": "llama.cpp has no architecture that adds fixed sinusoidal positions to the token embeddings",
-    "none": "llama.cpp has no GPT architecture without position information (NoPE)",
-    "alibi": "its ALiBi architectures (mpt, bloom) are not mapped here: none is checked against our block",
+    "sinusoidal": "llama.cpp has no architecture that adds fixed sinusoidal positions to the token embeddings (a "
+                  "position table, as mpt's, would end at the length written)",
 }
 
 
@@ -90,7 +94,8 @@ def architecture(config):
     """(llama.cpp architecture, its position table tensor or None); ValueError (one line) if none is mapped."""
     if config.pos_encoding not in ARCHITECTURES:
         why = NO_ARCHITECTURE.get(config.pos_encoding, "llama.cpp has no architecture mapped for it")
-        raise ValueError(f"cannot export a {config.pos_encoding} model to GGUF: {why}; rope and learned export")
+        raise ValueError(f"cannot export a {config.pos_encoding} model to GGUF: {why}; "
+                         f"{', '.join(ARCHITECTURES)} export")
     return ARCHITECTURES[config.pos_encoding]
 
 
@@ -160,6 +165,23 @@ def rope_metadata(config, arch="gptneox"):
     return meta
 
 
+def llama_cpp_alibi_slopes(n_head, max_bias):
+    """The ALiBi slope of each head that llama.cpp computes from attention.max_alibi_bias (ggml's soft_max and
+    flash_attn_ext): m0^(h+1) for the first 2^floor(log2 n) heads, then odd powers of m1."""
+    p = 2 ** math.floor(math.log2(n_head))
+    m0, m1 = 2.0 ** (-max_bias / p), 2.0 ** (-max_bias / 2 / p)
+    return [m0 ** (h + 1) if h < p else m1 ** (2 * (h - p) + 1) for h in range(n_head)]
+
+
+def alibi_metadata(config, arch="mpt"):
+    """llama.cpp's ALiBi key, after checking that its slopes are ours."""
+    if not np.allclose(llama_cpp_alibi_slopes(config.n_head, ALIBI_MAX_BIAS), alibi_slopes(config.n_head),
+                       rtol=1e-12, atol=0):
+        raise ValueError(f"llama.cpp's ALiBi slopes for {config.n_head} heads are not ours: no export (please report "
+                         "this as a bug)")
+    return {f"{arch}.attention.max_alibi_bias": ALIBI_MAX_BIAS}
+
+
 # ----------------------------------------------------------------------------- metadata and tensors
 
 def model_metadata(config, name=""):
@@ -170,8 +192,10 @@ def model_metadata(config, name=""):
             f"{arch}.embedding_length": config.n_embd, f"{arch}.block_count": config.n_layer,
             f"{arch}.feed_forward_length": 4 * config.n_embd, f"{arch}.attention.head_count": config.n_head,
             f"{arch}.attention.layer_norm_epsilon": LAYER_NORM_EPS}
-    if table is None:  # gptneox
+    if config.pos_encoding == "rope":
         meta |= {f"{arch}.use_parallel_residual": False, **rope_metadata(config, arch)}
+    elif config.pos_encoding == "alibi":
+        meta |= alibi_metadata(config, arch)
     return meta
 
 
@@ -254,7 +278,7 @@ def write_gguf(model, path, dtype="f32", name=""):
     gguf = require_gguf()
     config = model.config
     arch, _ = architecture(config)
-    check_exportable(config)  # the vocabulary
+    check_vocabulary(config)
     if dtype == "q8_0" and config.n_embd % 32:
         raise ValueError(f"q8_0 quantizes rows in blocks of 32 values: n_embd={config.n_embd} is not a multiple of 32; "
                          "use f16 or bf16")
@@ -288,7 +312,7 @@ def export(ckpt_path, out, dtype="f32", overwrite=False):
     """Write the GGUF file for a checkpoint; returns its path."""
     model, ckpt = model_from_checkpoint(ckpt_path)
     architecture(model.config)  # llama.cpp's reason first, then the vocabulary's
-    check_exportable(model.config, (ckpt.get("data") or {}).get("vocab"))
+    check_vocabulary(model.config, (ckpt.get("data") or {}).get("vocab"))
     model_metadata(model.config)  # a scaling llama.cpp cannot read: refused before anything is written
     out = Path(out)
     if out.exists() and not overwrite:
@@ -315,11 +339,12 @@ def require_llama_cpp():
 
 def ggml_gelu(x):
     """GELU as llama.cpp computes it on CPU for f32 activations (ggml_vec_gelu_f32 with GGML_GELU_FP16): the tanh
-    approximation, looked up in a table indexed by x rounded to fp16, whose entries are fp16; 0 below -10 and x
-    above 10."""
-    h = x.half().float()
-    table = F.gelu(h, approximate="tanh").half().float()
-    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table)).to(x.dtype)
+    approximation, looked up in a table indexed by x rounded to fp16, whose fp16 entries ggml computes in float32
+    as 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2))) (in this order, which matches all but 2 of the table's
+    37376 entries below |x| = 10; torch's own tanh GELU misses 26); 0 below -10 and x above 10."""
+    h = x.float().half().float()
+    table = (0.5 * h * (1.0 + torch.tanh(math.sqrt(2 / math.pi) * h * (1.0 + 0.044715 * h * h)))).half().float()
+    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table.to(x.dtype))).to(x.dtype)
 
 
 class GGMLGelu(torch.nn.Module):

@@ -39,6 +39,11 @@ def check_exportable(config, vocab=None):
     if reason:
         raise ValueError(f"cannot export a {config.pos_encoding} model: {reason}")
     architecture(config)  # a scheme added since: no known architecture either
+    check_vocabulary(config, vocab)
+
+
+def check_vocabulary(config, vocab=None):
+    """One line if the model's vocabulary is not GPT-2's, which every export writes (here and to GGUF)."""
     if vocab or config.vocab_size < GPT2_VOCAB:
         raise ValueError(f"cannot export a model with a compact {config.vocab_size}-id vocabulary (data prepared with "
                          "--vocab_size): GPT-2's other tokens would need output rows that are never predicted, which a "

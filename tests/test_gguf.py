@@ -20,7 +20,7 @@ import export_gguf  # noqa: E402
 from checkpoint import FORMAT_VERSION, save_checkpoint  # noqa: E402
 from config import to_dict as config_to_dict  # noqa: E402
 from model import GPT  # noqa: E402
-from positions import RoPE, permute_rope_layout  # noqa: E402
+from positions import RoPE, alibi_slopes, permute_rope_layout  # noqa: E402
 from rope_scaling import rope_frequencies  # noqa: E402
 from tokenizer import EOT, get_tokenizer  # noqa: E402
 from train import TrainConfig  # noqa: E402
@@ -149,6 +149,28 @@ def test_every_key_holds_the_checkpoint_config(rope_type, tmp_path, without_toke
         assert (got == pytest.approx(value, rel=1e-6) if isinstance(value, float) else got == value), key
 
 
+@pytest.mark.parametrize("scheme", ["alibi", "none"])
+def test_mpt_keys_hold_the_checkpoint_config(scheme, tmp_path, without_tokenizer):
+    """ALiBi and none go to llama.cpp's mpt: its sizes, and max_alibi_bias only for ALiBi (none: no positions)."""
+    model = random_model(pos_encoding=scheme, n_head=2)
+    export_gguf.write_gguf(model, tmp_path / "m.gguf")
+    fields, tensors = read(tmp_path / "m.gguf")
+    a = "mpt."
+    want = {"general.architecture": "mpt", "general.file_type": 0, a + "context_length": L, a + "embedding_length": 32,
+            a + "block_count": 2, a + "feed_forward_length": 128, a + "attention.head_count": 2,
+            a + "attention.layer_norm_epsilon": 1e-5, **({a + "attention.max_alibi_bias": 8.0} if scheme == "alibi"
+                                                          else {})}
+    assert {k: v for k, v in fields.items() if not k.startswith("tokenizer.")} == pytest.approx(want)
+    assert tensors.keys() == expected_tensors(model).keys()
+
+
+@pytest.mark.parametrize("n_head", [1, 2, 3, 4, 6, 8, 12, 16, 20])
+def test_llama_cpp_alibi_slopes_are_ours(n_head):
+    """llama.cpp's slopes from max_alibi_bias 8 (m0^(h+1), then odd powers of m1 past the largest power of two)
+    equal the ALiBi paper's, which ours are (positions.alibi_slopes), for powers of two and the rest."""
+    assert export_gguf.llama_cpp_alibi_slopes(n_head, 8.0) == pytest.approx(alibi_slopes(n_head), rel=1e-12)
+
+
 @pytest.mark.parametrize("rope_type", SCALINGS)
 def test_llama_cpp_formula_gives_our_frequencies(rope_type):
     config = random_model(SCALINGS[rope_type], rope_theta=500.0, rotary_fraction=0.5).config
@@ -205,8 +227,7 @@ def test_tokenizer_keys_read_back(tmp_path):
 
 REFUSED = {  # case: (rope_scaling, other config, words the one line must hold)
     "sinusoidal": (None, dict(pos_encoding="sinusoidal"), "no architecture"),
-    "alibi": (None, dict(pos_encoding="alibi"), "alibi"),
-    "none": (None, dict(pos_encoding="none"), "NoPE"),
+    "t5": (None, dict(pos_encoding="t5"), "no architecture mapped"),
     "dynamic": ({"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": L}, {}, "--rope-freq-base"),
     "llama3": ({"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": L}, {}, "rope_freqs"),
     "yarn-beta": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L, "beta_fast": 16.0}, {},
@@ -258,36 +279,57 @@ def test_only_an_exact_gelu_export_carries_a_note(tmp_path, capsys):
         assert ("--activation=gelu_tanh" in capsys.readouterr().err) == noted, activation
 
 
-# llama.cpp against our model with its GELU, relative to the largest logit: f32 sums in another order, and tanhf
-# rounding that moves a few fp16 table entries by one step (measured: up to 5e-5 on these scaled-up weights)
-LLAMA_TOL = 1e-4
-# llama.cpp against a gelu_tanh model as it is, relative to the largest logit: the same function, read through the
-# fp16 table, whose roundings move every activation by up to about 2^-10 of it (measured: up to 4.4e-4 here)
-TANH_TOL = 1e-3
+# llama.cpp against our model with its GELU (export_gguf.ggml_gelu), relative to the largest logit, two ways:
+# - MAPPING_TOL with the MLPs' output zeroed (without_mlp): embeddings, norms, attention, positions and head alone,
+#   which differ only in f32 summation order (measured: up to 3e-7 for rope, learned, alibi and none; θ 1% off
+#   gives 7e-5);
+# - WHOLE_TOL for the whole model: the GELU table has steps of 2^-11, so that f32 noise on its inputs moves some
+#   entries one step. On these scaled-up weights, 3e-7 of random noise on our GELU inputs moved the logits by up to
+#   3.3e-4, and llama.cpp differs by up to 2.9e-4. A gelu_tanh model as it is (no table) differs by up to 4.4e-4.
+MAPPING_TOL = 3e-6
+WHOLE_TOL = 1e-3
+ALIBI = dict(pos_encoding="alibi", bias=True)
+VARIANTS = {"default": {}, "changed": CHANGED, "learned": dict(pos_encoding="learned", bias=True), "alibi": ALIBI,
+            "alibi-6-heads": {**ALIBI, "n_head": 6, "n_embd": 48}, "none": dict(pos_encoding="none")}
+
+
+def without_mlp(model):
+    """The model with every MLP's output zeroed (c_proj weights and biases): the block is attention alone."""
+    with torch.no_grad():
+        for p in (p for name, p in model.named_parameters() if ".mlp.c_proj." in name):
+            p.zero_()
+    return model
+
+
+def ours_with_ggml_gelu(model, idx):
+    with torch.no_grad(), export_gguf.with_ggml_gelu(model):
+        return model(idx)[0][0].numpy()  # (T, vocab)
 
 
 @pytest.mark.parametrize("rope_type, variant, activation", [
     ("none", "default", "gelu"), ("linear", "default", "gelu"), ("yarn", "changed", "gelu"), ("ntk", "changed", "gelu"),
-    ("none", "learned", "gelu"), ("none", "default", "gelu_tanh"), ("yarn", "changed", "gelu_tanh"),
+    ("none", "learned", "gelu"), ("none", "alibi", "gelu"), ("none", "alibi-6-heads", "gelu_tanh"),
+    ("none", "none", "gelu"), ("none", "default", "gelu_tanh"), ("yarn", "changed", "gelu_tanh"),
     ("none", "learned", "gelu_tanh")])
 def test_llama_cpp_gives_our_logits(rope_type, variant, activation, tmp_path):
-    """llama.cpp (llama-cpp-python) on the exported f32 file against our model run with llama.cpp's GELU, and a
-    gelu_tanh model also as it is, at L and at 4L; only where llama_cpp is importable."""
+    """llama.cpp (llama-cpp-python) on the exported f32 file against our model run with llama.cpp's GELU, with and
+    without the MLPs, and a gelu_tanh model also as it is, at L and at 4L; only where llama_cpp is importable."""
     pytest.importorskip("llama_cpp")
-    kw = {"default": {}, "changed": CHANGED, "learned": dict(pos_encoding="learned", bias=True)}[variant]
-    model = random_model(SCALINGS[rope_type], activation=activation, **kw)
-    path = export_gguf.write_gguf(model, tmp_path / "m.gguf", "f32")
+    model = random_model(SCALINGS[rope_type], activation=activation, **VARIANTS[variant])
+    attention_only = without_mlp(random_model(SCALINGS[rope_type], activation=activation, **VARIANTS[variant]))
+    paths = [export_gguf.write_gguf(m, tmp_path / f"{i}.gguf", "f32") for i, m in enumerate((model, attention_only))]
     for T in sorted({L, model.config.block_size if variant == "learned" else 4 * L}):
         idx = torch.randint(0, 50257, (1, T), generator=torch.Generator().manual_seed(T))
-        with torch.no_grad():
-            as_is = model(idx)[0][0].numpy()  # (T, vocab)
-            with export_gguf.with_ggml_gelu(model):
-                ours = model(idx)[0][0].numpy()
-        theirs = export_gguf.llama_cpp_logits(path, idx[0].tolist())
+        theirs, theirs_attention = (export_gguf.llama_cpp_logits(p, idx[0].tolist()) for p in paths)
+        ours = ours_with_ggml_gelu(model, idx)
         scale = max(1.0, np.abs(ours).max())
-        assert np.abs(theirs - ours).max() <= LLAMA_TOL * scale, (rope_type, variant, T)
+        assert np.abs(theirs - ours).max() <= WHOLE_TOL * scale, (rope_type, variant, T)
+        ours_attention = ours_with_ggml_gelu(attention_only, idx)
+        assert np.abs(theirs_attention - ours_attention).max() <= MAPPING_TOL * max(1.0, np.abs(ours_attention).max())
         if activation == "gelu_tanh":
-            assert np.abs(theirs - as_is).max() <= TANH_TOL * scale, (rope_type, variant, T)
+            with torch.no_grad():
+                as_is = model(idx)[0][0].numpy()
+            assert np.abs(theirs - as_is).max() <= WHOLE_TOL * scale, (rope_type, variant, T)
 
 
 # llama.cpp on a q8_0 file against our f32 model (its GELU), relative to the largest logit: the weights' 8-bit
@@ -310,18 +352,22 @@ def test_llama_cpp_runs_q8_0_files_within_their_rounding(variant, tmp_path):
 
 
 def test_llama_cpp_comparison_sees_small_mapping_errors(tmp_path):
-    """The comparison above is sharp: against the same file, a model with θ 20% off, the other pairing, YaRN
-    without its attention factor or PI instead of YaRN is well outside LLAMA_TOL."""
+    """The comparison above is sharp: against the same file (MLPs zeroed), a model with θ 1% off, the other
+    pairing, YaRN without its attention factor, PI instead of YaRN, or ALiBi slopes 1% off is far outside
+    MAPPING_TOL."""
     pytest.importorskip("llama_cpp")
-    model = random_model(SCALINGS["yarn"], **CHANGED)
-    path = export_gguf.write_gguf(model, tmp_path / "m.gguf", "f32")
     idx = torch.randint(0, 50257, (1, 4 * L), generator=torch.Generator().manual_seed(0))
-    theirs = export_gguf.llama_cpp_logits(path, idx[0].tolist())
-    for change in (dict(rope_theta=600.0), dict(rope_layout="half"),
-                   dict(rope_scaling={**SCALINGS["yarn"], "attention_factor": 1.0}),
-                   dict(rope_scaling=SCALINGS["linear"])):
-        other = GPT(dataclasses.replace(model.config, **change)).eval()
-        other.load_state_dict(model.state_dict())
-        with torch.no_grad(), export_gguf.with_ggml_gelu(other):
-            ours = other(idx)[0][0].numpy()
-        assert np.abs(theirs - ours).max() > 3 * LLAMA_TOL * np.abs(ours).max(), change
+    cases = {"rope": (without_mlp(random_model(SCALINGS["yarn"], **CHANGED)),
+                      (dict(rope_theta=505.0), dict(rope_layout="half"),
+                       dict(rope_scaling={**SCALINGS["yarn"], "attention_factor": 1.0}),
+                       dict(rope_scaling=SCALINGS["linear"]))),
+             "alibi": (without_mlp(random_model(**ALIBI)), ("slopes",))}
+    for name, (model, changes) in cases.items():
+        theirs = export_gguf.llama_cpp_logits(export_gguf.write_gguf(model, tmp_path / f"{name}.gguf"), idx[0].tolist())
+        for change in changes:
+            other = GPT(dataclasses.replace(model.config, **(change if change != "slopes" else {}))).eval()
+            other.load_state_dict(model.state_dict())
+            if change == "slopes":
+                other.transformer.pos.slopes *= 1.01
+            ours = ours_with_ggml_gelu(other, idx)
+            assert np.abs(theirs - ours).max() > 10 * MAPPING_TOL * np.abs(ours).max(), (name, change)
