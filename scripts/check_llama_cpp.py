@@ -45,7 +45,7 @@ DECODE = 64  # greedy decoding steps in the speed comparison
 def label(config):
     s = config.rope_scaling
     if not s:
-        return "RoPE"
+        return {"rope": "RoPE", "alibi": "ALiBi"}.get(config.pos_encoding, config.pos_encoding)
     return {"linear": "PI", "yarn": "YaRN"}.get(s["rope_type"], s["rope_type"]) + f" x{s['factor']:g}"
 
 
@@ -140,7 +140,8 @@ def version():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpts", required=True, help="comma-separated checkpoints (a RoPE model and its extensions)")
+    p.add_argument("--ckpts", required=True, help="comma-separated checkpoints (a RoPE model and its extensions, "
+                   "and any other model llama.cpp runs; the first one's f32 file is timed)")
     p.add_argument("--data_dir", required=True, help="the prepared data (full GPT-2 vocabulary) they were trained on")
     p.add_argument("--out_dir", default="out/check_llama_cpp/report")
     p.add_argument("--tol", type=float, default=1e-3, help="max |Δ logit| allowed in f32 (against ours for "

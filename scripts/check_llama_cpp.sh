@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # llama.cpp runs our GGUF exports with our logits: build llama-cpp-python, train (or take) a CPU-scale RoPE model
 # (with activation=gelu_tanh, the GELU llama.cpp computes; a given exact-GELU CKPT is checked against our model run
-# with llama.cpp's GELU instead), extend it training-free with PI and YaRN (x4), export each in f32 and f16, and
-# compare with llama.cpp at L and 4L.
+# with llama.cpp's GELU instead), extend it training-free with PI and YaRN (x4), and train an ALiBi model too
+# (unless CKPT is given); export each in f32, f16, bf16 and q8_0, and compare with llama.cpp at L and 4L.
 #
 #   scripts/check_llama_cpp.sh                           # everything, a tiny model trained here (minutes on 2 cores)
 #   CKPT=out/cpu_rope/ckpt.pt DATA=data/stdlib scripts/check_llama_cpp.sh   # a trained full-vocabulary RoPE model
@@ -31,10 +31,13 @@ fi
 if [ -z "${CKPT:-}" ]; then
   DATA=$WORK/data
   [ -f "$DATA/meta.json" ] || python data/prepare.py --out_dir="$DATA" --max_tokens=2000000
+  for scheme in rope alibi; do  # gelu_tanh, llama.cpp's GELU: parity with the model as it is
+    [ -f "$WORK/$scheme/ckpt.pt" ] || python train.py configs/cpu.toml --data_dir="$DATA" --out_dir="$WORK/$scheme" \
+      --max_iters="${MAX_ITERS:-60}" --eval_interval=0 --ckpt_interval=0 --pos_encoding=$scheme \
+      --activation=gelu_tanh --overwrite=true
+  done
   CKPT=$WORK/rope/ckpt.pt
-  [ -f "$CKPT" ] || python train.py configs/cpu.toml --data_dir="$DATA" --out_dir="$WORK/rope" \
-                      --max_iters="${MAX_ITERS:-60}" --eval_interval=0 --ckpt_interval=0 --pos_encoding=rope \
-                      --activation=gelu_tanh --overwrite=true  # llama.cpp's GELU: parity with the model as it is
+  MORE=",$WORK/alibi/ckpt.pt"  # ALiBi runs in llama.cpp's mpt
 fi
 : "${DATA:?give DATA=<the data_dir the checkpoint was trained on> with CKPT}"
 RUN=$(dirname "$CKPT")
@@ -43,5 +46,5 @@ for method in linear yarn; do  # training-free: the same weights under the scale
                                             --steps=0 --out_dir="${RUN}_${method}_x4"
 done
 
-python scripts/check_llama_cpp.py --ckpts="$CKPT,${RUN}_linear_x4/ckpt.pt,${RUN}_yarn_x4/ckpt.pt" \
+python scripts/check_llama_cpp.py --ckpts="$CKPT,${RUN}_linear_x4/ckpt.pt,${RUN}_yarn_x4/ckpt.pt${MORE:-}" \
   --data_dir="$DATA" --out_dir="$WORK/report" --build_seconds="$BUILD_SECONDS" ${THREADS:+--threads=$THREADS}
