@@ -286,6 +286,70 @@ def _plot_recall(plt, results, ks):
 
 # ----------------------------------------------------------------------------- the headline figure
 
+def _relative_curve(models, k, ref):
+    """(positions, mean loss minus the reference's at the same positions) of a model, without the first bin."""
+    curve = models[k]["position"]["curve"][1:]  # the first bin (almost no context) is off any useful scale
+    return ([(c["lo"] + c["hi"]) / 2 for c in curve],
+            [c["mean"] - (ref[i + 1] if ref else 0.0) for i, c in enumerate(curve)], curve)
+
+
+RESCUE_STYLE = dict(color="tab:blue", linewidth=2.2)
+BASE_STYLE = dict(color="gray", linewidth=1.2)
+BASELINE_STYLE = dict(color="tab:orange", linewidth=1.2)
+
+
+def plot_rescues(results, path, base, baseline, rescues, reference=None, ncols=3):
+    """Small multiples, one panel per rescue: its loss by position (thick) over the `base` model's (gray) and
+    the `baseline` rescue's (orange), minus the `reference` model's when given, with L and the fine-tuned
+    length marked; one y scale for all panels. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models, L, tuned = results["models"], results["base_len"], fine_tuned_length(results)
+    rescues = [r for r in rescues if r in models]
+    n_seeds = seeds(results)
+    ref = [c["mean"] for c in models[reference]["position"]["curve"]] if reference else None
+    nrows = -(-len(rescues) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.2 * nrows), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, k in zip(axes.flat, rescues):
+        for label, style in ((base, BASE_STYLE), (baseline, BASELINE_STYLE), (k, RESCUE_STYLE)):
+            xs, ys, curve = _relative_curve(models, label, ref)
+            line, = ax.plot(xs, ys, label=label, **style)
+            if n_seeds > 1:
+                _band(ax, xs, ys, [c.get("mean_sd") or 0.0 for c in curve], line.get_color())
+        for x, style, text in ((L, "--", "L"), (tuned, ":", tuned and _multiple(tuned, L))):
+            if x:
+                ax.axvline(x, color="gray", linestyle=style, linewidth=1)
+                ax.annotate(text, (x, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                            textcoords="offset points", color="gray", fontsize=9)
+        ax.set_title(k.removeprefix(f"{base} + "), fontsize=10)
+        ax.set(xlim=(0, results["max_len"]))
+    for ax in axes.flat[len(rescues):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("token position")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"loss − {reference}'s (nats)" if reference else "loss (nats)")
+    handles = [plt.Line2D([], [], **style) for style in (RESCUE_STYLE, BASE_STYLE, BASELINE_STYLE)]
+    fig.legend(handles, ["the panel's rescue", base, baseline], loc="lower center", ncol=3, frameon=False,
+               fontsize=9, bbox_to_anchor=(0.5, -0.04))
+    pos0 = models[base]["position"]
+    fig.suptitle(f"Every rescue of {base}, one per panel, against {base} and {baseline}", fontsize=11)
+    fig.text(0.5, -0.09, f"Mean loss of {pos0['n_docs']} documents in bins of {pos0['curve'][0]['hi']} positions"
+             + (f", minus {reference}'s at the same positions of the same documents" if reference else "")
+             + (f"; bands ± std across {n_seeds} seeds" if n_seeds > 1 else "; one seed")
+             + f". Dashed: L = {L}" + (f"; dotted: the fine-tuned length {_multiple(tuned, L)}" if tuned else ""),
+             ha="center", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_headline(results, path, wall, rescue, training_free=(), reference=None):
     """Two panels of loss by position on a linear axis. "The wall": the `wall` models (the schemes) with L
     marked, and a model that cannot run past its table ended by a wall. "The rescue": the `rescue` models
@@ -310,9 +374,7 @@ def plot_headline(results, path, wall, rescue, training_free=(), reference=None)
     for ax, labels, dashed in ((a1, wall, ()), (a2, (*rescue, *training_free), training_free)):
         for k in labels:
             pos = models[k]["position"]
-            curve = pos["curve"][1:]  # the first bin (almost no context) is off any useful scale
-            xs = [(c["lo"] + c["hi"]) / 2 for c in curve]
-            ys = [c["mean"] - (ref[i + 1] if ref else 0.0) for i, c in enumerate(curve)]
+            xs, ys, curve = _relative_curve(models, k, ref)
             shown += ys
             line, = ax.plot(xs, ys, linestyle="--" if k in dashed else "-", linewidth=1.2 if k in dashed else 2.2,
                             color=color[k], label=k + (" (the reference)" if k == reference else ""))

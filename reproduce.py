@@ -38,7 +38,7 @@ from config import ConfigError, at_least, check_fields, cli, parse
 from data.loader import load_meta
 from data.prepare import prepare
 from papers import RESCUE, nearest
-from plots import plot_headline, seeds
+from plots import plot_headline, plot_rescues, seeds
 from positions import SCHEMES
 from rope_scaling import ROPE_SCALING, scaling_dict
 from run_folder import holds_run, write_atomic
@@ -343,6 +343,7 @@ def write_report(scale, run_dir, stages, command, results, wall=None, rescues=()
         + (f", reusing {len(stages.skipped)} stages of an earlier run." if stages.skipped else "."),
         "",
         *(rescue_table(results, scale, stages, rescues) if rescues else []),
+        *(rescue_figure(results, scale, run_dir, rescues) if rescues else []),
         *beside_the_papers(results, scale, train_tokens), "",
         *observations(results), "",
         *why(run_dir), "",
@@ -384,6 +385,32 @@ def rescue_table(results, scale, stages, rescues):
                   ("0" if stage is None else ""), f"{done['seconds']:.0f}" if "seconds" in done else
                   ("0" if stage is None else "")]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def rescue_figure(results, scale, run_dir, rescues):
+    """rescues.png (one panel per rescue, against RoPE and the PI fine-tune) and its reading, from the numbers:
+    which rescues end below the PI fine-tune's perplexity at the fine-tuned length and at the longest window."""
+    models, L, baseline = results["models"], scale.base_len, tuned_label(FINE_TUNED[0])
+    labels = [RESCUES[r].label for r in rescues if RESCUES[r].label in models]
+    reference = HEADLINE_REFERENCE if HEADLINE_REFERENCE in models else None
+    if not labels or baseline not in models or not plot_rescues(results, run_dir / "rescues.png", EXTENDED,
+                                                                baseline, labels, reference):
+        return []
+    ppl = {k: {e["window"] // L: e["ppl"] for e in models[k].get("ppl", []) if "ppl" in e}
+           for k in (baseline, *labels)}
+    out = ["![Every rescue, one per panel](rescues.png)", "",
+           "Each rescue against the PI fine-tune" + (" (one seed: no difference here is tested against a seed "
+                                                    "spread)" if seeds(results) == 1 else " (seed means)") + ":", ""]
+    for k in sorted({scale.factor, scale.eval_factor}):
+        if k not in ppl[baseline]:
+            continue
+        ranked = sorted((p[k], label.removeprefix(f"{EXTENDED} + ")) for label, p in ppl.items()
+                        if label != baseline and k in p)
+        below = [f"{name} {v:.2f}" for v, name in ranked if v < ppl[baseline][k]]
+        above = [f"{name} {v:.2f}" for v, name in ranked if v >= ppl[baseline][k]]
+        out.append(f"- At {k}L, against {baseline}'s perplexity {ppl[baseline][k]:.2f}: below it "
+                   f"{', '.join(below) or 'none'}; at or above it {', '.join(above) or 'none'}.")
     return out + [""]
 
 

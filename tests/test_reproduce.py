@@ -201,6 +201,10 @@ def test_rescues_all_adds_every_recipe_and_the_rescue_table(tiny_scale, tmp_path
         assert all(cells[1:5]) and "cannot run" not in cells[1:5], row  # ppl at L, 2L, 4L, 8L
         steps, tokens = int(cells[6]), int(cells[7].replace(",", ""))
         assert (steps, tokens > 0) == ((2, True) if r.fine_tuned else (0, False)), row
+    assert (run_dir / "rescues.png").exists() and "![Every rescue, one per panel](rescues.png)" in table
+    reading = [ln for ln in table.splitlines() if ln.startswith("- At ")]  # one line per window: 4L, then 8L
+    assert len(reading) == 2 and all(f"{reproduce.RESCUES[r].label.removeprefix('rope + ')} " in ln
+                                     for ln in reading for r in reproduce.RESCUES)
     pose = next(ln for ln in table.splitlines() if ln.startswith(f"| {reproduce.RESCUES['pose'].label} |"))
     pi = next(ln for ln in table.splitlines() if ln.startswith("| rope + PI fine-tuned |"))
     assert pose.split("|")[-3] == pi.split("|")[-3]  # PoSE and full-length PI: equal steps, equal tokens
