@@ -47,7 +47,7 @@ from rope_scaling import inverse_frequencies, length_dependent, rope_frequencies
 from tokenizer import find_tokenizer_dir
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our blocks use
-# our scheme -> llama.cpp architecture; each names its position table (None: RoPE in attention)
+# our scheme -> llama.cpp architecture, and its position table (None: positions act in attention, or there are none)
 # (mpt: llama.cpp's MPT graph is our block with every bias and the position table optional; its ALiBi is on when
 # attention.max_alibi_bias > 0, and without it mpt has no position information at all: our none)
 ARCHITECTURES = {"rope": ("gptneox", None), "learned": ("gpt2", "position_embd"), "alibi": ("mpt", None),
@@ -186,7 +186,7 @@ def alibi_metadata(config, arch="mpt"):
 
 def model_metadata(config, name=""):
     """Every model key of the file (architecture, sizes, norms, positions), by llama.cpp's names."""
-    arch, table = architecture(config)
+    arch, _ = architecture(config)
     meta = {"general.architecture": arch, **({"general.name": name} if name else {}),
             f"{arch}.context_length": config.block_size,
             f"{arch}.embedding_length": config.n_embd, f"{arch}.block_count": config.n_layer,
@@ -340,8 +340,9 @@ def require_llama_cpp():
 def ggml_gelu(x):
     """GELU as llama.cpp computes it on CPU for f32 activations (ggml_vec_gelu_f32 with GGML_GELU_FP16): the tanh
     approximation, looked up in a table indexed by x rounded to fp16, whose fp16 entries ggml computes in float32
-    as 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2))) (in this order, which matches all but 2 of the table's
-    37376 entries below |x| = 10; torch's own tanh GELU misses 26); 0 below -10 and x above 10."""
+    as 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2))) (in this order it matches all but 2 of the 37376 entries
+    below |x| = 10 of llama.cpp 0.3.36's table, read from libggml-cpu; torch's own tanh GELU misses 26); 0 below
+    -10 and x above 10."""
     h = x.float().half().float()
     table = (0.5 * h * (1.0 + torch.tanh(math.sqrt(2 / math.pi) * h * (1.0 + 0.044715 * h * h)))).half().float()
     return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table.to(x.dtype))).to(x.dtype)
