@@ -375,8 +375,8 @@ def rescue_table(results, scale, stages, rescues):
     for label, stage in rows:
         if label not in models:
             continue
-        ppl = {e["window"]: e.get("ppl") for e in models[label].get("ppl", [])}
-        cells = [f"{ppl[k * L]:.2f}" if ppl.get(k * L) else "cannot run" for k in ks]
+        ppl = {e["window"]: e for e in models[label].get("ppl", []) if e.get("ppl")}
+        cells = [ppl_cell(ppl[k * L]) if k * L in ppl else "cannot run" for k in ks]
         own = models[label].get("short", {}).get("loss")
         cells.append(f"{own - short:+.3f}" if own is not None and short is not None else "")
         done = stages.done.get(stage or "", {})
@@ -397,21 +397,32 @@ def rescue_figure(results, scale, run_dir, rescues):
     if not labels or baseline not in models or not plot_rescues(results, run_dir / "rescues.png", EXTENDED,
                                                                 baseline, labels, reference):
         return []
-    ppl = {k: {e["window"] // L: e["ppl"] for e in models[k].get("ppl", []) if "ppl" in e}
-           for k in (baseline, *labels)}
+    ppl = {k: {e["window"] // L: e for e in models[k].get("ppl", []) if "ppl" in e} for k in (baseline, *labels)}
     out = ["![Every rescue, one per panel](rescues.png)", "",
            "Each rescue against the PI fine-tune" + (" (one seed: no difference here is tested against a seed "
-                                                    "spread)" if seeds(results) == 1 else " (seed means)") + ":", ""]
+                                                    "spread)" if seeds(results) == 1 else
+                                                    f" (mean ± std over {seeds(results)} seeds; beyond or within "
+                                                    "the spread: whether the mean ± std intervals are apart)") + ":",
+           ""]
     for k in sorted({scale.factor, scale.eval_factor}):
         if k not in ppl[baseline]:
             continue
-        ranked = sorted((p[k], label.removeprefix(f"{EXTENDED} + ")) for label, p in ppl.items()
+        base = ppl[baseline][k]
+        ranked = sorted((p[k]["ppl"], label.removeprefix(f"{EXTENDED} + "), p[k]) for label, p in ppl.items()
                         if label != baseline and k in p)
-        below = [f"{name} {v:.2f}" for v, name in ranked if v < ppl[baseline][k]]
-        above = [f"{name} {v:.2f}" for v, name in ranked if v >= ppl[baseline][k]]
-        out.append(f"- At {k}L, against {baseline}'s perplexity {ppl[baseline][k]:.2f}: below it "
-                   f"{', '.join(below) or 'none'}; at or above it {', '.join(above) or 'none'}.")
+        text = {"below": [], "at or above": []}
+        for value, name, e in ranked:
+            real = differs({"mean": value, "std": e.get("ppl_sd")}, {"mean": base["ppl"], "std": base.get("ppl_sd")})
+            spread = "" if real is None else " (beyond the spread)" if real else " (within it)"
+            text["below" if value < base["ppl"] else "at or above"].append(f"{name} {ppl_cell(e)}{spread}")
+        out.append(f"- At {k}L, against {baseline}'s perplexity {ppl_cell(base)}: "
+                   + "; ".join(f"{side} it {', '.join(names) or 'none'}" for side, names in text.items()) + ".")
     return out + [""]
+
+
+def ppl_cell(e):
+    """A perplexity entry as 'mean' or, merged over seeds, 'mean ± std'."""
+    return f"{e['ppl']:.2f}" + (f" ± {e['ppl_sd']:.2f}" if e.get("ppl_sd") is not None else "")
 
 
 def ratios(results, label):

@@ -75,6 +75,13 @@ def test_more_seeds_add_runs_and_every_cell_gets_a_spread(tiny_scale, tmp_path, 
     pairs = [ln for ln in report.splitlines() if ln.startswith("| ") and ln.count("| yes ") + ln.count("| no ") > 0]
     assert len(pairs) >= n_models * (n_models - 1) // 2 - (n_models - 1)  # pairs with learned past L: cannot run
     assert "± " in report.split("## Sliding-window perplexity")[1].split("##")[0]
+    # a rescue added to both seeds (Self-Extend: evaluated only): its table and reading give the spread too
+    table = reproduce.run(tiny_scale, run_dir, seeds=2, rescues=("self_extend",)).read_text().split(
+        "## Every rescue, side by side")[1].split("## ")[0]
+    row = next(ln for ln in table.splitlines() if ln.startswith(f"| {reproduce.RESCUES['self_extend'].label} |"))
+    assert row.count(" ± ") == 4  # ppl at L, 2L, 4L, 8L
+    reading = [ln for ln in table.splitlines() if ln.startswith("- At ")]
+    assert reading and all(("(beyond the spread)" in ln) != ("(within it)" in ln) and " ± " in ln for ln in reading)
 
 
 def test_claims_call_a_rise_real_only_beyond_the_spread():
