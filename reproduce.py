@@ -276,7 +276,7 @@ def models_to_evaluate(scale, run_dir, schemes=DEFAULT_SCHEMES, rescues=()):
         models[free_label(method)] = (models[EXTENDED], scaling_dict(method, scale.factor, scale.base_len))
     for method in FINE_TUNED:
         models[tuned_label(method)] = run_dir / f"{EXTENDED}_{method}_ft" / "ckpt.pt"
-    for name in rescues:  # after the fine-tunes: the default reference stays the first of them
+    for name in rescues:
         r = RESCUES[name]
         models[r.label] = (run_dir / rescue_folder(name) / "ckpt.pt" if r.kind != "inference" else
                            (models[EXTENDED], None, self_extend_setting(scale)))
@@ -594,6 +594,16 @@ def significance(results):
     return lines
 
 
+def one_reference(per_seed, reference):
+    """Each seed's results with loss by position relative to the same model, before the seeds are merged: an
+    evaluation's own default reference depends on the order of its models, which a later run may change."""
+    for r in per_seed:
+        for m in r["models"].values():
+            m.get("position", {}).pop("relative", None)
+        r["reference"] = evaluate.add_relative(r, reference)
+    return per_seed
+
+
 def search_stage(scale, seed_folder):
     """The searched LongRoPE extension of the seed's RoPE model, training-free (longrope_search.py)."""
     ext = extend_context.ExtendConfig(ckpt=str(seed_folder / EXTENDED / "ckpt.pt"), method="longrope",
@@ -628,7 +638,7 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
             stages.run(rescue_name(r, s), lambda s=s: search_stage(scale, seed_dir(run_dir, s)))
         eval_cfg = evaluate.EvalConfig(data_dir=scale.data_dir, max_len=scale.eval_factor * scale.base_len,
                                        out_dir=str(seed_dir(run_dir, s) / "eval"), base_len=scale.base_len,
-                                       reference=reference, resume=True, **scale.eval)
+                                       reference=reference or tuned_label(FINE_TUNED[0]), resume=True, **scale.eval)
         # a run that adds schemes or rescues evaluates them in a new stage (the finished models are reused)
         added = [*(k for k in schemes if k not in DEFAULT_SCHEMES), *rescues]
         models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues)
@@ -638,7 +648,8 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
             cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len,
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
             stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
-    results = merge_seeds([json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list])
+    per_seed = [json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list]
+    results = merge_seeds(one_reference(per_seed, reference or tuned_label(FINE_TUNED[0])))
     evaluate.write_report(results, run_dir / "eval")
     write_report(scale, run_dir, stages, command, results, time.time() - t0, rescues)
     return run_dir / "report.md"

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+import evaluate
 import reproduce
 import tasks
 from config import Interrupted
@@ -82,6 +83,28 @@ def test_more_seeds_add_runs_and_every_cell_gets_a_spread(tiny_scale, tmp_path, 
     assert row.count(" ± ") == 4  # ppl at L, 2L, 4L, 8L
     reading = [ln for ln in table.splitlines() if ln.startswith("- At ")]
     assert reading and all(("(beyond the spread)" in ln) != ("(within it)" in ln) and " ± " in ln for ln in reading)
+
+
+def test_seeds_are_merged_relative_to_one_reference(tiny_scale, tmp_path):
+    """A seed evaluated with another reference (its default follows the order of its models, which a later run
+    may change) is put back on the run's reference before the seeds are merged: never a mean of differences
+    against different models."""
+    run_dir = tmp_path / "run"
+    reproduce.run(tiny_scale, run_dir, seeds=2)
+    pi = reproduce.tuned_label("linear")
+    path = run_dir / "seed1338" / "eval" / "results.json"
+    stale = json.loads(path.read_text())
+    evaluate.add_relative(stale, "rope")  # as if this seed's evaluation had another default reference
+    stale["reference"] = "rope"
+    path.write_text(json.dumps(stale))
+    reproduce.run(tiny_scale, run_dir, seeds=2)  # every stage done: only the merge and the report again
+    merged = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert merged["reference"] == pi
+    per_seed = [json.loads((run_dir / f"seed{s}" / "eval" / "results.json").read_text()) for s in (1337, 1338)]
+    want = [[b["mean"] for b in tasks.relative_loss(r["models"]["rope"]["position"], r["models"][pi]["position"])]
+            for r in per_seed]
+    got = [b["mean"] for b in merged["models"]["rope"]["position"]["relative"]]
+    assert got == pytest.approx([(x + y) / 2 for x, y in zip(*want)])
 
 
 def test_claims_call_a_rise_real_only_beyond_the_spread():
