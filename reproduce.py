@@ -7,8 +7,8 @@
                                          # exceed the seed spread
     python reproduce.py --schemes=+rope_nope,t5  # the five schemes and these two (--schemes=rope,alibi: only those)
     python reproduce.py --rescues=all    # also the direct fine-tune (the control), ABF, PoSE, DroPE, Self-Extend
-                                         # and searched LongRoPE, and a rescue table comparing every rescue (or
-                                         # --rescues=pose,abf)
+                                         # and searched LongRoPE (training-free and fine-tuned), and a rescue
+                                         # table comparing every rescue (or --rescues=pose,abf)
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
@@ -60,7 +60,7 @@ class ReproduceConfig:
     reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
     schemes: tuple[str, ...] = DEFAULT_SCHEMES  # trained and compared; "+a,b": the default ones and a, b
     rescues: tuple[str, ...] = ()  # more rescue rows, and the rescue table: all, or some of direct, abf, pose,
-    #                                drope, self_extend, longrope (comma-separated)
+    #                                drope, self_extend, longrope, longrope_tuned (comma-separated)
 
     def __post_init__(self):
         check_fields(self)
@@ -148,6 +148,7 @@ RESCUES = {
     "drope": Rescue(f"{EXTENDED} + DroPE recalibrated", ("--method=drope",)),
     "self_extend": Rescue(f"{EXTENDED} + Self-Extend (no fine-tune)", kind="inference"),
     "longrope": Rescue(f"{EXTENDED} + LongRoPE searched (no fine-tune)", kind="search"),
+    "longrope_tuned": Rescue(f"{EXTENDED} + LongRoPE searched, fine-tuned", ("--method=longrope", "--search=true")),
 }
 
 
