@@ -330,8 +330,11 @@ def plot_rescues(results, path, base, baseline, rescues, reference=None, ncols=3
         ax.set(xlim=(0, results["max_len"]))
     for ax in axes.flat[len(rescues):]:
         ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("token position")
+    for col in range(ncols):  # the x axis under each column's lowest panel
+        shown = [ax for ax in axes[:, col] if ax.axison]
+        if shown:
+            shown[-1].xaxis.set_tick_params(labelbottom=True)
+            shown[-1].set_xlabel("token position")
     for ax in axes[:, 0]:
         ax.set_ylabel(f"loss − {reference}'s (nats)" if reference else "loss (nats)")
     handles = [plt.Line2D([], [], **style) for style in (RESCUE_STYLE, BASE_STYLE, BASELINE_STYLE)]
