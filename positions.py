@@ -229,8 +229,8 @@ class ALiBi(SharedBias):
     no_scaling = "ALiBi needs no scaling: its bias depends only on distance, so it runs at any length as it is"
     no_export = ("transformers has no architecture with our ALiBi block: Falcon (alibi=True) adds the bias before "
                  "the 1/sqrt(head_dim) scaling (slopes m/sqrt(head_dim)) and builds it in bfloat16; BLOOM normalizes "
-                 "the token embeddings (word_embeddings_layernorm) and uses tanh-approximate GELU; rope and learned "
-                 "export")
+                 "the token embeddings (word_embeddings_layernorm); rope and learned export (and export_gguf.py "
+                 "writes ALiBi for llama.cpp)")
 
     def __init__(self, config):
         super().__init__(config)

@@ -253,7 +253,8 @@ def test_import_refuses_in_one_line(change, words, tmp_path):
 
 def test_alibi_has_no_exact_transformers_architecture():
     """What the ALiBi refusal says, measured: Falcon (alibi, sequential, old architecture) is our model with
-    slopes m/sqrt(head_dim); BLOOM is our model with a LayerNorm on the token embeddings and tanh GELU."""
+    slopes m/sqrt(head_dim); BLOOM is our model with a LayerNorm on the token embeddings and tanh GELU (our
+    activation="gelu_tanh"): the LayerNorm is what no setting of ours gives."""
     model = random_model(pos_encoding="alibi", bias=True)
     c, sd = model.config, model.state_dict()
     nh, hs = c.n_head, c.n_embd // c.n_head
