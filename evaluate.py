@@ -5,7 +5,7 @@
         "original_max_position_embeddings": 256}' --tasks=ppl,passkey      # a training-free scaling
     python evaluate.py --ckpt=out/cpu_rope/ckpt.pt --self_extend=64,5      # Self-Extend: W=64, G=5, training-free
 
-For one or more checkpoints, on held-out documents of a prepared corpus, runs the tasks of tasks.py (loss by
+For one or more checkpoints, on held-out documents of a prepared corpus, runs the tasks of posenc/eval_tasks.py (loss by
 position, sliding-window perplexity, short-context loss, passkey, recall) and writes <out_dir>/results.json
 (every number), summary.md (tables) and PNG plots (if matplotlib is installed). With --resume, a model whose
 checkpoint and settings are unchanged since the last run is not evaluated again.
@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Literal
 
 
-from checkpoint import model_from_checkpoint
-from config import ConfigError, at_least, check_fields, cli, parse, resolve_device
-from data.loader import check_vocabulary, data_identity, load_meta, load_split, long_documents
-from metrics import start_wandb
-from positions import check_self_extend_flag, set_self_extend
-from run_folder import claim, clear, write_atomic
-from tasks import TASKS, EvalData, log, relative_loss, training_length
+from posenc.checkpoint import model_from_checkpoint
+from posenc.config import ConfigError, at_least, check_fields, parse
+from posenc.runtime import resolve_device
+from posenc.cli import cli
+from posenc.data import check_vocabulary, data_identity, load_meta, load_split, long_documents
+from posenc.metrics import start_wandb
+from posenc.positions import check_self_extend_flag, set_self_extend
+from posenc.run_folder import claim, clear, write_atomic
+from posenc.eval_tasks import TASKS, EvalData, log, relative_loss, training_length
 
 
 RESULTS_FORMAT = 2  # bump when what a task records changes: earlier results are then not reused (2: doc_means)
@@ -116,7 +118,7 @@ def eval_data(cfg: EvalConfig, base_len: int) -> tuple[EvalData, str]:
     """The documents, lengths and probes every model is evaluated on, and a note on where the documents came from."""
     tokenizer = None
     if "passkey" in cfg.tasks:
-        from tokenizer import tokenizer_for
+        from posenc.tokenizer import tokenizer_for
         try:
             tokenizer = tokenizer_for(load_meta(cfg.data_dir).get("vocab"))  # the data's (and models') vocabulary
         except RuntimeError as e:
@@ -206,7 +208,7 @@ def write_json(results, path):
 
 def write_report(results, out_dir, wandb="off"):
     """summary.md and the plots; logged to wandb when asked. Reusable on a loaded results.json."""
-    from plots import plot_all, summary_markdown
+    from posenc.plots import plot_all, summary_markdown
     out_dir = Path(out_dir)
     write_json(results, out_dir / "results.json")
     md = summary_markdown(results)
@@ -242,7 +244,7 @@ def main(argv=None):
     cfg = parse(EvalConfig, argv, doc=__doc__)
     if not cfg.ckpt:
         raise ConfigError("missing --ckpt: e.g. --ckpt=out/cpu_rope/ckpt.pt,out/cpu_alibi/ckpt.pt")
-    from plots import summary_markdown
+    from posenc.plots import summary_markdown
     results = evaluate(cfg.ckpt, cfg)
     print(summary_markdown(results))
     return results

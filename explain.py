@@ -25,21 +25,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, model_from_checkpoint
-from config import ConfigError, at_least, check_fields, cli, parse, resolve_device
-from data.loader import check_vocabulary, data_identity
+from posenc.checkpoint import CheckpointError, model_from_checkpoint
+from posenc.config import ConfigError, at_least, check_fields, parse
+from posenc.runtime import resolve_device
+from posenc.cli import cli
+from posenc.data import check_vocabulary, data_identity
 from evaluate import held_out_documents
-from explain_report import write_explanation
+from posenc.explain_report import write_explanation
 from model import record_attention
-from positions import RoPE, Sinusoidal
-from rope_scaling import ROPE_SCALING, check_scaling, rope_frequencies, scaling_dict
-from run_folder import claim, clear, write_atomic
-from tasks import training_length
+from posenc.positions import RoPE, Sinusoidal
+from posenc.rope_scaling import ROPE_SCALING, check_scaling, rope_frequencies, scaling_dict
+from posenc.run_folder import claim, clear, write_atomic
+from posenc.eval_tasks import training_length
 
 
 @dataclass
 class ExplainConfig:
-    ckpt: str = ""  # the checkpoint to explain (train.py, extend_context.py or import_hf.py)
+    ckpt: str = ""  # the checkpoint to explain (train.py, extend_context.py or scripts/import_hf.py)
     max_len: int = 0  # explain up to this length; 0: 8 x the training length
     rope_scaling: dict | None = None  # use this scaling instead of the checkpoint's (training-free), {}: none
     data_dir: str = ""  # documents for section 3; "": the checkpoint's data

@@ -8,13 +8,13 @@ r"""Extend a RoPE model's context: scale its frequencies, then optionally fine-t
     python extend_context.py --ckpt=out/cpu_rope/ckpt.pt --method=drope --steps=100   # DroPE: drop RoPE, recalibrate
     python extend_context.py --ckpt=out/cpu_rope/ckpt.pt --method=longrope --factor=4 --search=true  # LongRoPE search
 
-Methods are the rope_types of rope_scaling.py: linear = Position Interpolation (Chen et al. 2023), ntk =
+Methods are the rope_types of posenc/rope_scaling.py: linear = Position Interpolation (Chen et al. 2023), ntk =
 NTK-aware base, dynamic = dynamic NTK, yarn (Peng et al. 2023), llama3, longrope (Ding et al. 2024; with
---search=true its long factors are searched first, see longrope_search.py), proportional (p-RoPE); direct = no
+--search=true its long factors are searched first, see posenc/longrope_search.py), proportional (p-RoPE); direct = no
 scaling (the control: RoPE fine-tuned at the target length as it is); abf = a new base (Xiong et al. 2023), --scaling_params='{"base": 5e5}'
 or, without one, Xu et al.'s bound 0.0424 * target_len^1.628. And one that is not a scaling: drope (Gelberg et
 al. 2025) removes the positions (the model goes on as NoPE) and recalibrates it at the original length.
---pose=true fine-tunes any scaling with PoSE (pose.py): windows of the original length whose position ids skip
+--pose=true fine-tunes any scaling with PoSE (posenc/pose.py): windows of the original length whose position ids skip
 up to the target (--pose_chunks chunks), so a step costs what a base-length step costs. Fine-tuning is train.main with
 init_from=<ckpt>: the same loop, logging, checkpoints, resume (--resume=true) and errors. Defaults follow the PI
 and YaRN recipes: lr 2e-5, no weight decay, a short warmup, then cosine. Any train or model key can be given
@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 import train
-from checkpoint import FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint
-from config import ConfigError, apply, at_least, check_fields, cli, from_dict, parse, to_dict
-from data.loader import load_meta
+from posenc.checkpoint import FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint
+from posenc.config import ConfigError, apply, at_least, check_fields, from_dict, parse, to_dict
+from posenc.cli import cli
+from posenc.data import load_meta
 from model import GPT
-from run_folder import claim, clear
-from rope_scaling import ROPE_SCALING, abf_base, length_dependent, original_length, scaling_dict
+from posenc.run_folder import claim, clear
+from posenc.rope_scaling import ROPE_SCALING, abf_base, length_dependent, original_length, scaling_dict
 
 RECIPE = dict(learning_rate=2e-5, min_lr=2e-6, weight_decay=0.0)  # PI and YaRN fine-tune with lr 2e-5, no decay
 MAX_WARMUP = 20  # warmup steps in both recipes (fewer for very short runs: a fifth of the steps)
@@ -58,7 +59,7 @@ class ExtendConfig:
     out_dir: str = ""  # "": <base run folder>_<method>_x<factor>
     scaling_params: dict | None = None  # more rope_scaling keys, e.g. {"beta_fast": 16}, or abf's {"base": 5e5}
     pose: bool = False  # PoSE: fine-tune on windows of the original length, position ids skip-wise to the target
-    search: bool = False  # longrope: search its long factors first (longrope_search.py), from PI, NTK and YaRN's
+    search: bool = False  # longrope: search its long factors first (posenc/longrope_search.py), from PI, NTK and YaRN's
     search_budget: int = 48  # candidates the search scores, its three starting points included
     search_docs: int = 4  # held-out val documents it scores them on, at the target length
 
@@ -173,7 +174,7 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
         cfg = dataclasses.replace(cfg, grad_accum_steps=math.ceil(seqs / cfg.batch_size))
     searched = None
     if ext.search:  # the found factors go into the checkpoint's rope_scaling (and so into sample, evaluate, export)
-        from longrope_search import search_checkpoint
+        from posenc.longrope_search import search_checkpoint
         searched = search_checkpoint(ext.ckpt, cfg.data_dir, target_len, factor, base_len, ext.search_budget,
                                      ext.search_docs, seed=cfg.seed, device=cfg.device, log=log)
         scaling = searched.scaling

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from config import at_least, check_fields
-from positions import SCHEMES
+from posenc.config import at_least, check_fields
+from posenc.positions import SCHEMES
 
 try:  # FlexAttention runs ALiBi without a T x T bias tensor (torch >= 2.5)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -45,7 +45,7 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base
     rope_layout: Literal["half", "interleaved"] = "half"  # half: GPT-NeoX / Hugging Face; interleaved: Meta / GPT-J
     rotary_fraction: float = 1.0  # partial rotary: rotate only this fraction of each head
-    rope_scaling: dict | None = None  # Hugging Face rope_scaling dict; see rope_scaling.py
+    rope_scaling: dict | None = None  # Hugging Face rope_scaling dict; see posenc/rope_scaling.py
     activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU (nanoGPT) | GPT-2's tanh one, llama.cpp's only
     activation_checkpointing: bool = False  # recompute blocks in backward: long context in less memory
     attn_backend: Literal["auto", "sdpa", "flex"] = "auto"  # how a logit bias is applied (flex: FlexAttention)
@@ -236,7 +236,7 @@ class GPT(nn.Module):
         """idx (B, T). Without targets: logits (B, T, vocab), or (B, 1, vocab) with last_only, and loss None.
         With targets: logits None and the loss (mean over targets != -1, or (B, T) with reduction="none"),
         computed in chunks so the full fp32 logits never exist. pos: position ids (T,) or (B, T) instead of
-        0..T-1, increasing along T and below block_size (PoSE's skip-wise training, pose.py); no KV cache."""
+        0..T-1, increasing along T and below block_size (PoSE's skip-wise training, posenc/pose.py); no KV cache."""
         B, T = idx.size()
         scheme = self.transformer.pos
         start = kv_cache.pos if kv_cache is not None else 0

@@ -16,7 +16,7 @@ explain the RoPE model and its fine-tunes (explain.py) -> report.md in the run f
 figure (the wall, the rescue) and our ratios beside the papers', then tables and plots. Each seed's runs are
 in <out_dir>/seed<N>/, the merged evaluation in <out_dir>/eval/. Finished stages are recorded in stages.json and skipped on a re-run (more
 seeds later only add the new ones); an interrupted (exit 130 or 143) training stage resumes from its
-checkpoint, an interrupted evaluation from the last model it finished. Training runs as jobs (jobs.py): with
+checkpoint, an interrupted evaluation from the last model it finished. Training runs as jobs (posenc/jobs.py): with
 the default --workers=0, one per GPU or two at once on a CPU, the RoPE fine-tunes as soon as RoPE is trained.
 """
 
@@ -34,16 +34,17 @@ import evaluate
 import explain
 import extend_context
 import train
-from config import ConfigError, at_least, check_fields, cli, parse
-from data.loader import load_meta
+from posenc.config import ConfigError, at_least, check_fields, parse
+from posenc.cli import cli
+from posenc.data import load_meta
 from data.prepare import prepare
-from papers import RESCUE, nearest
-from plots import plot_headline, plot_rescues, seeds
-from positions import SCHEMES
-from rope_scaling import ROPE_SCALING, scaling_dict
-from run_folder import holds_run, write_atomic
-from jobs import Job, run_jobs
-from sweep import compute, differs, merge_seeds
+from posenc.papers import RESCUE, nearest
+from posenc.plots import plot_headline, plot_rescues, seeds
+from posenc.positions import SCHEMES
+from posenc.rope_scaling import ROPE_SCALING, scaling_dict
+from posenc.run_folder import holds_run, write_atomic
+from posenc.jobs import Job, run_jobs
+from scripts.sweep import compute, differs, merge_seeds
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SCHEMES = ("learned", "sinusoidal", "alibi", "rope", "none")  # trained unless --schemes says otherwise
@@ -129,7 +130,7 @@ HEADLINE_REFERENCE = "alibi"  # the headline's curves are loss minus this model'
 class Rescue:
     """A rescue beyond the default rows (--rescues): an extend_context.py run with the fine-tunes' steps and
     tokens (fine-tune), an inference option of the evaluation (inference: Self-Extend), or a training-free
-    extension whose factors are searched on the training data (search: LongRoPE, longrope_search.py)."""
+    extension whose factors are searched on the training data (search: LongRoPE, posenc/longrope_search.py)."""
     label: str
     flags: tuple = ()  # extend_context.py flags of a fine-tune
     kind: Literal["fine-tune", "inference", "search"] = "fine-tune"
@@ -210,7 +211,7 @@ def train_stage(scale, scheme, seed, run_dir):
     if holds_run(out_dir):
         argv.append("--resume=true")  # an interrupted run continues as if never stopped
     steps = train.load_config(argv).max_iters
-    return Job(train_name(scheme, seed), [("train.py", argv)], run_dir=str(out_dir), steps=steps, kind="train"), out_dir
+    return Job(train_name(scheme, seed), [(train.main, argv)], run_dir=str(out_dir), steps=steps, kind="train"), out_dir
 
 
 def train_name(scheme, seed):
@@ -223,7 +224,7 @@ def fine_tune_stage(scale, method, seed, run_dir):
             f"--steps={scale.extend_steps}", f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
     if holds_run(out_dir):
         argv.append("--resume=true")
-    return Job(f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label} (seed {seed})", [("extend_context.py", argv)],
+    return Job(f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label} (seed {seed})", [(extend_context.main, argv)],
                after=(train_name(EXTENDED, seed),), run_dir=str(out_dir), steps=scale.extend_steps,
                kind="fine-tune"), out_dir
 
@@ -241,7 +242,7 @@ def rescue_stage(scale, name, seed, run_dir):
             f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
     if holds_run(out_dir):
         argv.append("--resume=true")
-    return Job(rescue_name(name, seed), [("extend_context.py", argv)], after=(train_name(EXTENDED, seed),),
+    return Job(rescue_name(name, seed), [(extend_context.main, argv)], after=(train_name(EXTENDED, seed),),
                run_dir=str(out_dir), steps=scale.extend_steps, kind="fine-tune"), out_dir
 
 
@@ -466,7 +467,7 @@ def read_the_figure(results, scale):
 
 
 def beside_the_papers(results, scale, tokens):
-    """Our ratios ppl(kL)/ppl(L) next to Press et al.'s at the nearest multiple of their L (papers.py); tokens:
+    """Our ratios ppl(kL)/ppl(L) next to Press et al.'s at the nearest multiple of their L (posenc/papers.py); tokens:
     what the extended scheme trained on."""
     params = results["models"][EXTENDED]["params"]
     ks = sorted({k for label in results["models"] for k in ratios(results, label)} - {1})
@@ -606,7 +607,7 @@ def one_reference(per_seed, reference):
 
 
 def search_stage(scale, seed_folder):
-    """The searched LongRoPE extension of the seed's RoPE model, training-free (longrope_search.py)."""
+    """The searched LongRoPE extension of the seed's RoPE model, training-free (posenc/longrope_search.py)."""
     ext = extend_context.ExtendConfig(ckpt=str(seed_folder / EXTENDED / "ckpt.pt"), method="longrope",
                                       factor=scale.factor, search=True,
                                       out_dir=str(seed_folder / rescue_folder("longrope")))

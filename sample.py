@@ -19,10 +19,12 @@ from typing import Literal
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from checkpoint import model_from_checkpoint
-from config import ConfigError, at_least, check_fields, cli, parse, resolve_device, resolve_dtype
-from positions import check_self_extend_flag, set_self_extend
-from tokenizer import tokenizer_for
+from posenc.checkpoint import model_from_checkpoint
+from posenc.config import ConfigError, at_least, check_fields, parse
+from posenc.runtime import resolve_device, resolve_dtype
+from posenc.cli import cli
+from posenc.positions import check_self_extend_flag, set_self_extend
+from posenc.tokenizer import tokenizer_for
 
 # Every decode step has a new key length, and cuDNN attention (SDPA's first choice on H100) builds a new
 # plan per shape: ~12 ms of CPU per call. The flash and memory-efficient kernels have no such cost.
@@ -83,7 +85,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     """Continue idx (B, T) by up to max_new_tokens; returns (B, T + new) with the prompt in front.
 
     use_cache=False recomputes the whole context at every step (the reference path, and the baseline of
-    bench_decode.py). on_token(tok (B, 1)) is called as each token is chosen. Generation stops early
+    scripts/bench_decode.py). on_token(tok (B, 1)) is called as each token is chosen. Generation stops early
     once every row has produced stop_token.
     """
     B, T = idx.shape

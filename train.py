@@ -28,14 +28,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointError, FORMAT_VERSION, build_model, rng_state, save_checkpoint, set_rng_state
-from config import (ConfigError, Interrupted, at_least, check_fields, cli, config_file, flat_keys, from_dict, parse,
-                    resolve_compile, resolve_device, resolve_dtype, to_dict)
-from data.loader import BatchSampler, data_identity
-from metrics import WANDB_PROJECT, MetricsLog, start_wandb
+from posenc.checkpoint import CheckpointError, FORMAT_VERSION, build_model, rng_state, save_checkpoint, set_rng_state
+from posenc.config import ConfigError, at_least, check_fields, config_file, flat_keys, from_dict, parse, to_dict
+from posenc.runtime import resolve_compile, resolve_device, resolve_dtype
+from posenc.cli import Interrupted, TrainingError, cli
+from posenc.data import BatchSampler, data_identity
+from posenc.metrics import WANDB_PROJECT, MetricsLog, start_wandb
 from model import GPT, GPTConfig, H100_BF16_PEAK_FLOPS
-from pose import PoSEPositions
-from run_folder import claim, clear, write_atomic
+from posenc.pose import PoSEPositions
+from posenc.run_folder import claim, clear, write_atomic
 
 
 @dataclass
@@ -63,13 +64,13 @@ class TrainConfig:
     ckpt_interval: int = 100  # steps between checkpoints (0: only the final one, always written)
     wandb: Literal["off", "offline", "online"] = "off"  # offline: no account, no network
     wandb_project: str = WANDB_PROJECT
-    wandb_group: str = ""  # runs of one sweep share a group (sweep.py sets it)
+    wandb_group: str = ""  # runs of one sweep share a group (scripts/sweep.py sets it)
     run_name: str = ""  # "": the basename of out_dir
     resume: bool = False  # continue the run in out_dir exactly; its saved settings are the defaults
     overwrite: bool = False  # replace the run in out_dir (a fresh run refuses a folder that holds one)
     init_from: str = "scratch"  # scratch | path of a checkpoint whose weights start this run
     min_doc_len: int = 0  # >0: train only on windows inside documents at least this long
-    pose_window: int = 0  # >0: PoSE (pose.py): train on windows this long, position ids skip-wise below block_size
+    pose_window: int = 0  # >0: PoSE (posenc/pose.py): train on windows this long, position ids skip-wise below block_size
     pose_chunks: int = 2  # PoSE: chunks per window, each shifted by its own skip
     peak_flops: float = H100_BF16_PEAK_FLOPS  # for MFU
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -92,10 +93,6 @@ class TrainConfig:
 
 SPIKE = 10.0  # a loss this many times the mean of the recent steps' is a divergence: stop, keep the checkpoint
 RECENT = 20  # steps in that mean
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a loss spike, weights too bad to checkpoint)."""
 
 
 def load_config(argv=None) -> TrainConfig:

@@ -1,1 +1,1 @@
-"""Data preparation (prepare.py) and batch loading (loader.py) for GPT-2-tokenized corpora."""
+"""The corpora: prepare.py tokenizes one (python -m data.prepare); each prepared corpus lives in data/<name>/."""

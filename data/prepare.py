@@ -1,15 +1,15 @@
 """Tokenize a corpus of text documents into train.bin / val.bin (uint16 GPT-2 tokens) and meta.json.
 
-    python data/prepare.py                                  # this Python's standard library (.py files, tests included)
-    python data/prepare.py --source=~/notes --out_dir=data/notes
-    python data/prepare.py --source='docs/**/*.md' --max_tokens=1000000
-    python data/prepare.py --source=pg19 --out_dir=data/pg19  # needs internet: books from PG19's train split
+    python -m data.prepare                                  # this Python's standard library (.py files, tests included)
+    python -m data.prepare --source=~/notes --out_dir=data/notes
+    python -m data.prepare --source='docs/**/*.md' --max_tokens=1000000
+    python -m data.prepare --source=pg19 --out_dir=data/pg19  # needs internet: books from PG19's train split
 
 Every file is one document; documents are never split. A document goes to val when a stable hash (sha1) of its
 relative path falls below --val_fraction, so adding files never reshuffles the others and evaluation on long
 val documents stays comparable across runs. Each document is followed by one EOT token. Files that are not
 UTF-8 text are skipped and counted. meta.json records each document's [start, length, relpath] (start is the
-token offset in that split's .bin, length excludes the EOT) so loader.py can sample windows inside long
+token offset in that split's .bin, length excludes the EOT) so posenc/data.py can sample windows inside long
 documents and evaluate.py can pick documents of 16k or 32k tokens.
 """
 import argparse
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make tokenizer.py at the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tokenizer import EOT, get_tokenizer, tokenizer_info
+if __package__ in (None, ""):  # run by file path, the package beside data/ cannot be imported
+    raise SystemExit("error: run it from the repository root as a module: python -m data.prepare [--flags]")
+from posenc.tokenizer import EOT, get_tokenizer, tokenizer_info
 
 LONG_DOC_LENS = (16384, 32768)  # meta.json counts documents at least this long (the usual eval lengths)
 PG19_LIST_URL = "https://storage.googleapis.com/storage/v1/b/deepmind-gutenberg/o"

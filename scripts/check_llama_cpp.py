@@ -1,6 +1,6 @@
 """llama.cpp against our model on GGUF exports: logits, greedy tokens, perplexity past L, tokenization, speed.
 
-    python scripts/check_llama_cpp.py --ckpts=out/rope/ckpt.pt,out/rope_linear_x4/ckpt.pt --data_dir=data/stdlib
+    python -m scripts.check_llama_cpp --ckpts=out/rope/ckpt.pt,out/rope_linear_x4/ckpt.pt --data_dir=data/stdlib
     (scripts/check_llama_cpp.sh trains and extends the models, builds llama-cpp-python and runs this)
 
 For every checkpoint and dtype (f32, f16, bf16, q8_0) the export is run by llama.cpp (llama-cpp-python, one
@@ -28,14 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import export_gguf  # noqa: E402
-from checkpoint import model_from_checkpoint  # noqa: E402
-from evaluate import held_out_documents  # noqa: E402
-from rope_scaling import original_length  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+from evaluate import held_out_documents
+from posenc.checkpoint import model_from_checkpoint
+from posenc.rope_scaling import original_length
+from posenc.tokenizer import get_tokenizer
+from scripts import export_gguf
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")  # gated: f32; the others are reported (they measure their rounding)
 NO_REPACK = ("q8_0",)  # run with llama.cpp's --no-repack: its AMX repacked Q8_0 kernels crashed on the check's VM

@@ -30,7 +30,7 @@ fi
 
 if [ -z "${CKPT:-}" ]; then
   DATA=$WORK/data
-  [ -f "$DATA/meta.json" ] || python data/prepare.py --out_dir="$DATA" --max_tokens=2000000
+  [ -f "$DATA/meta.json" ] || python -m data.prepare --out_dir="$DATA" --max_tokens=2000000
   for scheme in rope alibi; do  # gelu_tanh, llama.cpp's GELU: parity with the model as it is
     [ -f "$WORK/$scheme/ckpt.pt" ] || python train.py configs/cpu.toml --data_dir="$DATA" --out_dir="$WORK/$scheme" \
       --max_iters="${MAX_ITERS:-60}" --eval_interval=0 --ckpt_interval=0 --pos_encoding=$scheme \
@@ -46,5 +46,5 @@ for method in linear yarn; do  # training-free: the same weights under the scale
                                             --steps=0 --out_dir="${RUN}_${method}_x4"
 done
 
-python scripts/check_llama_cpp.py --ckpts="$CKPT,${RUN}_linear_x4/ckpt.pt,${RUN}_yarn_x4/ckpt.pt${MORE:-}" \
+python -m scripts.check_llama_cpp --ckpts="$CKPT,${RUN}_linear_x4/ckpt.pt,${RUN}_yarn_x4/ckpt.pt${MORE:-}" \
   --data_dir="$DATA" --out_dir="$WORK/report" --build_seconds="$BUILD_SECONDS" ${THREADS:+--threads=$THREADS}

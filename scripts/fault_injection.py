@@ -1,8 +1,8 @@
 """Fault injection: kill a tiny training run at random moments; resuming must give exactly the run that was
 never stopped.
 
-    python scripts/fault_injection.py                            # 10 trials of each fault (a few minutes on CPU)
-    python scripts/fault_injection.py --trials=3 --faults=kill_during_save
+    python -m scripts.fault_injection                            # 10 trials of each fault (a few minutes on CPU)
+    python -m scripts.fault_injection --trials=3 --faults=kill_during_save
 
 Faults: `kill` (SIGKILL at a random moment), `kill_during_save` (SIGKILL while a checkpoint is being written:
 the write is slowed down so the moment can be hit), `term` (SIGTERM: train.py saves, exits 143). After each
@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from data.prepare import prepare
+from posenc.checkpoint import load_checkpoint
+from posenc.cli import cli
+from posenc.config import check_fields, parse
 
-from checkpoint import load_checkpoint  # noqa: E402
-from config import check_fields, cli, parse  # noqa: E402
-from data.prepare import prepare  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # train.py is run from here
 
 FAULTS = ("kill", "kill_during_save", "term")
 
@@ -40,14 +40,13 @@ FLAGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch
 # Run train.py with each checkpoint write slowed down (fsync sleeps), so that a kill can land inside one.
 SLOW_SAVE = ("import os, sys, time, runpy; fsync = os.fsync; "
              "os.fsync = lambda fd: (time.sleep(0.3), fsync(fd))[1]; "
-             f"sys.argv = ['train.py'] + sys.argv[1:]; sys.path.insert(0, {str(ROOT)!r}); "
-             f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
+             "sys.argv = ['train.py'] + sys.argv[1:]; runpy.run_module('train', run_name='__main__')")
 
 
 def train(out_dir, data_dir, *extra, slow_save=False):
-    cmd = [sys.executable, "-c", SLOW_SAVE] if slow_save else [sys.executable, str(ROOT / "train.py")]
+    cmd = [sys.executable, "-c", SLOW_SAVE] if slow_save else [sys.executable, "-m", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
-    return subprocess.Popen([*cmd, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *FLAGS, *extra], env=env,
+    return subprocess.Popen([*cmd, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *FLAGS, *extra], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -1,4 +1,5 @@
-"""Tests import the top-level modules (model, positions, train, ...) from the repository root.
+"""Tests import the stages (model, train, ...) and the package (posenc) from the repository root, put on the
+path by pytest.ini's `pythonpath`, as a user's code run from the root would.
 
 `tiny` is the one small model every test file builds: tiny(**overrides) -> GPT in eval mode.
 """
@@ -11,10 +12,9 @@ import sysconfig
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+from model import GPT, GPTConfig
 
-from model import GPT, GPTConfig  # noqa: E402  (after the path is set)
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = dict(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=32)
 
@@ -65,11 +65,11 @@ def tiny():
 
 @pytest.fixture
 def threads_of_a_worker_slot():
-    """Run this test's in-process work with the thread count that jobs.py gives each of two parallel
+    """Run this test's in-process work with the thread count that posenc/jobs.py gives each of two parallel
     subprocesses (half the cores), so that in-process and parallel runs reduce their sums in the same order
     and give bit-identical numbers. A different thread count changes float32 rounding (last bits), which can
     flip a near-zero difference's sign or a greedy passkey token, so no tolerance can state that comparison."""
-    import jobs
+    from posenc import jobs
     before = torch.get_num_threads()
     torch.set_num_threads(int(jobs._slots(2)[0]["OMP_NUM_THREADS"]))
     yield
@@ -83,7 +83,7 @@ def _seed():
 
 def error_line(main, argv):
     """The message a CLI (config.cli) exits with for bad input, checked to be one line starting with 'error: '."""
-    from config import cli
+    from posenc.cli import cli
     with pytest.raises(SystemExit) as e:
         cli(main, argv, errors=(ValueError, OSError, ImportError))
     msg = str(e.value.code)

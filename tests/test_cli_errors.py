@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-import bench_decode
-import bench_model
+from scripts import bench_decode
+from scripts import bench_model
 import evaluate
 import extend_context
 import reproduce
 import sample
-import sweep
+from scripts import sweep
 import train
-from config import cli
+from posenc.cli import cli
 from data.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ CASES = [  # (script, arguments with {run} and {root} filled in, what the one li
     (reproduce, ["--seeds=0"], "config key 'seeds': expected a number >= 1"),
     (sweep, ["--pos_encoding=rope,rotary"], "unknown pos_encoding 'rotary'"),
     (sweep, ["--seed=0,1,0"], "config key 'seed': a value is repeated"),
-    (sweep, ["--out_dir={root}/x"], "sweep.py sets --out_dir for each run itself"),
+    (sweep, ["--out_dir={root}/x"], "scripts/sweep.py sets --out_dir for each run itself"),
     (sweep, ["--max_iter=3"], "unknown config key 'max_iter' (did you mean 'max_iters'?)"),
     (sweep, ["--eval_tasks=ppl,wall"], "config key 'eval_tasks': choose from position, ppl"),
     (sweep, ["--workers=-1"], "config key 'workers': expected a number >= 0"),
@@ -111,10 +111,13 @@ def test_bad_input_is_one_line_and_loses_nothing(script, argv, message, run, cap
     assert digest(run / "run") == before
 
 
-@pytest.mark.parametrize("script, argv", [("train.py", ["--batch_size=0"]), ("extend_context.py", ["--factor=nan"]),
-                                          ("sample.py", ["--top_p=0"]), ("evaluate.py", ["--max_len=0"]),
-                                          ("reproduce.py", ["--scale", "tpu"]), ("sweep.py", ["--seed=1,x"])])
-def test_the_real_command_lines_exit_1_without_a_traceback(script, argv, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120)
+@pytest.mark.parametrize("command, argv", [("train.py", ["--batch_size=0"]), ("extend_context.py", ["--factor=nan"]),
+                                           ("sample.py", ["--top_p=0"]), ("evaluate.py", ["--max_len=0"]),
+                                           ("reproduce.py", ["--scale", "tpu"]), ("-m scripts.sweep", ["--seed=1,x"]),
+                                           ("data/prepare.py", [])])  # by path: says to run it as a module
+def test_the_real_command_lines_exit_1_without_a_traceback(command, argv, tmp_path):
+    """As a user types them: a stage by its file from another folder, a script as a module from the root."""
+    cmd = command.split() if command.startswith("-m") else [str(ROOT / command)]
+    proc = subprocess.run([sys.executable, *cmd, *argv], capture_output=True, text=True,
+                          cwd=ROOT if command.startswith("-m") else tmp_path, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr

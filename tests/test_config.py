@@ -1,4 +1,4 @@
-"""config.py: defaults < TOML file < flags for any config dataclass, typed values, one-line errors that name the key."""
+"""posenc/config.py: defaults < TOML file < flags for any config dataclass, typed values, one-line errors that name the key."""
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -7,9 +7,10 @@ from typing import Literal
 import pytest
 
 import reproduce
-from config import ConfigError, check_fields, cli, from_dict, parse, to_dict
+from posenc.config import ConfigError, check_fields, from_dict, parse, to_dict
+from posenc.cli import cli
 from model import GPTConfig
-from positions import SCHEMES
+from posenc.positions import SCHEMES
 from train import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""prepare.py writes a deterministic, document-split corpus; loader.py reads it and samples resumable windows."""
+"""prepare.py writes a deterministic, document-split corpus; posenc/data.py reads it and samples resumable windows."""
 import hashlib
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import BatchSampler, data_identity, load_meta, load_split, long_documents
+from posenc.data import BatchSampler, data_identity, load_meta, load_split, long_documents
 from data.prepare import DataError, is_val, main, prepare
-from tokenizer import EOT, get_tokenizer
+from posenc.tokenizer import EOT, get_tokenizer
 
 
 def words(n: int, tag: str) -> str:
@@ -101,7 +101,7 @@ def test_prepare_errors(tmp_path, capsys):
 
 def test_load_errors_name_the_fix(prepared, tmp_path):
     missing = tmp_path / "nothing"
-    with pytest.raises(FileNotFoundError, match=rf"no prepared data at {missing}: run `python data/prepare.py --out_dir={missing}`"):
+    with pytest.raises(FileNotFoundError, match=rf"no prepared data at {missing}: run `python -m data.prepare --out_dir={missing}`"):
         load_meta(missing)
     with pytest.raises(ValueError, match="unknown split 'test'"):
         load_split(prepared[0], "test")
@@ -199,7 +199,7 @@ def test_too_small_corpus_is_a_clear_error(prepared):
 
 
 def test_compact_vocabulary_keeps_frequent_tokens_and_round_trips(corpus, prepared, tmp_path):
-    from tokenizer import tokenizer_for
+    from posenc.tokenizer import tokenizer_for
 
     meta = prepare(str(corpus[0]), tmp_path, val_fraction=0.3, vocab_size=64, quiet=True)
     vocab = meta["vocab"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from checkpoint import load_checkpoint
+from posenc.checkpoint import load_checkpoint
 from data.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent

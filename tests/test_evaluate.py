@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import evaluate
-import tasks as ev
-from config import cli
+from posenc import eval_tasks as ev
+from posenc.cli import cli
 from conftest import tiny_config
 from evaluate import EvalConfig
 from model import GPT
-from tokenizer import get_tokenizer
+from posenc.tokenizer import get_tokenizer
 
 
 def tiny(pos="rope", block_size=32, vocab_size=256, n_layer=1):

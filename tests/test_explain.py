@@ -10,11 +10,11 @@ import torch
 
 import explain
 import train
-from config import cli
+from posenc.cli import cli
 from data.prepare import prepare
 from model import record_attention
-from positions import SCHEMES
-from rope_scaling import inverse_frequencies
+from posenc.positions import SCHEMES
+from posenc.rope_scaling import inverse_frequencies
 
 
 def test_pairs_that_never_turn_within_L_match_a_hand_count():

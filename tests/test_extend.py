@@ -13,9 +13,9 @@ import torch
 
 import extend_context
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
-from config import cli
-from data.loader import BatchSampler
+from posenc.checkpoint import load_checkpoint, model_from_checkpoint
+from posenc.cli import cli
+from posenc.data import BatchSampler
 from conftest import stdlib_corpus
 from data.prepare import prepare
 from extend_context import ExtendConfig, extend

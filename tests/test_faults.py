@@ -1,11 +1,7 @@
-"""Fault injection on a tiny run, a few trials of each fault (the long version: scripts/fault_injection.py)."""
-import sys
-from pathlib import Path
-
+"""Fault injection on a tiny run, a few trials of each fault (the long version: python -m scripts.fault_injection)."""
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import fault_injection  # noqa: E402
+from scripts import fault_injection
 
 
 @pytest.mark.parametrize("fault", fault_injection.FAULTS)

@@ -16,13 +16,13 @@ from conftest import EXPORT_LEN, error_line, random_export_model as random_model
 
 gguf = pytest.importorskip("gguf")
 
-import export_gguf  # noqa: E402
-from checkpoint import FORMAT_VERSION, save_checkpoint  # noqa: E402
-from config import to_dict as config_to_dict  # noqa: E402
+from scripts import export_gguf  # noqa: E402
+from posenc.checkpoint import FORMAT_VERSION, save_checkpoint  # noqa: E402
+from posenc.config import to_dict as config_to_dict  # noqa: E402
 from model import GPT  # noqa: E402
-from positions import RoPE, alibi_slopes, permute_rope_layout  # noqa: E402
-from rope_scaling import rope_frequencies  # noqa: E402
-from tokenizer import EOT, get_tokenizer  # noqa: E402
+from posenc.positions import RoPE, alibi_slopes, permute_rope_layout  # noqa: E402
+from posenc.rope_scaling import rope_frequencies  # noqa: E402
+from posenc.tokenizer import EOT, get_tokenizer  # noqa: E402
 from train import TrainConfig  # noqa: E402
 
 L = EXPORT_LEN  # the original training length of the test models

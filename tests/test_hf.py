@@ -18,15 +18,15 @@ from conftest import EXPORT_LEN, error_line, random_export_model as random_model
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-import export_hf  # noqa: E402
-import import_hf  # noqa: E402
-from checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint  # noqa: E402
-from config import to_dict as config_to_dict  # noqa: E402
+from scripts import export_hf  # noqa: E402
+from scripts import import_hf  # noqa: E402
+from posenc.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint  # noqa: E402
+from posenc.config import to_dict as config_to_dict  # noqa: E402
 from model import GPT  # noqa: E402
-from positions import permute_rope_layout  # noqa: E402
+from posenc.positions import permute_rope_layout  # noqa: E402
 from train import TrainConfig  # noqa: E402
 from sample import generate  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+from posenc.tokenizer import get_tokenizer  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

@@ -13,8 +13,8 @@ from torch.testing import assert_close
 
 from conftest import tiny_config
 from model import GPT
-from positions import SCHEMES
-from rope_scaling import ROPE_SCALING, length_dependent
+from posenc.positions import SCHEMES
+from posenc.rope_scaling import ROPE_SCALING, length_dependent
 from sample import generate
 
 BLOCK = 32  # training length of the tiny models; sequences below go past it

@@ -5,9 +5,9 @@ import dataclasses
 import torch
 
 from conftest import tiny_config
-from longrope_search import MAX_EXT, STARTS, mean_loss, project, search
+from posenc.longrope_search import MAX_EXT, STARTS, mean_loss, project, search
 from model import GPT
-from rope_scaling import ROPE_SCALING, scaling_dict
+from posenc.rope_scaling import ROPE_SCALING, scaling_dict
 
 L, FACTOR = 16, 4.0
 

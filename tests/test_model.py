@@ -9,7 +9,7 @@ from torch.testing import assert_close
 import model as model_module
 from conftest import tiny_config
 from model import GPT, chunked_cross_entropy
-from positions import SCHEMES
+from posenc.positions import SCHEMES
 
 EXTRAPOLATING = [s for s, cls in SCHEMES.items() if GPT(tiny_config(pos_encoding=s)).transformer.pos.max_len is None]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-import papers
+from posenc import papers
 
 
 def test_nearest_picks_the_closest_multiple_of_either_training_length():

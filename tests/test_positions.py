@@ -7,8 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_config
-from positions import ALiBi, Sinusoidal, alibi_slopes, apply_rope, permute_rope_layout, rope_cos_sin, sinusoidal_table
-from rope_scaling import rope_frequencies
+from posenc.positions import ALiBi, Sinusoidal, alibi_slopes, apply_rope, permute_rope_layout, rope_cos_sin, sinusoidal_table
+from posenc.rope_scaling import rope_frequencies
 
 
 @pytest.mark.parametrize("n_head, expected", [

@@ -9,9 +9,9 @@ import pytest
 
 import evaluate
 import reproduce
-import tasks
-from config import Interrupted
-from data.loader import BatchSampler
+from posenc import eval_tasks as tasks
+from posenc.cli import Interrupted
+from posenc.data import BatchSampler
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp
 
 
 def test_schemes_add_to_the_default_five_or_replace_them(tmp_path):
-    from config import parse
+    from posenc.config import parse
     five = ("learned", "sinusoidal", "alibi", "rope", "none")
     assert parse(reproduce.ReproduceConfig, []).schemes == reproduce.DEFAULT_SCHEMES == five
     added = parse(reproduce.ReproduceConfig, ["--schemes=+rope_nope,t5"]).schemes

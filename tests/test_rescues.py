@@ -15,14 +15,15 @@ import evaluate
 import extend_context
 import sample
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
-from config import ConfigError, cli
+from posenc.checkpoint import load_checkpoint, model_from_checkpoint
+from posenc.config import ConfigError
+from posenc.cli import cli
 from conftest import stdlib_corpus
 from extend_context import ExtendConfig, extend
 from model import GPT, GPTConfig
-from pose import pose_positions
-from positions import self_extend_attention, set_self_extend
-from rope_scaling import abf_base, inverse_frequencies, rope_frequencies
+from posenc.pose import pose_positions
+from posenc.positions import self_extend_attention, set_self_extend
+from posenc.rope_scaling import abf_base, inverse_frequencies, rope_frequencies
 from train import TrainConfig
 
 BASE_LEN, TARGET_LEN = 32, 128

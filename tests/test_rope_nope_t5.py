@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import export_hf
+from scripts import export_hf
 import extend_context
 import model as model_module
 from conftest import tiny_config
 from model import GPT
-from positions import NoPE, RoPE, RoPENoPE, t5_buckets
-from rope_scaling import ROPE_SCALING, length_dependent
+from posenc.positions import NoPE, RoPE, RoPENoPE, t5_buckets
+from posenc.rope_scaling import ROPE_SCALING, length_dependent
 from test_kv_cache import TIGHT, cached_logits, prefix_logits
 from train import load_config
 

@@ -9,8 +9,8 @@ from torch.testing import assert_close
 
 from conftest import tiny_config
 from model import GPT
-from positions import RoPE, apply_rope, rope_cos_sin
-from rope_scaling import rope_frequencies
+from posenc.positions import RoPE, apply_rope, rope_cos_sin
+from posenc.rope_scaling import rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
@@ -44,7 +44,7 @@ def random_longrope(rng):
     if rng.random() < 0.3:
         params["attention_factor"] = rng.uniform(0.5, 2)
     ours = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    ours["factor"] = params.get("factor", max_len / L)  # transformers' default, which import_hf.py writes in
+    ours["factor"] = params.get("factor", max_len / L)  # transformers' default, which scripts/import_hf.py writes in
     return head_dim, params, ours, d, max_len
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sample
-from checkpoint import FORMAT_VERSION, save_checkpoint
-from config import cli
+from posenc.checkpoint import FORMAT_VERSION, save_checkpoint
+from posenc.cli import cli
 from sample import filter_logits, generate
 
 

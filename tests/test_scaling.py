@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from positions import RoPE, rope_cos_sin
-from rope_scaling import ROPE_SCALING, check_scaling, rope_frequencies
+from posenc.positions import RoPE, rope_cos_sin
+from posenc.rope_scaling import ROPE_SCALING, check_scaling, rope_frequencies
 
 L4K = 4096
 IDX = [0, 8, 16, 24, 31]

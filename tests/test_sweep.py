@@ -1,4 +1,4 @@
-"""sweep.py: the grid, resuming an interrupted sweep, and the statistics (checked against hand computations)."""
+"""scripts/sweep.py: the grid, resuming an interrupted sweep, and the statistics (checked against hand computations)."""
 import json
 import math
 import os
@@ -8,11 +8,12 @@ import sysconfig
 import pytest
 
 import evaluate
-import jobs
-import sweep
-import tasks
-from config import ConfigError, Interrupted
-from data.loader import BatchSampler
+from posenc import jobs
+from scripts import sweep
+from posenc import eval_tasks as tasks
+from posenc.config import ConfigError
+from posenc.cli import Interrupted
+from posenc.data import BatchSampler
 from data.prepare import prepare
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--max_iters=4",
@@ -181,15 +182,13 @@ def test_parallel_workers_give_the_sequential_numbers(data_dir, tmp_path, thread
 
 
 def test_a_job_whose_dependency_failed_does_not_run(tmp_path, capsys):
+    import train
     calls = []
-    jobs.MAINS["record"] = calls.append  # a stand-in script: records its argv
-    try:
-        todo = [jobs.Job("a", [("train.py", ["--batch_size=0"])]),  # fails: a bad value
-                jobs.Job("b", [("record", ["b"])], after=("a",)),
-                jobs.Job("c", [("record", ["c"])], on_done=lambda s: calls.append(["c done"]))]
-        assert jobs.run_jobs(todo, workers=1) == ["a", "b"]
-    finally:
-        del jobs.MAINS["record"]
+    record = calls.append  # a stand-in stage: records its argv
+    todo = [jobs.Job("a", [(train.main, ["--batch_size=0"])]),  # fails: a bad value
+            jobs.Job("b", [(record, ["b"])], after=("a",)),
+            jobs.Job("c", [(record, ["c"])], on_done=lambda s: calls.append(["c done"]))]
+    assert jobs.run_jobs(todo, workers=1) == ["a", "b"]
     assert calls == [["c"], ["c done"]]
     assert "b not run: a failed" in capsys.readouterr().err
 

@@ -4,8 +4,8 @@ import shutil
 import pytest
 import tiktoken
 
-import tokenizer
-from tokenizer import EOT, get_tokenizer, tokenizer_info
+from posenc import tokenizer
+from posenc.tokenizer import EOT, get_tokenizer, tokenizer_info
 
 
 @pytest.fixture

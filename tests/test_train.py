@@ -17,12 +17,12 @@ import torch
 
 import model as model_module
 import train
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from config import Interrupted
-from data.loader import BatchSampler
+from posenc.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from posenc.cli import Interrupted
+from posenc.data import BatchSampler
 from data.prepare import prepare
-from positions import SCHEMES
-from run_folder import RunFolderError
+from posenc.positions import SCHEMES
+from posenc.run_folder import RunFolderError
 from train import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

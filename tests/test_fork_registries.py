@@ -15,11 +15,11 @@ import evaluate
 import extend_context
 import sample
 import train
-from checkpoint import model_from_checkpoint
-from config import cli
+from posenc.checkpoint import model_from_checkpoint
+from posenc.cli import cli
 from data.prepare import prepare
-from positions import SCHEMES, RoPE
-from rope_scaling import ROPE_SCALING, ScalingMethod
+from posenc.positions import SCHEMES, RoPE
+from posenc.rope_scaling import ROPE_SCALING, ScalingMethod
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
         "--warmup_iters=1", "--eval_interval=4", "--eval_iters=1", "--log_interval=2", "--device=cpu"]

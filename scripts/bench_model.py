@@ -1,10 +1,10 @@
 r"""Forward+backward throughput and peak memory of each position scheme at one context length.
 
-    python bench_model.py                                   # CPU: the small default model, T=256
-    python bench_model.py --side_by_side --batch_size=8 --vocab_size=4096   # every scheme at the chosen dtype and
+    python -m scripts.bench_model                                   # CPU: the small default model, T=256
+    python -m scripts.bench_model --side_by_side --batch_size=8 --vocab_size=4096   # every scheme at the chosen dtype and
                                                             # compile beside fp32 eager `learned` (nanoGPT's step)
-    python bench_model.py --T=4096 --batch_size=8 --n_layer=6 --n_head=6 --n_embd=384 --compile   # GPU
-    python bench_model.py --T=32768 --batch_size=1 --n_layer=12 --n_head=12 --n_embd=768 --schemes=rope \
+    python -m scripts.bench_model --T=4096 --batch_size=8 --n_layer=6 --n_head=6 --n_embd=384 --compile   # GPU
+    python -m scripts.bench_model --T=32768 --batch_size=1 --n_layer=12 --n_head=12 --n_embd=768 --schemes=rope \
         --activation_checkpointing=true      # long-context fine-tuning memory, GPT-2-124M shape
 
 Any GPTConfig key is a flag (--rope_theta=5e5, --attn_backend=sdpa, ...). Measures; asserts nothing. Prints a
@@ -20,10 +20,13 @@ from typing import Literal
 
 import torch
 
-from config import (COMPILE_MIN_STEPS, at_least, check_fields, cli, parse, resolve_compile, resolve_device,
-                    resolve_dtype)
+from posenc.config import at_least, check_fields, parse
+
+from posenc.runtime import COMPILE_MIN_STEPS, resolve_compile, resolve_device, resolve_dtype
+
+from posenc.cli import cli
 from model import GPT, GPTConfig
-from positions import SCHEMES
+from posenc.positions import SCHEMES
 
 
 @dataclass

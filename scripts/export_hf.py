@@ -1,12 +1,12 @@
 """Export a checkpoint to a Hugging Face `transformers` folder whose fp32 logits equal ours.
 
-    python export_hf.py --ckpt=out/cpu_rope/ckpt.pt --out_dir=hf/cpu_rope
+    python -m scripts.export_hf --ckpt=out/cpu_rope/ckpt.pt --out_dir=hf/cpu_rope
 
 rope -> GPTNeoXForCausalLM (sequential residual, our GELU, tied embeddings, scaling as rope_parameters),
 learned -> GPT2LMHeadModel. The other schemes have no exact architecture in transformers (each says why, as its
-`no_export` in positions.py). The folder holds config.json (with a "posenc" record of our config, so import_hf.py
+`no_export` in posenc/positions.py). The folder holds config.json (with a "posenc" record of our config, so scripts/import_hf.py
 restores it exactly), model.safetensors, GPT-2's tokenizer files and a README.md model card. The export is refused
-unless the transformers model's logits equal ours on a probe sequence. The mapping itself is in hf.py.
+unless the transformers model's logits equal ours on a probe sequence. The mapping itself is in posenc/hf_mapping.py.
 """
 import dataclasses
 import json
@@ -14,13 +14,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import model_from_checkpoint
-from config import ConfigError, check_fields, cli, parse
-from hf import (GPT2_VOCAB, NEOX, architecture, check_parity, convert, hf_config, key_pairs, legacy_rope,
+from posenc.checkpoint import model_from_checkpoint
+from posenc.config import ConfigError, check_fields, parse
+from posenc.cli import cli
+from posenc.hf_mapping import (GPT2_VOCAB, NEOX, architecture, check_parity, convert, hf_config, key_pairs, legacy_rope,
                 parity_lengths, require_transformers, rope_parameters)
-from positions import SCHEMES, permute_rope_layout
-from run_folder import claim, clear
-from tokenizer import find_tokenizer_dir
+from posenc.positions import SCHEMES, permute_rope_layout
+from posenc.run_folder import claim, clear
+from posenc.tokenizer import find_tokenizer_dir
 
 
 @dataclass

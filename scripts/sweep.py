@@ -1,9 +1,9 @@
 """Sweeps: a grid over any train.py config fields and seeds; every run trained and evaluated, and one summary
 of mean ± standard deviation over seeds.
 
-    python sweep.py configs/cpu.toml --pos_encoding=rope,alibi,learned --seed=0,1,2
-    python sweep.py configs/cpu.toml --pos_encoding=rope,alibi --rope_theta=1e4,5e5 --seed=0,1,2 --max_iters=300
-    python sweep.py configs/gpu30m.toml --pos_encoding=rope,alibi,learned --seed=0,1,2 --workers=0   # a run per GPU
+    python -m scripts.sweep configs/cpu.toml --pos_encoding=rope,alibi,learned --seed=0,1,2
+    python -m scripts.sweep configs/cpu.toml --pos_encoding=rope,alibi --rope_theta=1e4,5e5 --seed=0,1,2 --max_iters=300
+    python -m scripts.sweep configs/gpu30m.toml --pos_encoding=rope,alibi,learned --seed=0,1,2 --workers=0   # a run per GPU
 
 A train.py flag whose value has commas is an axis of the grid (dict and list values never are); every other
 flag applies to every run, and every combination is checked before the first run starts. Each run trains in
@@ -26,11 +26,12 @@ from pathlib import Path
 
 import evaluate
 import train
-from config import ConfigError, at_least, check_fields, cli, key_types, parse, split_argv
-from data.loader import load_meta
-from jobs import Job, run_jobs
-from run_folder import RunFolderError, holds_run, write_atomic
-from tasks import TASKS
+from posenc.config import ConfigError, at_least, check_fields, key_types, parse, split_argv
+from posenc.cli import cli
+from posenc.data import load_meta
+from posenc.jobs import Job, run_jobs
+from posenc.run_folder import RunFolderError, holds_run, write_atomic
+from posenc.eval_tasks import TASKS
 
 SEED = "seed"  # the axis that is averaged over
 SEP = "__"  # between key=value pairs in a run's folder name
@@ -44,7 +45,7 @@ class SweepConfig:
     workers: int = 0  # runs at once; 0: one per visible CUDA device, or 2 on a CPU (each with half its cores)
     evaluate: bool = True  # evaluate every run with evaluate.py (into <run>/eval)
     eval_len: int | None = None  # evaluate.py --max_len; None: 8 x the run's block_size
-    eval_tasks: tuple[str, ...] = ("position", "ppl", "short")  # tasks of tasks.py (also passkey, recall)
+    eval_tasks: tuple[str, ...] = ("position", "ppl", "short")  # tasks of posenc/eval_tasks.py (also passkey, recall)
     eval_docs: int = 12  # evaluate.py --n_docs: long val documents per run
 
     def __post_init__(self):
@@ -88,7 +89,7 @@ def split_grid(flags: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     for flag in flags:
         key, _, value = flag[2:].partition("=")
         if key in NOT_SWEPT:
-            raise ConfigError(f"sweep.py sets --{key} for each run itself: give --sweep_dir instead")
+            raise ConfigError(f"scripts/sweep.py sets --{key} for each run itself: give --sweep_dir instead")
         if "," not in value or not _sweepable(types[key]):
             fixed.append(flag)
             continue
@@ -151,10 +152,10 @@ def commands(run: Run, cfg: SweepConfig, file: str | None, group: str) -> list[t
     train_argv = [*([file] if file else []), *run.flags, f"--wandb_group={group}"]
     if holds_run(run.dir):
         train_argv.append("--resume=true")  # an interrupted run continues; a finished one returns at once
-    out = [("train.py", train_argv)]
+    out = [(train.main, train_argv)]
     if cfg.evaluate:
         max_len = cfg.eval_len or 8 * run.cfg.model.block_size
-        out.append(("evaluate.py", [f"--ckpt={run.dir / 'ckpt.pt'}", f"--data_dir={run.cfg.data_dir}",
+        out.append((evaluate.main, [f"--ckpt={run.dir / 'ckpt.pt'}", f"--data_dir={run.cfg.data_dir}",
                                     f"--max_len={max_len}", f"--tasks={','.join(cfg.eval_tasks)}",
                                     f"--n_docs={cfg.eval_docs}", f"--out_dir={run.dir / 'eval'}", "--resume=true",
                                     f"--device={run.cfg.device}"]))

@@ -1,8 +1,8 @@
 """Decode speed: tokens/s with the KV cache vs recomputing the whole context, at several context lengths.
 
-    python bench_decode.py                                        # ~30M shape, rope, 1k and 4k, CPU or GPU
-    python bench_decode.py --contexts=1024,4096,32768 --out=out/bench_decode.json
-    python bench_decode.py --pos_encoding=alibi --n_layer=2 --n_embd=128 --n_head=4
+    python -m scripts.bench_decode                                        # ~30M shape, rope, 1k and 4k, CPU or GPU
+    python -m scripts.bench_decode --contexts=1024,4096,32768 --out=out/bench_decode.json
+    python -m scripts.bench_decode --pos_encoding=alibi --n_layer=2 --n_embd=128 --n_head=4
 
 Random weights (speed does not depend on them); any GPTConfig key is a flag. Both paths run sample.generate
 greedily from a random prompt of `context` tokens: the first token costs a prefill, and the tokens after it
@@ -18,7 +18,11 @@ from typing import Literal
 
 import torch
 
-from config import ConfigError, at_least, check_fields, cli, parse, resolve_device, resolve_dtype
+from posenc.config import ConfigError, at_least, check_fields, parse
+
+from posenc.runtime import resolve_device, resolve_dtype
+
+from posenc.cli import cli
 from model import GPT, GPTConfig
 from sample import generate, to_inference_dtype
 

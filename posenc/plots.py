@@ -1,6 +1,6 @@
 """Report pieces for evaluate.py: markdown tables and PNG plots from its results dict (or a results.json).
 
-    from plots import summary_markdown, plot_all
+    from posenc.plots import summary_markdown, plot_all
     results = json.load(open("out/eval/results.json"))
     print(summary_markdown(results)); plot_all(results, "out/eval")
 
@@ -10,7 +10,7 @@ cannot run a length (learned positions past their table) shows "cannot run", nev
 
 from pathlib import Path
 
-from tasks import PASSKEY_NEW_TOKENS, default_stride
+from posenc.eval_tasks import PASSKEY_NEW_TOKENS, default_stride
 
 CANNOT = "cannot run"
 SPANS = {"random": "random tokens of the text: only copying predicts them", "text": "a slice of other text"}

@@ -1,11 +1,11 @@
 """Import a local transformers GPT-NeoX or GPT-2 folder as a train.py checkpoint, exactly (rope or learned).
 
-    python import_hf.py --hf_dir=hf/cpu_rope --out_dir=out/cpu_rope_hf
+    python -m scripts.import_hf --hf_dir=hf/cpu_rope --out_dir=out/cpu_rope_hf
     python extend_context.py --ckpt=out/cpu_rope_hf/ckpt.pt --method=yarn --factor=4 --steps=0
 
 What our GPT cannot compute exactly is refused in one line: a parallel residual (Pythia, GPT-NeoX-20B), any
 activation but GELU (exact, or the tanh approximation of GPT-2's own checkpoints: our activation="gelu_tanh"),
-untied embeddings, other widths or epsilons, RoPE types we do not have. A folder written by export_hf.py carries
+untied embeddings, other widths or epsilons, RoPE types we do not have. A folder written by scripts/export_hf.py carries
 our config ("posenc" in config.json); it is used when it describes the same transformers model, so export ->
 import gives back config and weights bit for bit (the interleaved RoPE layout and an original length included).
 The import is refused unless our model gives the transformers model's logits.
@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import FORMAT_VERSION, load_weights, model_config, save_checkpoint
-from config import ConfigError, check_fields, cli, parse, to_dict
-from hf import (FROM_HF_ACTIVATION, ROPE_KEYS, check_parity, convert, hf_config, key_pairs, parity_lengths,
+from posenc.checkpoint import FORMAT_VERSION, load_weights, model_config, save_checkpoint
+from posenc.config import ConfigError, check_fields, parse, to_dict
+from posenc.cli import cli
+from posenc.hf_mapping import (FROM_HF_ACTIVATION, ROPE_KEYS, check_parity, convert, hf_config, key_pairs, parity_lengths,
                 require_transformers)
 from model import GPT, GPTConfig
-from positions import permute_rope_layout
-from rope_scaling import ROPE_SCALING
-from run_folder import claim, clear
-from tokenizer import find_tokenizer_dir
+from posenc.positions import permute_rope_layout
+from posenc.rope_scaling import ROPE_SCALING
+from posenc.run_folder import claim, clear
+from posenc.tokenizer import find_tokenizer_dir
 from train import TrainConfig
 
 @dataclass
@@ -60,7 +61,7 @@ def our_scaling(params, max_len):
     if unknown:
         raise ValueError(f"rope_type {kind!r} with {', '.join(sorted(unknown))} has no posenc equivalent")
     scaling = {"rope_type": kind, **{k: params[k] for k in ROPE_KEYS[kind] if params.get(k) is not None}}
-    m = ROPE_SCALING[kind]  # dynamic reads L from max_position_embeddings, as in hf.py
+    m = ROPE_SCALING[kind]  # dynamic reads L from max_position_embeddings, as in posenc/hf_mapping.py
     if ("original_max_position_embeddings" not in ROPE_KEYS[kind] and m.length_dependent) or \
             ("original_max_position_embeddings" not in scaling and m.needs_original_len):
         scaling["original_max_position_embeddings"] = max_len  # transformers' fallback (dynamic: always)
@@ -101,7 +102,7 @@ def derived_config(c, bias):
 
 
 def recorded_config(c, derived, transformers, path):
-    """The GPTConfig export_hf.py recorded, if it describes this same transformers model; else None."""
+    """The GPTConfig scripts/export_hf.py recorded, if it describes this same transformers model; else None."""
     record = getattr(c, "posenc", None)
     if not isinstance(record, dict) or "model" not in record:
         return None

@@ -20,9 +20,7 @@ import inspect
 import io
 import json
 import math
-import signal
 import sys
-import threading
 import tokenize
 import types
 import typing
@@ -348,103 +346,3 @@ def from_dict(cls, d: dict):
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-
-
-# ----------------------------------------------------------------------------- device and dtype
-
-def resolve_device(device: str) -> str:
-    """auto -> cuda, else mps, else cpu; a named device is checked here, so a typo is one line."""
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"bad value {device!r} for config key 'device': expected auto, cpu, cuda, cuda:N or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
-    index = torch.device(device).index
-    if not available or (kind == "cuda" and index is not None and index >= torch.cuda.device_count()):
-        raise ConfigError(f"device {device!r} is not available on this machine: use --device=auto or cpu")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX, ARM's BF16 extension), as Linux
-    reports it. There bf16 autocast trains a small model ~1.25x faster; elsewhere bf16 is emulated and slower
-    than fp32, so we never guess: no /proc/cpuinfo (macOS, Windows) means fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def resolve_dtype(dtype: str, device: str, training: bool = False) -> tuple[str, str]:
-    """(dtype, why). auto -> bfloat16 on a CUDA GPU that supports it; for training also on a CPU with native
-    bf16 (autocast: weights, optimizer state and losses stay fp32); else float32."""
-    import torch
-    if dtype != "auto":
-        return dtype, "set explicitly"
-    if device.startswith("cuda"):
-        ok = torch.cuda.is_bf16_supported()
-        return ("bfloat16", "auto: this GPU has bf16") if ok else ("float32", "auto: this GPU has no bf16")
-    if training and device == "cpu":
-        if cpu_has_native_bf16():
-            return "bfloat16", "auto: this CPU computes bf16 natively (autocast; fp32 weights, optimizer and loss)"
-        return "float32", "auto: this CPU has no native bf16 (emulated bf16 is slower than fp32)"
-    return "float32", f"auto: float32 on {device}"
-
-
-COMPILE_MIN_STEPS = 500  # torch.compile costs ~45 s on 2 CPU cores and saves ~0.1 s a step at the CPU scale
-
-
-def resolve_compile(compile, device: str, steps: int) -> tuple[bool, str]:
-    """(compile, why). auto -> compile when the run is long enough to repay the compilation, on CUDA, or on a
-    CPU with a C++ compiler (TorchInductor generates C++ there)."""
-    import shutil
-    if compile != "auto":
-        return compile, "set explicitly"
-    if steps < COMPILE_MIN_STEPS:
-        return False, f"auto: {steps} steps are too few to repay compiling (from {COMPILE_MIN_STEPS})"
-    if device.startswith("cuda"):
-        return True, f"auto: {steps} steps repay compiling"
-    if device == "cpu" and any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        return True, f"auto: {steps} steps repay compiling, and a C++ compiler is here for TorchInductor"
-    return False, f"auto: no torch.compile backend worth using on {device}"
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the work early; the message says what was kept. Exit status 128 + signal
-    (130 for SIGINT, 143 for SIGTERM), as shells report a process killed by that signal."""
-
-    def __init__(self, signum, message="interrupted"):
-        super().__init__(message)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
-
-
-def cli(main, argv=None, errors=(ValueError, OSError, RuntimeError)):
-    """Run a script's main(argv): a ConfigError or any of `errors` is one line `error: ...` and exit 1; an
-    interrupt (Ctrl-C, or SIGTERM, which raises Interrupted here) is one line and exit 130 or 143."""
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        return main(sys.argv[1:] if argv is None else argv)
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
-    except KeyboardInterrupt:
-        print("interrupted: stopped by SIGINT", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
-    except errors as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

@@ -14,7 +14,7 @@ import torch
 
 
 def _fix(data_dir) -> str:
-    return f"run `python data/prepare.py --out_dir={data_dir}`"
+    return f"run `python -m data.prepare --out_dir={data_dir}`"
 
 
 def load_meta(data_dir) -> dict:

@@ -1,11 +1,11 @@
 r"""Peak memory and step time of a PoSE step against a base-length step and a full-length fine-tune step.
 
-    python bench_pose.py                          # CPU: the CPU scale's model, L=256, PoSE to 4L, batch 8
-    python bench_pose.py --factor=8 --L=4096 --batch_size=8 --n_layer=6 --n_head=6 --n_embd=384   # GPU
+    python -m scripts.bench_pose                          # CPU: the CPU scale's model, L=256, PoSE to 4L, batch 8
+    python -m scripts.bench_pose --factor=8 --L=4096 --batch_size=8 --n_layer=6 --n_head=6 --n_embd=384   # GPU
 
 Each case runs in a fresh process, so that a CPU's peak resident memory is that case's alone:
   base         RoPE at L, batch_size sequences of L tokens (the base run's step)
-  pose         the model extended to factor·L (PI), batch_size windows of L with PoSE position ids (pose.py)
+  pose         the model extended to factor·L (PI), batch_size windows of L with PoSE position ids (posenc/pose.py)
   full_tokens  a full-length fine-tune with the same tokens per step: batch_size/factor sequences of factor·L
                (what extend_context.py does by default, so PoSE and it train on equal tokens)
   full_batch   a full-length fine-tune with as many sequences as the base: batch_size of factor·L (the
@@ -28,10 +28,14 @@ from typing import Literal
 
 import torch
 
-from config import at_least, check_fields, cli, parse, resolve_device
+from posenc.config import at_least, check_fields, parse
+
+from posenc.runtime import resolve_device
+
+from posenc.cli import cli
 from model import GPT, GPTConfig
-from pose import pose_positions
-from rope_scaling import scaling_dict
+from posenc.pose import pose_positions
+from posenc.rope_scaling import scaling_dict
 
 CASES = ("base", "pose", "full_tokens", "full_batch")
 
@@ -121,7 +125,7 @@ def main(argv=None):
           f"dtype={cfg.dtype} compile={cfg.compile} torch {torch.__version__}")
     rows = []
     for case in CASES:  # a fresh process each: a CPU's peak RSS never goes down
-        run = subprocess.run([sys.executable, __file__, *argv, f"--case={case}"], capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-m", __spec__.name, *argv, f"--case={case}"], capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"case {case} failed: {run.stderr.strip().splitlines()[-1] if run.stderr else ''}")
         rows.append(json.loads(run.stdout.strip().splitlines()[-1]))

@@ -1,6 +1,6 @@
 """Export a checkpoint to a GGUF file that llama.cpp runs, with our RoPE scaling in llama.cpp's own metadata keys.
 
-    python export_gguf.py --ckpt=out/cpu_rope/ckpt.pt --out=cpu_rope.gguf            # --dtype=f32|f16|bf16|q8_0
+    python -m scripts.export_gguf --ckpt=out/cpu_rope/ckpt.pt --out=cpu_rope.gguf            # --dtype=f32|f16|bf16|q8_0
     llama-cli -m cpu_rope.gguf -p "import os" -n 64
 
 rope -> llama.cpp's `gptneox`, learned -> its `gpt2`, alibi and none -> its `mpt`. What llama.cpp computes
@@ -24,7 +24,7 @@ yarn, factor, original_context_length, attn_factor), and any method that is plai
 ntk) as rope.freq_base. Every other one is refused in one line naming the nearest llama.cpp flag, after checking
 that llama.cpp's formula (llama_cpp_frequencies) gives exactly our frequencies. The tokenizer is GPT-2's BPE
 (tokens, merges, token types), so llama.cpp tokenizes text as tiktoken does; compact vocabularies are refused
-as export_hf.py refuses them.
+as scripts/export_hf.py refuses them.
 """
 import contextlib
 import functools
@@ -38,13 +38,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from checkpoint import model_from_checkpoint
-from config import ConfigError, check_fields, cli, parse
-from export_hf import check_vocabulary
-from hf import EOT, GPT2_VOCAB
-from positions import RoPE, alibi_slopes, permute_rope_layout
-from rope_scaling import inverse_frequencies, length_dependent, rope_frequencies
-from tokenizer import find_tokenizer_dir
+from posenc.checkpoint import model_from_checkpoint
+from posenc.config import ConfigError, check_fields, parse
+from posenc.cli import cli
+from scripts.export_hf import check_vocabulary
+from posenc.hf_mapping import EOT, GPT2_VOCAB
+from posenc.positions import RoPE, alibi_slopes, permute_rope_layout
+from posenc.rope_scaling import inverse_frequencies, length_dependent, rope_frequencies
+from posenc.tokenizer import find_tokenizer_dir
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our blocks use
 # our scheme -> llama.cpp architecture, and its position table (None: positions act in attention, or there are none)
@@ -79,7 +80,7 @@ def require_gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError("the gguf package is not installed: pip install gguf (optional; only export_gguf.py "
+        raise ImportError("the gguf package is not installed: pip install gguf (optional; only scripts/export_gguf.py "
                           "needs it)") from None
     return gguf
 

@@ -9,7 +9,7 @@ target length on a few held-out documents; the best is kept, so the result is ne
 those documents. Short factors stay 1: up to the original length the model is unchanged but for the attention
 factor, which transformers applies at every length.
 
-    from longrope_search import search
+    from posenc.longrope_search import search
     result = search(model, docs, target_len=1024, factor=4.0, original_len=256, budget=48, seed=0)
     result.scaling  # the rope_scaling dict (rope_type longrope) for the checkpoint
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoint import model_from_checkpoint
-from config import resolve_device
-from data.loader import long_documents
-from positions import RoPE
-from rope_scaling import ROPE_SCALING, rope_frequencies, scaling_dict
+from posenc.checkpoint import model_from_checkpoint
+from posenc.runtime import resolve_device
+from posenc.data import long_documents
+from posenc.positions import RoPE
+from posenc.rope_scaling import ROPE_SCALING, rope_frequencies, scaling_dict
 
 STARTS = ("linear", "ntk", "yarn")  # the methods the population starts from
 MAX_EXT = 1.25  # ext_i <= MAX_EXT * factor, the paper's search bound

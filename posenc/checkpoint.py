@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import flat_keys, from_dict
-from data.loader import check_vocabulary, data_identity, same_data
+from posenc.config import flat_keys, from_dict
+from posenc.data import check_vocabulary, data_identity, same_data
 from model import GPT, GPTConfig, RUNTIME_FIELDS
-from run_folder import holds_run
+from posenc.run_folder import holds_run
 
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes
 

@@ -14,13 +14,13 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
   check_config(config)    its own checks of a GPTConfig (called when the config is made)
   options                 its own keys of GPTConfig.pos_options, with their defaults (option_values)
   cache_key(seq_len)      changes when what a position means changes with the length (dynamic NTK)
-  no_export               why no transformers architecture computes it exactly (export_hf.py refuses with it)
+  no_export               why no transformers architecture computes it exactly (scripts/export_hf.py refuses with it)
 
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
 bias, Raffel et al. 2020). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
-proportional, direct, abf) is in rope_scaling.py.
+proportional, direct, abf) is in posenc/rope_scaling.py.
 """
 
 import math
@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
+from posenc.rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
 
 
 def rope_cos_sin(pos, inv_freq, attention_factor=1.0):
@@ -87,7 +87,7 @@ class PositionScheme(nn.Module):
     rope_types = ()  # rope_scaling types this scheme accepts
     no_scaling = "it has no positions to scale"  # why it refuses any other type
     options = {}  # this scheme's keys of GPTConfig.pos_options -> their defaults
-    no_export = None  # why export_hf.py cannot export it exactly; None: hf.ARCHITECTURES has its architecture
+    no_export = None  # why scripts/export_hf.py cannot export it exactly; None: hf.ARCHITECTURES has its architecture
 
     def __init__(self, config):
         super().__init__()
@@ -229,7 +229,7 @@ class ALiBi(SharedBias):
     no_scaling = "ALiBi needs no scaling: its bias depends only on distance, so it runs at any length as it is"
     no_export = ("transformers has no architecture with our ALiBi block: Falcon (alibi=True) adds the bias before "
                  "the 1/sqrt(head_dim) scaling (slopes m/sqrt(head_dim)) and builds it in bfloat16; BLOOM normalizes "
-                 "the token embeddings (word_embeddings_layernorm); rope and learned export (and export_gguf.py "
+                 "the token embeddings (word_embeddings_layernorm); rope and learned export (and scripts/export_gguf.py "
                  "writes ALiBi for llama.cpp)")
 
     def __init__(self, config):

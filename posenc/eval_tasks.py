@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rope_scaling import original_length
+from posenc.rope_scaling import original_length
 
 PASSKEY_NEW_TOKENS = 8  # greedy tokens generated after a passkey prompt; the answer is the first integer in them
 _last_log = [0.0]

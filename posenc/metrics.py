@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from run_folder import write_atomic
+from posenc.run_folder import write_atomic
 
 WANDB_PROJECT = "posenc"
 

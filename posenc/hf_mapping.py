@@ -1,5 +1,5 @@
-"""The mapping between our GPT and transformers' GPT-NeoX (rope) and GPT-2 (learned), shared by export_hf.py
-and import_hf.py: configs (RoPE scaling as rope_parameters, and as transformers 4.x's keys), state dict keys and
+"""The mapping between our GPT and transformers' GPT-NeoX (rope) and GPT-2 (learned), shared by scripts/export_hf.py
+and scripts/import_hf.py: configs (RoPE scaling as rope_parameters, and as transformers 4.x's keys), state dict keys and
 the two weight transforms (GPT-NeoX's per-head fused QKV rows, GPT-2's transposed Conv1D), and the logit check.
 transformers is optional: it is imported inside require_transformers only.
 """
@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from positions import RoPE
-from rope_scaling import ROPE_SCALING, inverse_frequencies, length_dependent, longrope_factors, rope_frequencies
+from posenc.positions import RoPE
+from posenc.rope_scaling import ROPE_SCALING, inverse_frequencies, length_dependent, longrope_factors, rope_frequencies
 
 GPT2_VOCAB, EOT = 50257, 50256
 # GPTConfig.activation -> transformers' name (hidden_act, activation_function); "gelu_new" is GPT-2's own tanh GELU
 HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
-# what import_hf.py reads as ours: the same two functions under every name transformers gives them (gelu_fast is
+# what scripts/import_hf.py reads as ours: the same two functions under every name transformers gives them (gelu_fast is
 # the tanh formula with sqrt(2/pi) rounded to 10 digits)
 FROM_HF_ACTIVATION = {**{v: k for k, v in HF_ACTIVATION.items()}, "gelu_pytorch_tanh": "gelu_tanh",
                       "gelu_fast": "gelu_tanh"}
@@ -58,7 +58,7 @@ def require_transformers():
         import transformers
     except ImportError:
         raise ImportError("transformers is not installed: pip install transformers safetensors "
-                          "(optional; only export_hf.py and import_hf.py need it)") from None
+                          "(optional; only scripts/export_hf.py and scripts/import_hf.py need it)") from None
     return transformers
 
 

@@ -1,9 +1,12 @@
 """Jobs: command lines of the pipeline's scripts run as units of work, one after another in this process or
 several at once as subprocesses (a CUDA device each, or a share of the CPU cores), each as soon as what it
-needs is done. sweep.py and reproduce.py run their training, fine-tuning and evaluation through it.
+needs is done. scripts/sweep.py and reproduce.py run their training, fine-tuning and evaluation through it.
 
-    run_jobs([Job("train rope", [("train.py", ["configs/cpu.toml", "--pos_encoding=rope"])]),
-              Job("extend rope", [("extend_context.py", [...])], after=("train rope",))], workers=0)
+    run_jobs([Job("train rope", [(train.main, ["configs/cpu.toml", "--pos_encoding=rope"])]),
+              Job("extend rope", [(extend_context.main, [...])], after=("train rope",))], workers=0)
+
+A command is a stage's main(argv) and its arguments: called here in this process, or run as `python -m
+<its module>` in a subprocess. The library never imports a stage; the caller hands its main over.
 
 An interrupt (Ctrl-C, SIGTERM) reaches every running job, each saves a checkpoint at its next step, and it
 is raised (exit 130 or 143): a job is never reported finished unless it was.
@@ -20,19 +23,16 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import evaluate
-import extend_context
-import train
-from config import Interrupted
+from posenc.cli import Interrupted, TrainingError
 
-MAINS = {"train.py": train.main, "extend_context.py": extend_context.main, "evaluate.py": evaluate.main}
+ROOT = Path(__file__).resolve().parent.parent  # the repository: a subprocess imports the stages from here
 
 
 @dataclass
 class Job:
     """Command lines run one after another, as one unit of work (a run: train, then evaluate)."""
     name: str
-    commands: list  # [(script, argv), ...]: scripts of MAINS
+    commands: list  # [(main, argv), ...]: a stage's main(argv), e.g. train.main
     on_done: typing.Callable = lambda seconds: None  # called with the job's wall time once every command succeeded
     after: tuple = ()  # names of jobs that must finish first (a fine-tune after the training it starts from)
     run_dir: str = ""  # the run folder it trains: its metrics.jsonl shows the job's progress
@@ -112,9 +112,9 @@ def run_jobs(jobs: list[Job], workers: int = 1) -> list[str]:
             continue
         t0 = time.time()
         try:
-            for script, argv in job.commands:
-                MAINS[script](argv)
-        except (ValueError, OSError, train.TrainingError) as e:
+            for main, argv in job.commands:
+                main(argv)
+        except (ValueError, OSError, TrainingError) as e:
             print(f"error: {job.name} failed: {e}", file=sys.stderr)
             failed.append(job.name)
             continue
@@ -155,11 +155,13 @@ def _relay(stream, prefix):
 
 
 def _start(run: _Running, env: dict) -> None:
-    script, argv = run.left.pop(0)
+    main, argv = run.left.pop(0)
     run.started = run.started or time.time()
-    print(f"[{run.job.name}] python {script} {' '.join(argv)}", flush=True)
-    run.process = subprocess.Popen([sys.executable, str(Path(__file__).parent / script), *argv],
-                                   env=os.environ | env | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+    print(f"[{run.job.name}] python -m {main.__module__} {' '.join(argv)}", flush=True)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    run.process = subprocess.Popen([sys.executable, "-m", main.__module__, *argv],
+                                   env=os.environ | env | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": path},
+                                   stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
     threading.Thread(target=_relay, args=(run.process.stdout, f"[{run.job.name}] "), daemon=True).start()
 

@@ -1,0 +1,1 @@
+"""posenc: the library behind the pipeline's stages (positions, scalings, checkpoints, evaluation, reports)."""
