@@ -22,7 +22,7 @@ from posenc.checkpoint import model_from_checkpoint
 from posenc.config import ConfigError, at_least, check_fields, parse
 from posenc.runtime import resolve_device
 from posenc.cli import cli
-from posenc.data import check_vocabulary, data_identity, load_meta, load_split, long_documents
+from posenc.data import EVAL_DOCS, check_vocabulary, data_identity, held_out_documents, load_meta, load_split
 from posenc.metrics import start_wandb
 from posenc.positions import check_self_extend_flag, set_self_extend
 from posenc.run_folder import claim, clear, write_atomic
@@ -42,7 +42,7 @@ class EvalConfig:
     out_dir: str = "out/eval"
     tasks: tuple[str, ...] = tuple(TASKS)
     device: str = "auto"
-    n_docs: int = 16  # long documents for the position and ppl tasks
+    n_docs: int = EVAL_DOCS  # long documents for the position and ppl tasks
     batch_size: int = 1  # documents per forward at max_len (shorter windows get more)
     passkey_trials: int = 5  # per length and depth
     recall_trials: int = 16  # probes per distance
@@ -70,23 +70,6 @@ class EvalConfig:
                 "recall_kind")
         return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len,
                                                                          "format": RESULTS_FORMAT}))
-
-
-def held_out_documents(data_dir, min_len, n_docs):
-    """Up to n_docs documents of >= min_len tokens, spread over val; topped up from train when val has too
-    few (and the note says so)."""
-    val = long_documents(data_dir, "val", min_len)
-    pick = lambda docs, k: [docs[i * len(docs) // k] for i in range(k)] if k else []  # noqa: E731
-    docs, note = pick(val, min(n_docs, len(val))), f"{min(n_docs, len(val))} val documents of >= {min_len} tokens"
-    if len(docs) < n_docs:
-        train = long_documents(data_dir, "train", min_len)
-        k = min(n_docs - len(docs), len(train))
-        docs += pick(train, k)
-        note += f" + {k} TRAIN documents (not held out: val has only {len(val)} that long)"
-    if not docs:
-        raise ValueError(f"no documents of >= {min_len} tokens in {data_dir}: lower --max_len or prepare a "
-                         "corpus with longer documents")
-    return docs, note
 
 
 def load_models(models, labels=(), device="cpu", rope_scaling=None, self_extend=()):

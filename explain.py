@@ -29,8 +29,7 @@ from posenc.checkpoint import CheckpointError, model_from_checkpoint
 from posenc.config import ConfigError, at_least, check_fields, parse
 from posenc.runtime import resolve_device
 from posenc.cli import cli
-from posenc.data import check_vocabulary, data_identity
-from evaluate import held_out_documents
+from posenc.data import check_vocabulary, data_identity, held_out_documents
 from posenc.explain_report import write_explanation
 from model import record_attention
 from posenc.positions import RoPE, Sinusoidal

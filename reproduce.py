@@ -44,7 +44,7 @@ from posenc.positions import SCHEMES
 from posenc.rope_scaling import ROPE_SCALING, scaling_dict
 from posenc.run_folder import holds_run, write_atomic
 from posenc.jobs import Job, run_jobs
-from scripts.sweep import compute, differs, merge_seeds
+from posenc.run_stats import compute, differs, merge_seeds
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SCHEMES = ("learned", "sinusoidal", "alibi", "rope", "none")  # trained unless --schemes says otherwise
@@ -57,7 +57,7 @@ class ReproduceConfig:
     #                                                   shape); gpu: base 4096, one GPU
     out_dir: str = ""  # "": runs/<scale>
     seeds: int = 1  # train every model with seeds 1337, 1338, ...: the tables give mean ± std over them
-    workers: int = 0  # training runs at once (sweep.run_jobs); 0: one per visible GPU, or 2 on a CPU, 1: in this process
+    workers: int = 0  # training runs at once (posenc.jobs); 0: one per visible GPU, or 2 on a CPU, 1: in this process
     reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
     schemes: tuple[str, ...] = DEFAULT_SCHEMES  # trained and compared; "+a,b": the default ones and a, b
     rescues: tuple[str, ...] = ()  # more rescue rows, and the rescue table: all, or some of direct, abf, pose,
@@ -565,7 +565,7 @@ def claims(results):
 
 def significance(results):
     """For each pair of models in the sliding-window table, at L and at the longest window: does the difference
-    of perplexity exceed the seed spread (sweep.differs: the mean ± std intervals over seeds do not overlap)?"""
+    of perplexity exceed the seed spread (run_stats.differs: the mean ± std intervals over seeds do not overlap)?"""
     models = {k: r["ppl"] for k, r in results["models"].items() if r.get("ppl")}
     if not models:
         return []

@@ -1,4 +1,4 @@
-"""Sample from a trained checkpoint, streaming text as it comes; `generate` is importable.
+"""Sample from a trained checkpoint, streaming text as it comes (generation itself: posenc/generation.py).
 
     python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt="Once upon a time" --max_new_tokens=200
     python sample.py --ckpt=out/cpu_rope/ckpt.pt --prompt_file=long_document.txt --temperature=0
@@ -17,19 +17,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from posenc.checkpoint import model_from_checkpoint
 from posenc.config import ConfigError, at_least, check_fields, parse
+from posenc.generation import generate, to_inference_dtype
 from posenc.runtime import resolve_device, resolve_dtype
 from posenc.cli import cli
 from posenc.positions import check_self_extend_flag, set_self_extend
 from posenc.tokenizer import tokenizer_for
-
-# Every decode step has a new key length, and cuDNN attention (SDPA's first choice on H100) builds a new
-# plan per shape: ~12 ms of CPU per call. The flash and memory-efficient kernels have no such cost.
-DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
 
 @dataclass
 class SampleConfig:
@@ -57,62 +52,6 @@ class SampleConfig:
             raise ConfigError(f"bad value {self.top_p!r} for config key 'top_p': expected a number in (0, 1]")
 
 
-def filter_logits(logits, top_k=None, top_p=None):
-    """Set to -inf every logit outside the top_k and outside the smallest set whose probability >= top_p."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return logits
-
-
-def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of logits (B, V); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-
-
-@torch.no_grad()
-@sdpa_kernel(DECODE_BACKENDS)
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-             generator=None, stop_token=None, on_token=None):
-    """Continue idx (B, T) by up to max_new_tokens; returns (B, T + new) with the prompt in front.
-
-    use_cache=False recomputes the whole context at every step (the reference path, and the baseline of
-    scripts/bench_decode.py). on_token(tok (B, 1)) is called as each token is chosen. Generation stops early
-    once every row has produced stop_token.
-    """
-    B, T = idx.shape
-    if T == 0:
-        raise ValueError("empty prompt: give at least one token")
-    total = T + max_new_tokens
-    try:  # the scheme says up front if it cannot run this many positions (learned: its table)
-        model.transformer.pos.check_length(total)
-    except ValueError as e:
-        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens: {e}") from None
-    cache = model.make_kv_cache(B, total) if use_cache else None
-    logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]  # prefill: one forward over the prompt
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    for step in range(max_new_tokens):
-        tok = next_token(logits, temperature, top_k, top_p, generator)
-        idx = torch.cat((idx, tok), dim=1)
-        if on_token is not None:
-            on_token(tok)
-        if stop_token is not None:
-            done |= tok[:, 0] == stop_token
-            if done.all():
-                break
-        if step + 1 < max_new_tokens:  # no forward for a token that will not be used
-            logits = model(tok if use_cache else idx, kv_cache=cache, last_only=True)[0][:, -1]
-    return idx
-
-
 def read_prompt(cfg):
     """The prompt text from --prompt, --prompt_file or stdin (--prompt=-); raise ValueError with one line."""
     if cfg.prompt_file is None and cfg.prompt != "-":
@@ -132,13 +71,6 @@ def read_prompt(cfg):
     if not text:
         raise ValueError(f"empty prompt from {source}: give text with --prompt, --prompt_file or --prompt=- (stdin)")
     return text
-
-
-def to_inference_dtype(model, dtype):
-    """Cast weights to dtype but keep the position scheme in fp32: RoPE cos/sin in bf16 are a known
-    long-context precision bug, and Module.to() casts buffers too."""
-    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype).transformer.pos.float()
-    return model.eval()
 
 
 def load(cfg):

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from posenc.checkpoint import CheckpointError, FORMAT_VERSION, build_model, rng_state, save_checkpoint, set_rng_state
+from posenc.checkpoint import CheckpointError, FORMAT_VERSION, rng_state, save_checkpoint, set_rng_state
+from posenc.resume import build_model
 from posenc.config import ConfigError, at_least, check_fields, config_file, flat_keys, from_dict, parse, to_dict
 from posenc.runtime import resolve_compile, resolve_device, resolve_dtype
 from posenc.cli import Interrupted, TrainingError, cli

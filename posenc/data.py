@@ -149,3 +149,23 @@ class BatchSampler:
             warnings.warn(f"sampler state saved with different {', '.join(changed)}: batches will not repeat the "
                           "original run's")
         self.seed, self.step = sd["seed"], sd["step"]
+
+
+EVAL_DOCS = 16  # evaluate.py's default count of long documents (the position and ppl tasks)
+
+
+def held_out_documents(data_dir, min_len, n_docs):
+    """Up to n_docs documents of >= min_len tokens, spread over val; topped up from train when val has too
+    few (and the note says so)."""
+    val = long_documents(data_dir, "val", min_len)
+    pick = lambda docs, k: [docs[i * len(docs) // k] for i in range(k)] if k else []  # noqa: E731
+    docs, note = pick(val, min(n_docs, len(val))), f"{min(n_docs, len(val))} val documents of >= {min_len} tokens"
+    if len(docs) < n_docs:
+        train = long_documents(data_dir, "train", min_len)
+        k = min(n_docs - len(docs), len(train))
+        docs += pick(train, k)
+        note += f" + {k} TRAIN documents (not held out: val has only {len(val)} that long)"
+    if not docs:
+        raise ValueError(f"no documents of >= {min_len} tokens in {data_dir}: lower --max_len or prepare a "
+                         "corpus with longer documents")
+    return docs, note

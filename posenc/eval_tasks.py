@@ -246,8 +246,8 @@ def parse_passkey(text):
 
 
 def passkey_trial(model, tokenizer, prompt_len, depth, key, max_new_tokens=PASSKEY_NEW_TOKENS):
-    """One prompt: True if the first integer of the greedy continuation (sample.generate) is the key."""
-    from sample import generate
+    """One prompt: True if the first integer of the greedy continuation (generate) is the key."""
+    from posenc.generation import generate
     idx = torch.tensor([passkey_prompt(tokenizer, prompt_len, depth, key)], device=device_of(model))
     with autocast(idx.device):
         out = generate(model, idx, max_new_tokens, temperature=0)[0, idx.size(1):].tolist()

@@ -23,7 +23,7 @@ import torch
 
 from posenc.checkpoint import model_from_checkpoint
 from posenc.runtime import resolve_device
-from posenc.data import long_documents
+from posenc.data import EVAL_DOCS, held_out_documents, long_documents
 from posenc.positions import RoPE
 from posenc.rope_scaling import ROPE_SCALING, rope_frequencies, scaling_dict
 
@@ -114,13 +114,12 @@ def search_documents(data_dir, min_len, n_docs):
     """(n_docs val documents of >= min_len tokens, a note on them): spread over those that evaluate.py does not pick
     by default at this length, so that the search does not see the documents its result is reported on; where val
     has no others, evaluate.py's own (and the note says so)."""
-    from evaluate import EvalConfig, held_out_documents
-    reported = held_out_documents(data_dir, min_len, EvalConfig.n_docs)[0]
+    reported = held_out_documents(data_dir, min_len, EVAL_DOCS)[0]
     val = long_documents(data_dir, "val", min_len)
     others = [doc for doc in val if not any(len(doc) == len(r) and np.array_equal(doc, r) for r in reported)]
     note = f"val documents of >= {min_len} tokens that evaluate.py does not report on"
     if not others:
-        others, note = val, (f"val documents of >= {min_len} tokens, among evaluate.py's {EvalConfig.n_docs} (val has "
+        others, note = val, (f"val documents of >= {min_len} tokens, among evaluate.py's {EVAL_DOCS} (val has "
                              "no others): its report on them is not independent of the search")
     if not others:
         raise ValueError(f"no val documents of >= {min_len} tokens in {data_dir} for the factor search: lower the "

@@ -39,7 +39,7 @@ def _multiple(n, L):
 
 
 def seeds(results):
-    """How many seeds a results dict merges (sweep.merge_seeds); 1 for a plain evaluation."""
+    """How many seeds a results dict merges (run_stats.merge_seeds); 1 for a plain evaluation."""
     return results.get("n_seeds", 1)
 
 

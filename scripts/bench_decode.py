@@ -4,7 +4,7 @@
     python -m scripts.bench_decode --contexts=1024,4096,32768 --out=out/bench_decode.json
     python -m scripts.bench_decode --pos_encoding=alibi --n_layer=2 --n_embd=128 --n_head=4
 
-Random weights (speed does not depend on them); any GPTConfig key is a flag. Both paths run sample.generate
+Random weights (speed does not depend on them); any GPTConfig key is a flag. Both paths run generation.generate
 greedily from a random prompt of `context` tokens: the first token costs a prefill, and the tokens after it
 are what is timed.
 """
@@ -24,7 +24,7 @@ from posenc.runtime import resolve_device, resolve_dtype
 
 from posenc.cli import cli
 from model import GPT, GPTConfig
-from sample import generate, to_inference_dtype
+from posenc.generation import generate, to_inference_dtype
 
 
 @dataclass

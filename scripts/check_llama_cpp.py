@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluate import held_out_documents
 from posenc.checkpoint import model_from_checkpoint
+from posenc.data import held_out_documents
 from posenc.rope_scaling import original_length
 from posenc.tokenizer import get_tokenizer
 from scripts import export_gguf

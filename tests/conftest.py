@@ -6,7 +6,6 @@ path by pytest.ini's `pythonpath`, as a user's code run from the root would.
 
 import glob
 import os
-import sys
 import sysconfig
 
 import pytest

@@ -10,6 +10,7 @@ import torch
 import evaluate
 from posenc import eval_tasks as ev
 from posenc.cli import cli
+from posenc.data import held_out_documents
 from conftest import tiny_config
 from evaluate import EvalConfig
 from model import GPT
@@ -166,7 +167,7 @@ def test_parse_passkey(text, key):
 
 
 def test_passkey_accuracy_reads_the_continuation(enc, monkeypatch):
-    import sample
+    from posenc import generation
 
     def oracle(offset):  # a "model" that answers key + offset
         def generate(model, idx, max_new_tokens, **kw):
@@ -175,10 +176,10 @@ def test_passkey_accuracy_reads_the_continuation(enc, monkeypatch):
         return generate
 
     model = tiny("rope", vocab_size=50304)
-    monkeypatch.setattr(sample, "generate", oracle(0))
+    monkeypatch.setattr(generation, "generate", oracle(0))
     out = ev.passkey_accuracy(model, enc, [128, 256], depths=(0.0, 1.0), trials=2)
     assert [r["accuracy"] for r in out["by_length"]] == [1.0, 1.0]
-    monkeypatch.setattr(sample, "generate", oracle(1))
+    monkeypatch.setattr(generation, "generate", oracle(1))
     assert ev.passkey_accuracy(model, enc, [128], depths=(0.5,), trials=2)["by_length"][0]["accuracy"] == 0.0
 
 
@@ -274,8 +275,8 @@ def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
     assert [e["window"] for e in res["models"]["rope"]["ppl"]] == [32, 64, 128]
     assert "cannot_run" in res["models"]["learned"]["ppl"][1] and "ppl" in res["models"]["rope"]["ppl"][2]
     assert res["documents"]["n_docs"] == 3 and "TRAIN" not in res["documents"]["source"]
-    docs, note = evaluate.held_out_documents(corpus, 129, 20)  # more than val holds: topped up from train, and said
-    assert "TRAIN" in note and len(docs) > len(evaluate.held_out_documents(corpus, 129, 3)[0])
+    docs, note = held_out_documents(corpus, 129, 20)  # more than val holds: topped up from train, and said
+    assert "TRAIN" in note and len(docs) > len(held_out_documents(corpus, 129, 3)[0])
     md = (tmp_path / "summary.md").read_text()
     for heading in ("Loss by position", "Sliding-window perplexity", "Short-context loss", "Passkey", "recall"):
         assert heading in md

@@ -25,7 +25,7 @@ from posenc.config import to_dict as config_to_dict  # noqa: E402
 from model import GPT  # noqa: E402
 from posenc.positions import permute_rope_layout  # noqa: E402
 from train import TrainConfig  # noqa: E402
-from sample import generate  # noqa: E402
+from posenc.generation import generate  # noqa: E402
 from posenc.tokenizer import get_tokenizer  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()

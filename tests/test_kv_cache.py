@@ -15,7 +15,7 @@ from conftest import tiny_config
 from model import GPT
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import ROPE_SCALING, length_dependent
-from sample import generate
+from posenc.generation import generate
 
 BLOCK = 32  # training length of the tiny models; sequences below go past it
 TIGHT = dict(atol=2e-5, rtol=1e-5)  # fp32: only the order of floating point sums differs

@@ -13,9 +13,10 @@ from torch.testing import assert_close
 
 import evaluate
 import extend_context
-import sample
 import train
 from posenc.checkpoint import load_checkpoint, model_from_checkpoint
+import sample
+from posenc import generation
 from posenc.config import ConfigError
 from posenc.cli import cli
 from conftest import stdlib_corpus
@@ -115,8 +116,8 @@ def test_self_extend_cached_decoding_equals_the_full_forward(tiny):
         cached = [model(idx[:, :20], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0]
                                                             for t in range(20, 80)]
     assert_close(torch.cat(cached, dim=1), full, **TIGHT)
-    out = sample.generate(model, idx[:, :10], 30, temperature=0)
-    assert torch.equal(out, sample.generate(model, idx[:, :10], 30, temperature=0, use_cache=False))
+    out = generation.generate(model, idx[:, :10], 30, temperature=0)
+    assert torch.equal(out, generation.generate(model, idx[:, :10], 30, temperature=0, use_cache=False))
 
 
 def test_self_extend_weights_sum_to_1():
@@ -259,7 +260,7 @@ def test_drope_model_has_no_positions_loads_samples_and_evaluates_past_L(corpus,
         assert ckpt["model"][k].shape == w.shape
     assert any(not torch.equal(ckpt["model"][k], w) for k, w in weights(base_ckpt).items())
     model, _ = model_from_checkpoint(path)
-    out = sample.generate(model, torch.zeros(1, 1, dtype=torch.long), 3 * BASE_LEN, temperature=0)
+    out = generation.generate(model, torch.zeros(1, 1, dtype=torch.long), 3 * BASE_LEN, temperature=0)
     assert out.shape == (1, 3 * BASE_LEN + 1)
     results = evaluate.evaluate({"drope": path}, evaluate.EvalConfig(
         data_dir=str(corpus / "data"), max_len=4 * BASE_LEN, base_len=BASE_LEN, out_dir="", tasks=("ppl",), n_docs=2))

@@ -9,7 +9,7 @@ import torch
 import sample
 from posenc.checkpoint import FORMAT_VERSION, save_checkpoint
 from posenc.cli import cli
-from sample import filter_logits, generate
+from posenc.generation import filter_logits, generate
 
 
 def test_top_k_keeps_exactly_the_k_largest():

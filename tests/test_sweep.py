@@ -11,6 +11,7 @@ import evaluate
 from posenc import jobs
 from scripts import sweep
 from posenc import eval_tasks as tasks
+from posenc import run_stats
 from posenc.config import ConfigError
 from posenc.cli import Interrupted
 from posenc.data import BatchSampler
@@ -65,11 +66,11 @@ def test_every_run_is_checked_before_anything_trains(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- statistics
 
 def test_aggregate_is_mean_sample_std_and_n():
-    a = sweep.aggregate([1.0, 2.0, 4.0, None, float("nan")])
+    a = run_stats.aggregate([1.0, 2.0, 4.0, None, float("nan")])
     assert a["n"] == 3 and a["mean"] == pytest.approx(7 / 3)
     assert a["std"] == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
-    assert sweep.aggregate([5.0]) == {"mean": 5.0, "std": None, "n": 1}
-    assert sweep.aggregate([]) == {"mean": None, "std": None, "n": 0}
+    assert run_stats.aggregate([5.0]) == {"mean": 5.0, "std": None, "n": 1}
+    assert run_stats.aggregate([]) == {"mean": None, "std": None, "n": 0}
 
 
 def test_summary_groups_seeds_by_setting():
@@ -87,9 +88,9 @@ def test_summary_groups_seeds_by_setting():
 
 
 def test_a_difference_is_real_only_beyond_the_seed_spread():
-    assert sweep.differs({"mean": 20.0, "std": 0.4}, {"mean": 21.0, "std": 0.5}) is True
-    assert sweep.differs({"mean": 20.0, "std": 0.6}, {"mean": 21.0, "std": 0.5}) is False
-    assert sweep.differs({"mean": 20.0, "std": None}, {"mean": 30.0, "std": 0.5}) is None  # one seed: no verdict
+    assert run_stats.differs({"mean": 20.0, "std": 0.4}, {"mean": 21.0, "std": 0.5}) is True
+    assert run_stats.differs({"mean": 20.0, "std": 0.6}, {"mean": 21.0, "std": 0.5}) is False
+    assert run_stats.differs({"mean": 20.0, "std": None}, {"mean": 30.0, "std": 0.5}) is None  # one seed: no verdict
 
 
 def test_merge_seeds_averages_every_float_and_keeps_the_rest():
@@ -98,7 +99,7 @@ def test_merge_seeds_averages_every_float_and_keeps_the_rest():
                                                          {"window": 32, "cannot_run": "no"}],
                                                  "short": {"loss": loss, "base_len": 16},
                                                  "rope_scaling": {"factor": 4.0}}}}
-    merged = sweep.merge_seeds([results(10.0, 2.0), results(14.0, 3.0), results(12.0, 4.0)])
+    merged = run_stats.merge_seeds([results(10.0, 2.0), results(14.0, 3.0), results(12.0, 4.0)])
     e = merged["models"]["m"]["ppl"][0]
     assert e["ppl"] == pytest.approx(12.0) and e["ppl_sd"] == pytest.approx(2.0)
     assert e["window"] == 16 and e["n_tokens"] == 100 and "window_sd" not in e  # counts are not averaged
