@@ -207,7 +207,12 @@ class Sinusoidal(PositionScheme):
 class SharedBias(PositionScheme):
     """A logit bias that every layer shares, `bias(q_pos, k_pos)` -> (nh, Tq, Tk) in fp32 (even after model.half()):
     built by the first layer of a forward, reused by the others (the model passes every layer the same position
-    tensors). Compiled, it is fused into the graph instead."""
+    tensors). Compiled, it is fused into the graph instead.
+
+    A bias that carries gradients (T5's table in training) is not shared: each layer builds its own. Built inside
+    layer 0's checkpointed block and reused, it would save tensors in the forward that the recomputation (which
+    finds it built) does not save: activation checkpointing fails with a CheckpointError. The gradient is the same
+    sum over layers either way; the cost is one gather per layer (the bucket indices stay shared)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -218,7 +223,10 @@ class SharedBias(PositionScheme):
         if torch.compiler.is_compiling():
             return self.bias(q_pos, k_pos)
         if self._last is None or self._last[0] is not q_pos or self._last[1] is not k_pos:
-            self._last = (q_pos, k_pos, self.bias(q_pos, k_pos))
+            bias = self.bias(q_pos, k_pos)
+            if bias.requires_grad:
+                return bias
+            self._last = (q_pos, k_pos, bias)
         return self._last[2]
 
 
@@ -259,7 +267,7 @@ class T5Bias(SharedBias):
     num_buckets / 2, log-spaced up to max_distance, and one last bucket for everything farther, so it runs at any
     length. The table starts at zero (at init the model is NoPE; it learns which distances matter) and is decayed
     like every 2-d tensor. On the GPU its score_mod reads the table inside FlexAttention (no T x T tensor); on the CPU
-    the bias is materialized once per forward, like ALiBi's.
+    the bias is materialized once per forward, like ALiBi's (once per layer while it takes gradients).
     """
 
     options = {"num_buckets": 32, "max_distance": 128}  # T5's defaults

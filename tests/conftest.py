@@ -42,6 +42,19 @@ def random_export_model(scaling=None, **kw):
     return model
 
 
+def sharpened(model):
+    """The model with attention sharp enough that positions show: at init (std 0.02) attention is near uniform and
+    an off-by-one position moves the logits by about float rounding. Matmul weights x5; a table that starts at zero
+    (T5's bias) is drawn N(0, 1), the spread of a trained one. Returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0, 1)
+            elif p.dim() >= 2:
+                p.mul_(5)
+    return model
+
+
 def stdlib_corpus(root, packages):
     """A corpus of the standard library's modules in `packages`, one document per file, prepared into root/data
     (80/20 train/val); root/text holds the documents."""

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import model as model_module
-from conftest import tiny_config
+from conftest import sharpened, tiny_config
 from model import GPT, chunked_cross_entropy
 from posenc.positions import SCHEMES
 
@@ -136,3 +136,24 @@ def test_flop_count_is_the_measured_matmuls_with_causal_attention_halved(tiny):
     assert model.flops_per_token(T) == weights + attention / 2
     assert attention / 2 == 6 * c.n_layer * c.n_embd * T
     assert model.estimate_mfu(1000.0, T, 1e12) == pytest.approx(1000 * model.flops_per_token(T) / 1e12)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(scheme):
+    """Recomputing the blocks in backward repeats the forward's float operations in the same order, so the loss and
+    every gradient are equal to the bit; a scheme whose forward saves what its recomputation does not (T5's shared
+    bias once did) raises a CheckpointError instead."""
+    plain = sharpened(GPT(tiny_config(pos_encoding=scheme)).train())
+    recomputed = GPT(tiny_config(pos_encoding=scheme, activation_checkpointing=True)).train()
+    recomputed.load_state_dict(plain.state_dict())
+    x, y = torch.randint(0, 128, (2, 2, 32)).unbind(0)
+    losses, grads = [], []
+    for model in (plain, recomputed):
+        loss = model(x, y)[1]
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert_close(losses[1], losses[0], atol=0, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
+    for name, g in grads[0].items():
+        assert_close(grads[1][name], g, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
