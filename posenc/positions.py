@@ -522,6 +522,10 @@ class RoPENoPE(RoPE):
             q = (q.float() * self.temperature(pos)[:, None]).type_as(q)  # (B, nh, T, hs) times (T, 1)
         return q, k
 
+    def attend(self, q, k, v, q_pos, k_pos, layer):
+        # Self-Extend regroups rotary positions; a NoPE layer has none, so it attends as it always does.
+        return None if layer in self.nope else super().attend(q, k, v, q_pos, k_pos, layer)
+
 
 def layout_permutation(head_dim, rot_dim, to_layout):
     """Index list p with W_new = W_old[p] (per head) converting q/k rows between the two RoPE pairings."""

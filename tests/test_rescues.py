@@ -19,25 +19,16 @@ import sample
 from posenc import generation
 from posenc.config import ConfigError
 from posenc.cli import cli
-from conftest import stdlib_corpus
+from conftest import sharpened, stdlib_corpus
 from extend_context import ExtendConfig, extend
 from model import GPT, GPTConfig
 from posenc.pose import pose_positions
-from posenc.positions import self_extend_attention, set_self_extend
+from posenc.positions import SCHEMES, RoPE, self_extend_attention, set_self_extend
 from posenc.rope_scaling import abf_base, inverse_frequencies, rope_frequencies
 from train import TrainConfig
 
 BASE_LEN, TARGET_LEN = 32, 128
 TIGHT = dict(atol=2e-5, rtol=1e-5)  # fp32: only the order of floating point sums differs
-
-
-def sharpened(model):
-    """Matmul weights x5: at init attention is near uniform and positions barely show; sharper, they do."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(5)
-    return model
 
 
 # ----------------------------------------------------------------------------- PoSE's position ids
@@ -105,6 +96,17 @@ def test_self_extend_is_plain_rope_inside_the_window_and_with_group_1(tiny, layo
     grouped = self_extended(model, 8, 4)(idx)[0]  # the comparison is sharp: past W with G > 1 it differs
     assert_close(grouped[:, :8], plain[:, :8], **TIGHT)
     assert (grouped - plain).abs().max() > 1e-3
+
+
+ROPE_FAMILY = [name for name, cls in SCHEMES.items() if issubclass(cls, RoPE)]
+
+
+@pytest.mark.parametrize("scheme", ROPE_FAMILY)
+def test_self_extend_with_the_window_past_the_sequence_is_the_plain_model(tiny, scheme):
+    """Every distance within W: Self-Extend must run the model as it is, NoPE layers (rope_nope) unrotated too."""
+    model = sharpened(tiny(pos_encoding=scheme, n_layer=4, block_size=48))  # rope_nope: layer 3 is a NoPE layer
+    idx = torch.randint(0, 128, (2, 48))
+    assert_close(self_extended(model, 64, 2)(idx)[0], model(idx)[0], **TIGHT)
 
 
 def test_self_extend_cached_decoding_equals_the_full_forward(tiny):
