@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import tiny_config
+from conftest import sharpened, tiny_config
 from model import GPT
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import ROPE_SCALING, length_dependent
@@ -36,7 +36,8 @@ STATIC = [c for c, kw in CASES.items() if not length_dependent(kw.get("rope_scal
 
 
 def tiny(case, **overrides):
-    return GPT(tiny_config(**CASES[case], **overrides)).eval()
+    """The case's tiny model, sharpened: at init an off-by-one position would move the logits by about TIGHT."""
+    return sharpened(GPT(tiny_config(**CASES[case], **overrides)).eval())
 
 
 def seq_len(model):
