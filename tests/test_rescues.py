@@ -2,7 +2,9 @@
 
 Properties each must have: PoSE's position ids (increasing, below the target, every distance reachable; one
 chunk is the plain fine-tune), Self-Extend's exact cases (plain RoPE inside the window and with G = 1; cached
-equals full; weights that sum to 1), ABF's bound, and a DroPE model that loads, samples and evaluates past L.
+equals full; weights that sum to 1;
+the plain model for every RoPE-family scheme when the window covers the sequence), its positions against the
+paper's formula, ABF's bound, and a DroPE model that loads, samples and evaluates past L.
 """
 
 import math
@@ -23,7 +25,7 @@ from conftest import sharpened, stdlib_corpus
 from extend_context import ExtendConfig, extend
 from model import GPT, GPTConfig
 from posenc.pose import pose_positions
-from posenc.positions import SCHEMES, RoPE, self_extend_attention, set_self_extend
+from posenc.positions import SCHEMES, RoPE, rope_cos_sin, self_extend_attention, set_self_extend
 from posenc.rope_scaling import abf_base, inverse_frequencies, rope_frequencies
 from train import TrainConfig
 
@@ -131,6 +133,41 @@ def test_self_extend_weights_sum_to_1():
     assert_close(out, torch.ones_like(out))
     last = self_extend_attention(q[..., -1:, :], k, torch.ones(2, 3, 40, 8), pos[-1:], pos, cos, sin, "half", 6, 3)
     assert_close(last, torch.ones_like(last))
+
+
+def paper_self_extend(q, k, v, window, group, inv_freq):
+    """Self-Extend as Jin et al. 2024 (LLM Maybe LongLM) define it, in float64, one (query, key) pair at a time:
+    the relative position of query i and key j is i - j inside the neighbor window (i - j < W), and
+    floor(i / G) - floor(j / G) + W - floor(W / G) beyond it; the score is RoPE's at that relative position,
+    <R(d) q_i, k_j> / sqrt(hs) (half pairing: dim m with m + hs/2), under one causal softmax."""
+    T, hs = q.size(-2), q.size(-1)
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(T):
+        scores = torch.full(q.shape[:-2] + (T,), -math.inf, dtype=torch.float64)  # (B, nh, Tk)
+        for j in range(i + 1):
+            d = i - j if i - j < window else i // group - j // group + window - window // group
+            angle = d * inv_freq  # (hs/2,)
+            q1, q2 = q[..., i, : hs // 2].double(), q[..., i, hs // 2:].double()
+            rotated = torch.cat((q1 * angle.cos() - q2 * angle.sin(), q1 * angle.sin() + q2 * angle.cos()), -1)
+            scores[..., j] = (rotated * k[..., j, :].double()).sum(-1) / math.sqrt(hs)
+        out[..., i, :] = (scores.softmax(-1)[..., None, :] @ v.double())[..., 0, :]  # (B, nh, hs)
+    return out
+
+
+@pytest.mark.parametrize("window, group", [(6, 3), (5, 2), (7, 4)])  # W not a multiple of G: floor(W / G) shows
+def test_self_extend_positions_are_the_papers(window, group):
+    """Our attention against the paper's relative positions, for every query and for the last one alone (the
+    cached step). fp32 against float64: 1e-5 allows fp32 rounding of sharp scores (q, k ~ N(0, 3^2))."""
+    B, nh, T, hs = 1, 2, 30, 8
+    q, k, v = (torch.randn(B, nh, T, hs) * s for s in (3, 3, 1))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    cos, sin = rope_cos_sin(torch.arange(4 * T), inv_freq)
+    pos = torch.arange(T)
+    paper = paper_self_extend(q, k, v, window, group, inv_freq)
+    ours = self_extend_attention(q, k, v, pos, pos, cos, sin, "half", window, group, chunk=7)
+    assert_close(ours.double(), paper, atol=1e-5, rtol=0)
+    last = self_extend_attention(q[..., -1:, :], k, v, pos[-1:], pos, cos, sin, "half", window, group)
+    assert_close(last.double(), paper[..., -1:, :], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("window, group", [(0, 4), (8, 0), (8.5, 2), (True, 2)])
