@@ -1,10 +1,9 @@
 """The rescue recipes beside PI and YaRN: the direct fine-tune (the control), ABF, PoSE, Self-Extend and DroPE.
 
 Properties each must have: PoSE's position ids (increasing, below the target, every distance reachable; one
-chunk is the plain fine-tune), Self-Extend's exact cases (plain RoPE inside the window and with G = 1; cached
-equals full; weights that sum to 1;
-the plain model for every RoPE-family scheme when the window covers the sequence), its positions against the
-paper's formula, ABF's bound, and a DroPE model that loads, samples and evaluates past L.
+chunk is the plain fine-tune), Self-Extend's exact cases (plain RoPE inside the window and with G = 1, every
+RoPE-family scheme unchanged when the window covers the sequence; cached equals full; weights that sum to 1) and its
+positions against the paper's formula, ABF's bound, and a DroPE model that loads, samples and evaluates past L.
 """
 
 import math
