@@ -91,6 +91,33 @@ def test_rope_fp32_tables_match_float64_reference_up_to_32k():
     assert_close(sin.double(), angles.sin(), atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_tables_equal_transformers_to_its_float32_rounding_and_are_exact_at_32k(theta):
+    """Against transformers' own RoPE (GPTNeoXRotaryEmbedding, our export target), head_dim 64, positions to 32k:
+    - the frequencies are theirs to two float32 roundings (their power and reciprocal run in float32);
+    - the cos/sin tables differ from theirs by no more than their float32 angles can be off (pos * inv_freq rounded
+      twice, inv_freq <= 1: 2.4e-7 per position), so a wrong frequency or position shows at every length;
+    - and at 32k ours are within 1e-7 of the float64 truth (Python's math, one pair at a time) while theirs are off
+      by more than 1e-4: the table precision bug fp32 angles cause, which ours does not have."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
+    config = transformers.GPTNeoXConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=32768,
+                                        rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                                         "partial_rotary_factor": 1.0})
+    theirs = GPTNeoXRotaryEmbedding(config)
+    inv_freq, _ = rope_frequencies(64, theta)
+    assert_close(inv_freq, theirs.inv_freq.double(), rtol=2.4e-7, atol=0)
+    pos = torch.arange(0, 32769, 7)
+    their_cos, their_sin = (t[0, :, :32].double() for t in theirs(torch.zeros(1), pos[None]))  # (T, 32): halves repeat
+    cos, sin = (t.double() for t in rope_cos_sin(pos, inv_freq))
+    allowed = 2e-7 + 2.4e-7 * pos.double()[:, None]
+    assert ((cos - their_cos).abs() <= allowed).all() and ((sin - their_sin).abs() <= allowed).all()
+    far = pos[-1].item()  # 32767
+    exact = torch.tensor([[f(far * theta ** (-2 * i / 64)) for i in range(32)] for f in (math.cos, math.sin)])
+    assert_close(torch.stack((cos[-1], sin[-1])), exact.double(), atol=1e-7, rtol=0)
+    assert (torch.stack((their_cos[-1], their_sin[-1])) - exact).abs().max() > 1e-4
+
+
 def test_partial_rotary_leaves_unrotated_dims_unchanged():
     hs, rot = 16, 4
     inv_freq, _ = rope_frequencies(rot, 10000.0)
