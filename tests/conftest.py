@@ -45,7 +45,7 @@ def random_export_model(scaling=None, **kw):
 def sharpened(model):
     """The model with attention sharp enough that positions show: at init (std 0.02) attention is near uniform and
     an off-by-one position moves the logits by about float rounding. Matmul weights x5; a table that starts at zero
-    (T5's bias) is drawn N(0, 1), the spread of a trained one. Returns the model."""
+    (T5's bias, which x5 would leave at zero: a model with no positions) is drawn N(0, 1). Returns the model."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2 and not p.any():
