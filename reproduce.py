@@ -39,7 +39,7 @@ from posenc.cli import cli
 from posenc.data import load_meta
 from data.prepare import prepare
 from posenc.papers import RESCUE, nearest
-from posenc.plots import plot_headline, plot_rescues, seeds
+from posenc.plots import plot_headline, plot_rescues, seeds, whole_window
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import ROPE_SCALING, scaling_dict
 from posenc.run_folder import holds_run, write_atomic
@@ -374,9 +374,9 @@ def rescue_table(results, scale, stages, rescues):
            f"{LLAMA2_LONG_BASE:g} (Llama 2 Long's).", "",
            "| model | " + " | ".join(f"ppl {k}L" for k in ks) + " | short loss Δ | steps | tokens | seconds |",
            "|---|" + "---|" * (len(ks) + 4)]
-    for label, stage in rows:
-        if label not in models:
-            continue
+    rows = [(label, stage) for label, stage in rows if label in models]
+    names, note = whole_window(models, [label for label, _ in rows])  # dynamic NTK, LongRoPE: marked, with a note
+    for name, (label, stage) in zip(names, rows):
         ppl = {e["window"]: e for e in models[label].get("ppl", []) if e.get("ppl")}
         cells = [ppl_cell(ppl[k * L]) if k * L in ppl else "cannot run" for k in ks]
         own = models[label].get("short", {}).get("loss")
@@ -386,8 +386,8 @@ def rescue_table(results, scale, stages, rescues):
         cells += [str(c.get("steps", 0 if stage is None else "")), format(c["tokens"], ",") if "tokens" in c else
                   ("0" if stage is None else ""), f"{done['seconds']:.0f}" if "seconds" in done else
                   ("0" if stage is None else "")]
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
-    return out + [""]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out + note + [""]
 
 
 def rescue_figure(results, scale, run_dir, rescues):

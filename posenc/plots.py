@@ -11,6 +11,7 @@ cannot run a length (learned positions past their table) shows "cannot run", nev
 from pathlib import Path
 
 from posenc.eval_tasks import PASSKEY_NEW_TOKENS, default_stride
+from posenc.rope_scaling import length_dependent
 
 CANNOT = "cannot run"
 SPANS = {"random": "random tokens of the text: only copying predicts them", "text": "a slice of other text"}
@@ -50,6 +51,24 @@ def _pm(e, key, digits, n_seeds, spread="std", signed=False):
     return f"{e[key]:{'+' if signed else ''}.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
+WHOLE_WINDOW = "†"  # marks a model whose RoPE frequencies change with the length (dynamic NTK, LongRoPE)
+
+
+def whole_window(models, labels):
+    """The labels, those of length-dependent scalings marked, and the note that goes under their table: how their
+    losses are scored (tests/test_evaluate.py::test_length_dependent_scaling_is_scored_with_the_whole_windows_frequencies)."""
+    marked = [k for k in labels if length_dependent(models[k].get("rope_scaling"))]
+    names = [f"{k} {WHOLE_WINDOW}" if k in marked else k for k in labels]
+    if not marked:
+        return names, []
+    return names, ["", f"{WHOLE_WINDOW} {', '.join(marked)}: the RoPE frequencies change with the length (dynamic NTK, "
+                       "LongRoPE), and every token of a window is scored with the frequencies of the whole window, "
+                       "tokens before L included: one forward per window, as transformers' forward without a cache. "
+                       "transformers' cached generation scores the same text otherwise (each cached key keeps the "
+                       "frequencies of the length at which it was cached), and so does a forward over each token's "
+                       "own prefix."]
+
+
 def fine_tuned_length(results):
     """The longest block_size among the models, if longer than L (the length extended models trained at)."""
     longest = max((m["block_size"] for m in results["models"].values()), default=0)
@@ -85,9 +104,10 @@ def summary_markdown(results):
                 row = [f"{'▸ ' if b['lo'] >= L else ''}[{b['lo']}, {b['hi']})", p0["n_docs"] * (b["hi"] - b["lo"])]
                 rows.append(row + [_cell(task_entries(models[k]["position"])[i],
                                          lambda e: _pm(e, "mean", 3, n_seeds, signed=signed)) for k in ks])
-            return _table(["positions", "tokens"] + ks, rows)
+            return _table(["positions", "tokens"] + whole_window(models, ks)[0], rows)
 
         out += [position_table(lambda p: p["buckets"])]
+        out += whole_window(models, ks)[1]
         out += _reasons(results, "position", lambda p: p["buckets"])
         ref = results.get("reference")
         if ref and all("relative" in models[k]["position"] for k in ks):
@@ -108,9 +128,11 @@ def summary_markdown(results):
                 f"(Press et al.): every window size scores the same {n.get('n_tokens', '?')} tokens of "
                 f"{n.get('n_docs', '?')} documents." + (f" Mean ± std across {n_seeds} seeds." if n_seeds > 1 else ""),
                 ""]
-        rows = [[k] + [_cell(e, lambda e: _pm(e, "ppl", 2, n_seeds, spread=None)) for e in models[k]["ppl"]]
-                for k in ks]
+        names, note = whole_window(models, ks)
+        rows = [[name] + [_cell(e, lambda e: _pm(e, "ppl", 2, n_seeds, spread=None)) for e in models[k]["ppl"]]
+                for name, k in zip(names, ks)]
         out += [_table(["model"] + [f"W={w} ({_multiple(w, L)}, S={default_stride(w)})" for w in wins], rows)]
+        out += note
         out += _reasons(results, "ppl", lambda p: p)
 
     if have("short"):

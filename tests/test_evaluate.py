@@ -6,12 +6,14 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
 
 import evaluate
 from posenc import eval_tasks as ev
 from posenc.cli import cli
 from posenc.data import held_out_documents
-from conftest import tiny_config
+from conftest import EXPORT_LEN, random_export_model, tiny_config
 from evaluate import EvalConfig
 from model import GPT
 from posenc.tokenizer import get_tokenizer
@@ -265,11 +267,13 @@ def corpus(tmp_path_factory):
 
 
 def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
-    models = {"learned": tiny("learned", vocab_size=50304), "rope": tiny("rope", vocab_size=50304)}
+    dynamic = GPT(tiny_config(block_size=32, vocab_size=50304, n_layer=1, n_head=2, rope_scaling=WHOLE_WINDOW["dynamic"]
+                              | {"original_max_position_embeddings": 32})).eval()
+    models = {"learned": tiny("learned", vocab_size=50304), "rope": tiny("rope", vocab_size=50304), "dyn": dynamic}
     res = evaluate.evaluate(models, EvalConfig(data_dir=str(corpus), max_len=128, out_dir=str(tmp_path), n_docs=3,
                                                passkey_trials=1, recall_trials=2, span_len=4))
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["base_len"] == 32 and set(saved["models"]) == {"learned", "rope"}
+    assert saved["base_len"] == 32 and set(saved["models"]) == {"learned", "rope", "dyn"}
     for r in saved["models"].values():
         assert set(ev.TASKS) <= set(r)
     assert [e["window"] for e in res["models"]["rope"]["ppl"]] == [32, 64, 128]
@@ -281,6 +285,9 @@ def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
     for heading in ("Loss by position", "Sliding-window perplexity", "Short-context loss", "Passkey", "recall"):
         assert heading in md
     assert "cannot run" in md and "learned positions stop at 32" in md
+    # dynamic NTK's columns and rows are marked, and the note under each table says how they are scored
+    assert "| dyn † |" in md and md.count("† dyn: the RoPE frequencies change with the length") == 2
+    assert "rope †" not in md and "learned †" not in md
     flat = evaluate.scalars(res)
     assert "rope/ppl@128" in flat and "learned/ppl@128" not in flat and "learned/short_loss" in flat
     pytest.importorskip("matplotlib")
@@ -332,3 +339,49 @@ def test_resume_reuses_only_unchanged_checkpoints_with_the_same_settings(corpus,
     assert len(evaluated) == 3 and evaluated[-1].config.pos_encoding == "rope"
     run(seed=1)  # another setting: every model again
     assert len(evaluated) == 5
+
+
+# ----------------------------------------------------------------------------- length-dependent scaling
+
+WHOLE_WINDOW = {  # RoPE scalings whose frequencies change with the length, at L = EXPORT_LEN, x4
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": EXPORT_LEN},
+    "longrope": {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": EXPORT_LEN,
+                 "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 5.0, 9.0]},  # 4 rotated pairs
+}
+
+
+@pytest.mark.parametrize("rope_type", WHOLE_WINDOW)
+@torch.no_grad()
+def test_length_dependent_scaling_is_scored_with_the_whole_windows_frequencies(rope_type):
+    """What the report says beside the dynamic NTK and LongRoPE rows. The evaluation's loss at each position of a 4L
+    window is that of one forward over the whole window (ours and transformers' without a cache: every token gets
+    the 4L frequencies), to fp32 rounding (1e-4 on losses near 10 from sharpened weights). It is not the loss of a
+    forward over the token's own prefix (that length's frequencies: what our cached decoding gives), nor of
+    transformers' cached decoding (each key keeps the frequencies of the length it was cached at): both differ by
+    far more, and the two agree with each other below L, where no frequency has changed yet."""
+    transformers = pytest.importorskip("transformers")
+    from scripts import export_hf
+    transformers.utils.logging.set_verbosity_error()
+    model, L = random_export_model(WHOLE_WINDOW[rope_type]), EXPORT_LEN
+    T = 4 * L
+    doc = np.random.default_rng(0).integers(0, 50257, T + 1)
+    scored = ev.loss_by_position(model, [doc], T, [(p, p + 1) for p in range(T)])  # one bucket per position
+    evaluation = torch.tensor([b["mean"] for b in scored["buckets"]])
+    x, y = torch.from_numpy(doc[:-1])[None], torch.from_numpy(doc[1:])
+
+    def losses(logits):  # (T, vocab) -> (T,)
+        return F.cross_entropy(logits.float(), y, reduction="none")
+
+    hf = export_hf.to_hf(model)
+    whole, hf_whole = losses(model(x)[0][0]), losses(hf(x).logits[0])
+    prefix = losses(torch.stack([model(x[:, :t + 1], last_only=True)[0][0, -1] for t in range(T)]))
+    out, steps = hf(x[:, :1], use_cache=True), []
+    for t in range(1, T):
+        steps.append(out.logits[0, -1])
+        out = hf(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+    hf_cached = losses(torch.stack(steps + [out.logits[0, -1]]))
+    assert_close(evaluation, whole, atol=1e-4, rtol=0)
+    assert_close(evaluation, hf_whole, atol=1e-4, rtol=0)
+    assert_close(hf_cached[:L], prefix[:L], atol=1e-4, rtol=0)  # below L: the same frequencies, the same model
+    assert (evaluation - prefix).abs().max() > 1e-2 and (evaluation - hf_cached).abs().max() > 1e-2
+    assert (hf_cached - prefix)[L:].abs().max() > 1e-2  # past L transformers' stale keys differ from fresh ones too

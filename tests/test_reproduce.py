@@ -225,8 +225,13 @@ def test_rescues_all_adds_every_recipe_and_the_rescue_table(tiny_scale, tmp_path
     assert set(stages) == stage_names(1337) - {"evaluate (seed 1337)"} | {evaluated} | {
         f"rescue {r.label} (seed 1337)" for r in trained} | {"search LongRoPE factors (seed 1337)"}
     table = report.split("## Every rescue, side by side")[1].split("## ")[0]
+    whole_window = {reproduce.RESCUES["longrope"].label, reproduce.RESCUES["longrope_tuned"].label,
+                    reproduce.free_label("dynamic")}  # marked: scored with the whole window's frequencies
+    note = next(ln for ln in table.splitlines() if ln.startswith("† "))
+    assert "the RoPE frequencies change with the length" in note and all(label in note for label in whole_window)
     for r in reproduce.RESCUES.values():
-        row = next(ln for ln in table.splitlines() if ln.startswith(f"| {r.label} |"))
+        row = next(ln for ln in table.splitlines()
+                   if ln.startswith(f"| {r.label}{' †' if r.label in whole_window else ''} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(cells[1:5]) and "cannot run" not in cells[1:5], row  # ppl at L, 2L, 4L, 8L
         steps, tokens = int(cells[6]), int(cells[7].replace(",", ""))
