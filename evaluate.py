@@ -199,7 +199,7 @@ def write_results(results, out_dir, wandb="off"):
     write_json(results, out_dir / "results.json")
     md = results_markdown(results)
     pngs = plot_all(results, out_dir)
-    (out_dir / "summary.md").write_text(md + "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs))
+    write_atomic(out_dir / "summary.md", md + "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs))
     log(f"wrote {out_dir}/results.json, summary.md" + (f" and {len(pngs)} plots" if pngs else
                                                         " (no plots: matplotlib is not installed)"))
     run = start_wandb(wandb, out_dir, out_dir.resolve().name, results["documents"], job_type="eval")

@@ -38,7 +38,7 @@ from posenc.cli import cli
 from posenc.config import ConfigError, apply, at_least, check_fields, from_dict, parse, to_dict
 from posenc.data import load_meta
 from posenc.rope_scaling import ROPE_SCALING, abf_base, length_dependent, original_length, scaling_dict
-from posenc.run_folder import claim, clear
+from posenc.run_folder import claim, clear, write_atomic
 
 RECIPE = dict(learning_rate=2e-5, min_lr=2e-6, weight_decay=0.0)  # PI and YaRN fine-tune with lr 2e-5, no decay
 MAX_WARMUP = 20  # warmup steps in both recipes (fewer for very short runs: a fifth of the steps)
@@ -221,7 +221,7 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
         new["extension"] = record | {"steps": result["step"]}
         path = save_checkpoint(new, result["ckpt"])
     if master:  # written last: it says the extension is complete
-        (Path(out_dir) / "extension.json").write_text(json.dumps(new["extension"], indent=2) + "\n")
+        write_atomic(Path(out_dir) / "extension.json", json.dumps(new["extension"], indent=2) + "\n")
     log(f"wrote {path}: rope_scaling={json.dumps(scaling)}, block_size={target_len}")
     return path
 

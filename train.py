@@ -210,6 +210,8 @@ class Run:
     tokens_per_sec: float | None = None
     mfu: float | None = None
     last_ckpt: str | None = None
+    ckpt_step: int | None = None  # the step the checkpoint in out_dir holds (config.json says it too)
+    info: dict = field(default_factory=dict)  # config.json's contents
     interrupted: int = 0  # the signal that asked to stop, 0: none
     step_times: list = field(default_factory=list)
     metrics: MetricsLog | None = None
@@ -269,9 +271,9 @@ def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
                                                    to_dict(cfg), project=cfg.wandb_project, group=cfg.wandb_group)
                              if run.master else None)
     if run.master:
-        info = {"config": to_dict(cfg), "data": run.data, "seed": cfg.seed, "torch": torch.__version__,
-                "world_size": world, "start_step": run.start_step, "n_params": model.num_params()}
-        write_atomic(run.out_dir / "config.json", json.dumps(info, indent=2) + "\n")
+        run.info = {"config": to_dict(cfg), "data": run.data, "seed": cfg.seed, "torch": torch.__version__,
+                    "world_size": world, "start_step": run.start_step, "n_params": model.num_params()}
+        write_atomic(run.out_dir / "config.json", json.dumps(run.info | {"ckpt_step": run.ckpt_step}, indent=2) + "\n")
     return run
 
 
@@ -281,7 +283,7 @@ def restore(run: Run, ckpt: dict) -> None:
     run.val_step = ckpt.get("val_step", run.step)  # an interrupt can skip the validation of the step it saves
     run.best_val = ckpt.get("best_val_loss", float("inf"))
     run.recent_losses = list(ckpt.get("recent_losses", []))
-    run.last_ckpt = str(run.out_dir / "ckpt.pt")
+    run.last_ckpt, run.ckpt_step = str(run.out_dir / "ckpt.pt"), ckpt["step"]
     if ckpt.get("optimizer"):  # a training-free checkpoint (extend_context.py --steps=0) has none
         run.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("sampler"):
@@ -335,25 +337,48 @@ def check_weights(run: Run) -> None:
 
 
 def save(run: Run) -> str | None:
-    """Checkpoint everything a resumed run needs, atomically, once the weights' loss is checked; a failed save
-    keeps the previous checkpoint."""
+    """Checkpoint everything a resumed run needs, atomically, once the weights' loss is checked. A save that
+    fails (a full disk) stops the run, on every rank, with TrainingError: the previous checkpoint is kept, and
+    metrics.jsonl and config.json say which step it holds. Training on would only report steps that no file has."""
     check_weights(run)
     ranks = [{"rng": rng_state()}] * run.world
     if run.world > 1:  # each rank's own RNG (dropout); the sampler state is the same on every rank
         dist.all_gather_object(ranks, ranks[0])
-    if not run.master:
-        return None
-    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
-            "config": to_dict(run.cfg), "rng": ranks[0]["rng"], "sampler": run.train_sampler.state_dict(),
-            "data": run.data, "best_val_loss": run.best_val, "recent_losses": run.recent_losses,
-            "val_step": run.val_step, "format_version": FORMAT_VERSION}
-    if run.world > 1:
-        ckpt["ranks"] = ranks
+    error = None
+    if run.master:
+        ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
+                "config": to_dict(run.cfg), "rng": ranks[0]["rng"], "sampler": run.train_sampler.state_dict(),
+                "data": run.data, "best_val_loss": run.best_val, "recent_losses": run.recent_losses,
+                "val_step": run.val_step, "format_version": FORMAT_VERSION}
+        if run.world > 1:
+            ckpt["ranks"] = ranks
+        try:
+            run.last_ckpt, run.ckpt_step = save_checkpoint(ckpt, run.out_dir / "ckpt.pt"), run.step
+        except CheckpointError as e:
+            error = f"could not save checkpoint {run.out_dir / 'ckpt.pt'} at step {run.step}: {e.reason}"
+        error = record_checkpoint(run, error)
+    if run.world > 1:  # rank 0 alone writes; every rank stops with it
+        shared = [error, run.ckpt_step]
+        dist.broadcast_object_list(shared, src=0)
+        error, run.ckpt_step = shared
+    if error:
+        kept = "no checkpoint is kept" if run.ckpt_step is None else f"the checkpoint of step {run.ckpt_step} is kept"
+        raise TrainingError(f"{error}; the run stops here and {kept}: make room, then continue with --resume=true")
+    return run.last_ckpt if run.master else None
+
+
+def record_checkpoint(run: Run, error: str | None) -> str | None:
+    """metrics.jsonl and config.json say which step the checkpoint holds (and, after a failed save, which step
+    could not be saved); returns the error, or why the records could not be written either."""
     try:
-        run.last_ckpt = save_checkpoint(ckpt, run.out_dir / "ckpt.pt")
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-    return run.last_ckpt
+        if error:
+            run.metrics.record(kind="ckpt_failed", step=run.step, kept_step=run.ckpt_step)
+        else:
+            run.metrics.record(kind="ckpt", step=run.step)
+        write_atomic(run.out_dir / "config.json", json.dumps(run.info | {"ckpt_step": run.ckpt_step}, indent=2) + "\n")
+    except OSError as e:
+        return error or f"could not record the checkpoint of step {run.step}: {e}"
+    return error
 
 
 def train_step(run: Run, stop: StopOnInterrupt | None = None) -> float:

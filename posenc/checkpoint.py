@@ -20,6 +20,7 @@ import torch
 
 from model import GPT, GPTConfig
 from posenc.config import from_dict
+from posenc.run_folder import why_not_written
 
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes
 
@@ -39,10 +40,30 @@ def save_checkpoint(ckpt: dict, path) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception as e:
+    except Exception as e:  # OSError, or torch's zip writer's RuntimeError ("unexpected pos") on a full disk
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not save checkpoint {path}: {e} (the previous one is kept)") from e
+        why = why_not_written(e, path.parent, tensor_bytes(ckpt))
+        kept = "the previous one is kept" if path.exists() else "nothing was written"
+        error = CheckpointError(f"could not save checkpoint {path}: {why} ({kept})")
+        error.reason = why  # for a caller that says the rest in its own words (train.py: which step is kept)
+        raise error from e
     return str(path)
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nested dict/list, each storage once (tied weights share one): about what
+    torch.save writes."""
+    seen, total, todo = set(), 0, [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in seen:
+            seen.add(x.untyped_storage().data_ptr())
+            total += x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return total
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from posenc.run_folder import write_atomic
+
 SHOWN_LAYERS = 4  # layers drawn in the attention panels (all of them in explain.json)
 
 
@@ -105,7 +107,7 @@ def write_explanation(r, out_dir) -> Path:
     md += ["", *figs.get("decay", []), "", "## 3. What the trained model does", ""]
     md += attention_text(r) + ["", *figs.get("attention", [])]
     path = out_dir / "explain.md"
-    path.write_text("\n".join(md) + "\n")
+    write_atomic(path, "\n".join(md) + "\n")
     return path
 
 

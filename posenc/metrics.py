@@ -14,8 +14,9 @@ WANDB_PROJECT = "posenc"
 
 
 class MetricsLog:
-    """Appends {"kind": "train" | "val", "step": ..., ...} lines; a resumed run first drops the lines written
-    after its checkpoint, so every step appears once. Writes nothing on ranks other than 0."""
+    """Appends {"kind": "train" | "val" | "ckpt" | "ckpt_failed", "step": ..., ...} lines ("ckpt": the checkpoint now
+    holds this step; "ckpt_failed": this step could not be saved, kept_step is the one kept); a resumed run first
+    drops the lines written after its checkpoint, so every step appears once. Writes nothing on ranks other than 0."""
 
     def __init__(self, out_dir, resume_step=None, enabled=True, wandb_run=None):
         self.path, self.enabled, self.wandb = Path(out_dir) / "metrics.jsonl", enabled, wandb_run
@@ -29,8 +30,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:
-            self.wandb.log({f"{metrics['kind']}/{k}": v for k, v in metrics.items() if k not in ("kind", "step")},
-                           step=metrics["step"])
+            self.wandb.log({f"{metrics['kind']}/{k}": v for k, v in metrics.items()
+                            if k not in ("kind", "step") and v is not None}, step=metrics["step"])
 
     def close(self):
         if self.wandb is not None:

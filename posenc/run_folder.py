@@ -6,7 +6,9 @@
 The lock is a file holding the owner's pid and host; a lock whose process is gone (killed with SIGKILL) is
 stale and taken over, and so are the temporary checkpoint files such a process left behind.
 """
+import errno
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,13 +53,44 @@ def clear(out_dir) -> None:
 
 
 
+class WriteError(OSError):
+    """A file that could not be written, said in one line (a full disk: how much was needed, how much is free)."""
+
+
+def why_not_written(error: BaseException, folder, needed: int) -> str:
+    """Why writing `needed` bytes into `folder` failed, in words a person acts on. A full disk is said as such, with
+    what was needed and what is free (shutil.disk_usage), also when the writer words it its own way (torch's zip
+    writer: "unexpected pos ...")."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < needed):
+        have = f"{size_text(free)} is free" if free is not None else "the free space is unknown"
+        return f"no space left on the device of {folder}: it needs about {size_text(needed)} and {have}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def size_text(n: int) -> str:
+    """A byte count as a person reads it: 15.8 MB, 8.2 kB, 512 bytes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def write_atomic(path, text: str) -> None:
     """Write a text file through a temporary file and a rename: a signal or crash in the middle leaves the old
-    file or the new one, never half of one (leftover temporary files go at the next claim)."""
+    file or the new one, never half of one (leftover temporary files go at the next claim). A failed write
+    removes its temporary file and raises WriteError (one line)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {why_not_written(e, path.parent, len(text.encode()))}") from e
 
 
 def _take_lock(out_dir: Path) -> Path:

@@ -38,12 +38,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from posenc.checkpoint import model_from_checkpoint
+from posenc.checkpoint import model_from_checkpoint, tensor_bytes
 from posenc.cli import cli
 from posenc.config import ConfigError, check_fields, parse
 from posenc.hf_mapping import EOT, GPT2_VOCAB
 from posenc.positions import RoPE, alibi_slopes, permute_rope_layout
 from posenc.rope_scaling import inverse_frequencies, length_dependent, rope_frequencies
+from posenc.run_folder import WriteError, why_not_written
 from posenc.tokenizer import find_tokenizer_dir
 from scripts.export_hf import check_exportable_vocabulary
 
@@ -320,8 +321,12 @@ def export(ckpt_path, out, dtype="f32", overwrite=False):
         raise FileExistsError(f"{out} exists: pass --overwrite=true to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    write_gguf(model, tmp, dtype, name=Path(ckpt_path).resolve().parent.name)
-    tmp.replace(out)  # never a half-written file under the final name
+    try:
+        write_gguf(model, tmp, dtype, name=Path(ckpt_path).resolve().parent.name)
+        tmp.replace(out)  # never a half-written file under the final name
+    except OSError as e:  # a full disk: the half-written file goes too
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {out}: {why_not_written(e, out.parent, tensor_bytes(model.state_dict()))}") from e
     if note := activation_note(model.config):
         print(note, file=sys.stderr)
     return out

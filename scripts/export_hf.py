@@ -14,13 +14,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from posenc.checkpoint import model_from_checkpoint
+from posenc.checkpoint import model_from_checkpoint, tensor_bytes
 from posenc.cli import cli
 from posenc.config import ConfigError, check_fields, parse
 from posenc.hf_mapping import (GPT2_VOCAB, NEOX, check_parity, convert_weight, hf_architecture, hf_config, key_pairs,
                                legacy_rope, parity_lengths, require_transformers, rope_parameters)
 from posenc.positions import SCHEMES, permute_rope_layout
-from posenc.run_folder import claim, clear
+from posenc.run_folder import WriteError, claim, clear, why_not_written
 from posenc.tokenizer import find_tokenizer_dir
 
 
@@ -142,15 +142,27 @@ def export(ckpt_path, out_dir, overwrite=False):
     out_dir = Path(out_dir)
     with claim(out_dir, resume=False, overwrite=overwrite, what="export"):
         clear(out_dir)
-        hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
-        if hf_architecture(config) is NEOX:  # both forms: either major version would silently use its defaults otherwise
-            path, params = out_dir / "config.json", rope_parameters(config)
-            path.write_text(json.dumps({**json.loads(path.read_text()), **legacy_rope(params),
-                                        "rope_parameters": params}, indent=2, sort_keys=True) + "\n")
-        write_tokenizer(out_dir, model.transformer.pos.max_len, transformers)
-        (out_dir / "README.md").write_text(model_card(ckpt, config, Path(ckpt_path).resolve().parent,
-                                                      type(hf).__name__))
+        before = set(out_dir.iterdir())
+        try:
+            write_folder(hf, model, ckpt, ckpt_path, out_dir, transformers)
+        except OSError as e:  # a full disk: no half export stays behind to look like a whole one
+            for path in set(out_dir.iterdir()) - before:
+                path.unlink()
+            why = why_not_written(e, out_dir, tensor_bytes(hf.state_dict()))
+            raise WriteError(f"could not export to {out_dir}: {why} (nothing was kept)") from e
     return out_dir
+
+
+def write_folder(hf, model, ckpt, ckpt_path, out_dir, transformers):
+    """The files of the export: the weights and config, the tokenizer, the model card."""
+    config = model.config
+    hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
+    if hf_architecture(config) is NEOX:  # both forms: either major version would silently use its defaults otherwise
+        path, params = out_dir / "config.json", rope_parameters(config)
+        path.write_text(json.dumps({**json.loads(path.read_text()), **legacy_rope(params),
+                                    "rope_parameters": params}, indent=2, sort_keys=True) + "\n")
+    write_tokenizer(out_dir, model.transformer.pos.max_len, transformers)
+    (out_dir / "README.md").write_text(model_card(ckpt, config, Path(ckpt_path).resolve().parent, type(hf).__name__))
 
 
 def main(argv=None):

@@ -52,7 +52,7 @@ def train(out_dir, data_dir, *extra, slow_save=False):
 
 def metrics(out_dir):
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["kind"], r["step"], r["loss"], r.get("lr")) for r in rows]
+    return [(r["kind"], r["step"], r["loss"], r.get("lr")) for r in rows if r["kind"] in ("train", "val")]  # not "ckpt"
 
 
 def finished(out_dir):

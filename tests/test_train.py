@@ -1,8 +1,11 @@
 """train.py on CPU with tiny models: every scheme trains, resume is exact, checkpoints are safe, errors are clear."""
+import errno
 import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,8 +21,9 @@ import torch
 import model as model_module
 import train
 from data.prepare import prepare
+from posenc import run_folder
 from posenc.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from posenc.cli import Interrupted
+from posenc.cli import Interrupted, cli
 from posenc.data import BatchSampler
 from posenc.positions import SCHEMES
 from posenc.run_folder import RunFolderError
@@ -38,11 +42,16 @@ def data_dir(tmp_path_factory):
 
 def tiny(data_dir, out_dir, **overrides):
     """A TrainConfig for a 2-layer, width-32, T=32 model, built through the same parser as the command line."""
+    return load_config(tiny_argv(data_dir, out_dir, **overrides))
+
+
+def tiny_argv(data_dir, out_dir, **overrides):
+    """The command line of tiny()'s run."""
     flags = dict(data_dir=data_dir, out_dir=out_dir, device="cpu", n_layer=2, n_head=2, n_embd=32, block_size=32,
                  batch_size=4, max_iters=6, warmup_iters=2, learning_rate=3e-3, eval_interval=3, eval_iters=2,
                  log_interval=1, ckpt_interval=3)
     flags.update(overrides)
-    return load_config([f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in flags.items()])
+    return [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in flags.items()]
 
 
 def metrics(out_dir, kind="train"):
@@ -192,23 +201,44 @@ def test_a_diverging_run_keeps_the_good_checkpoint(data_dir, tmp_path):
     assert sha256s(tmp_path)["ckpt.pt"] == good and ckpt["step"] == 4
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failure", ["ENOSPC", "zip writer"])
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_non_zero(failure, data_dir, tmp_path, monkeypatch):
+    """The disk fills before the second checkpoint (step 4 of 6), as an OSError(ENOSPC) or as torch's zip writer
+    says it ("unexpected pos"). The run stops there and `python train.py` exits 1 (SystemExit with a message) with
+    one line: the disk is full, what the checkpoint needs, what is free. The step-2 checkpoint stays whole, and
+    metrics.jsonl and config.json say it holds step 2; resuming from it finishes the run."""
     real_save, calls = torch.save, []
 
     def failing_save(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the second checkpoint: half-written, then the disk is full
             f.write(b"partial")
-            raise OSError(28, "No space left on device")
+            if failure == "ENOSPC":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13411968 vs 13411856")
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    result = train.main(tiny(data_dir, tmp_path, max_iters=4, ckpt_interval=2, eval_interval=0))
-    err = capsys.readouterr().err
-    assert "error: could not save checkpoint" in err and "No space left on device" in err
-    assert result["step"] == 4 and result["ckpt"] == str(tmp_path / "ckpt.pt")
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 3 * 10**6,
+                                                                                              3 * 10**6))
+    argv = tiny_argv(data_dir, tmp_path, max_iters=6, ckpt_interval=2, eval_interval=0)
+    with pytest.raises(SystemExit) as e:
+        cli(train.main, argv, errors=(ValueError, OSError, train.TrainingError))  # as train.py's __main__
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: could not save checkpoint {tmp_path / 'ckpt.pt'} at step 4: no space left on the "
+                          f"device of {tmp_path}: it needs about ") and "\n" not in msg, msg
+    assert re.search(r"it needs about \d+\.\d MB and 3\.0 MB is free; the run stops here and the checkpoint of step 2 is "
+                     r"kept: make room, then continue with --resume=true$", msg), msg
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no tmp file
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["kind"].startswith("ckpt")] == [{"kind": "ckpt", "step": 2},
+                                                                     {"kind": "ckpt_failed", "step": 4, "kept_step": 2}]
+    assert max(r["step"] for r in records if r["kind"] == "train") == 4  # trained no further than the failed save
+    assert json.loads((tmp_path / "config.json").read_text())["ckpt_step"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.main(load_config(argv + ["--resume=true"]))["step"] == 6
+    assert json.loads((tmp_path / "config.json").read_text())["ckpt_step"] == 6
 
 
 def test_bad_checkpoints_give_one_clear_line(tmp_path, straight):
