@@ -56,7 +56,7 @@ WHOLE_WINDOW = "†"  # marks a model whose RoPE frequencies change with the len
 
 def whole_window(models, labels):
     """The labels, those of length-dependent scalings marked, and the note that goes under their table: how their
-    losses are scored (tests/test_evaluate.py::test_length_dependent_scaling_is_scored_with_the_whole_windows_frequencies)."""
+    losses are scored (tests/test_evaluate.py, test_length_dependent_scaling_is_scored_with_the_whole_windows_...)."""
     marked = [k for k in labels if length_dependent(models[k].get("rope_scaling"))]
     names = [f"{k} {WHOLE_WINDOW}" if k in marked else k for k in labels]
     if not marked:

@@ -326,7 +326,8 @@ def export(ckpt_path, out, dtype="f32", overwrite=False):
         tmp.replace(out)  # never a half-written file under the final name
     except OSError as e:  # a full disk: the half-written file goes too
         tmp.unlink(missing_ok=True)
-        raise WriteError(f"could not write {out}: {why_not_written(e, out.parent, tensor_bytes(model.state_dict()))}") from e
+        why = why_not_written(e, out.parent, tensor_bytes(model.state_dict()))
+        raise WriteError(f"could not write {out}: {why}") from e
     if note := activation_note(model.config):
         print(note, file=sys.stderr)
     return out
