@@ -285,7 +285,12 @@ def restore(run: Run, ckpt: dict) -> None:
     run.recent_losses = list(ckpt.get("recent_losses", []))
     run.last_ckpt, run.ckpt_step = str(run.out_dir / "ckpt.pt"), ckpt["step"]
     if ckpt.get("optimizer"):  # a training-free checkpoint (extend_context.py --steps=0) has none
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            run.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # groups of another size: written before position tables left the decayed group
+            raise CheckpointError(f"cannot resume {run.last_ckpt}: its optimizer state does not fit this code's "
+                                  f"parameter groups ({e}); resume it with the code that wrote it, or start a new run "
+                                  f"from its weights with --init_from={run.last_ckpt}") from None
     if ckpt.get("sampler"):
         run.train_sampler.load_state_dict(ckpt["sampler"])  # the same for every rank: a seed and a batch count
     ranks = ckpt.get("ranks") or [{"rng": ckpt.get("rng")}]

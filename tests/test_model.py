@@ -157,3 +157,19 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(scheme):
     assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
     for name, g in grads[0].items():
         assert_close(grads[1][name], g, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_weight_decay_spares_biases_norms_and_position_tables(scheme):
+    """AdamW decays the matmuls and the token embedding; a position table (T5's bias, learned positions) sits in
+    the undecayed group with the biases and norms (why: GPT.configure_optimizers). Shown by what one step with a
+    zero gradient does: decayed tensors shrink by lr * weight_decay, the others do not move."""
+    model = sharpened(GPT(tiny_config(pos_encoding=scheme, bias=True)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = model.configure_optimizers(0.1, 1.0, (0.9, 0.95), "cpu")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        decayed = p.dim() >= 2 and ".pos." not in name
+        assert_close(p.detach(), before[name] * (0.9 if decayed else 1.0), atol=0, rtol=1e-6, msg=name)

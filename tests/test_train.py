@@ -227,8 +227,8 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_non_zero(failure, data
     msg = str(e.value.code)
     assert msg.startswith(f"error: could not save checkpoint {tmp_path / 'ckpt.pt'} at step 4: no space left on the "
                           f"device of {tmp_path}: it needs about ") and "\n" not in msg, msg
-    assert re.search(r"it needs about \d+\.\d MB and 3\.0 MB is free; the run stops here and the checkpoint of step 2 is "
-                     r"kept: make room, then continue with --resume=true$", msg), msg
+    assert re.search(r"it needs about \d+\.\d MB and 3\.0 MB is free; the run stops here and the checkpoint of "
+                     r"step 2 is kept: make room, then continue with --resume=true$", msg), msg
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no tmp file
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -360,3 +360,21 @@ def test_gradient_accumulation_equals_one_large_batch(data_dir, tmp_path, monkey
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_run_whose_optimizer_groups_changed_refuses_to_resume_in_one_line(data_dir, tmp_path, monkeypatch):
+    """A learned-positions run written when its table was in the decayed group (before issue 34): its optimizer
+    state has groups of other sizes, and resuming it says so in one line instead of torch's ValueError."""
+    def old_groups(self, weight_decay, learning_rate, betas, device_type):
+        params = list(self.parameters())
+        return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                 lr=learning_rate, betas=betas)
+
+    with monkeypatch.context() as m:
+        m.setattr(model_module.GPT, "configure_optimizers", old_groups)
+        train.main(tiny(data_dir, tmp_path, pos_encoding="learned", max_iters=2, eval_interval=0))
+    with pytest.raises(CheckpointError, match=r"cannot resume .*ckpt.pt: its optimizer state does not fit this code's "
+                                              r"parameter groups .*--init_from=") as e:
+        train.main(tiny(data_dir, tmp_path, pos_encoding="learned", max_iters=3, resume=True))
+    assert "\n" not in str(e.value)
