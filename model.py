@@ -7,7 +7,6 @@ a module from positions.SCHEMES; the model calls its hooks unconditionally and n
 import contextlib
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from posenc.attention import biased_attention, probed_attention
 from posenc.config import at_least, check_fields
 from posenc.positions import SCHEMES
 
@@ -94,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.backend = config.n_head, config.dropout, config.attn_backend
-        self.probe = None  # set by record_attention: called with (layer, attention probabilities) in eval
+        self.probe = None  # set by record_attention: called with (layer, probabilities, q_pos, k_pos) in eval
 
     def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0):
         B, T, C = x.size()
@@ -111,45 +111,24 @@ class CausalSelfAttention(nn.Module):
         y = scheme.attend(q, k, v, q_pos, k_pos, layer)  # a scheme that attends itself (RoPE with Self-Extend)
         if y is not None:
             return y
+        bias_fn = functools.partial(scheme.attn_bias, layer=layer)  # (q_pos, k_pos) -> (nh, Tq, Tk) or None
         if self.probe is not None:
-            return self.attend_and_show(q, k, v, scheme, q_pos, k_pos, layer)
+            return probed_attention(q, k, v, bias_fn, q_pos, k_pos, functools.partial(self.probe, layer))
         dropout = self.dropout if self.training else 0.0
         Tq, Tk = q.size(-2), k.size(-2)
+        if k.dtype != q.dtype:  # a KV cache in another dtype than autocast's: every kernel takes one dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         score_mod = scheme.score_mod(layer)
         if score_mod is not None and Tq == Tk and dropout == 0.0 and self.use_flex(q):
             return flex_causal(q, k, v, score_mod)
-        bias = scheme.attn_bias(q_pos, k_pos, layer)  # (nh, Tq, Tk) or None
-        if bias is not None and q.is_cuda and score_mod is None:
-            warn_once(f"{type(scheme).__name__} has no score_mod: every attention call on the GPU materializes "
-                      "a (heads, T, T) float bias (12 heads at T=32k: 48 GB); give it a score_mod for FlexAttention")
-        if bias is None and (Tq == Tk or Tq == 1):  # no bias: the flash kernel; one new query sees every key
+        if (Tq == Tk or Tq == 1) and scheme.attn_bias(q_pos[:1], k_pos[:1], layer) is None:
+            # no bias: the flash kernel; one new query sees every key
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq > 1)
-        if Tq > 1:  # several queries at the end of a longer key sequence (KV cache): causal by absolute position
-            future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
-            bias = (torch.zeros(future.shape, device=q.device) if bias is None else bias).masked_fill(future, -math.inf)
-        # (1, nh, Tq, Tk): with a 4-d mask the CPU takes SDPA's flash kernel (a 3-d one falls back to the math
-        # kernel, 2x slower), and the GPU its memory-efficient one.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None], dropout_p=dropout)
-
-    def attend_and_show(self, q, k, v, scheme, q_pos, k_pos, layer):
-        """Attention with its probabilities formed explicitly and handed to the probe: the same scores as the
-        fused kernels (q·k / √hs + the scheme's bias, causal by absolute position), in fp32. The output is made
-        from these probabilities, so what the probe sees is exactly what the forward used."""
-        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
-        bias = scheme.attn_bias(q_pos, k_pos, layer)
-        if bias is not None:
-            scores = scores + bias.float()
-        probs = scores.masked_fill(k_pos[None, :] > q_pos[:, None], -math.inf).softmax(-1)
-        self.probe(layer, probs)
-        return (probs @ v.float()).to(v.dtype)
+        # blocks of queries, each with its slice of the bias
+        return biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout, relative=scheme.relative_bias)
 
     def use_flex(self, q):
         return flex_attention is not None and q.is_cuda if self.backend == "auto" else self.backend == "flex"
-
-
-@functools.cache
-def warn_once(message):
-    warnings.warn(message, stacklevel=3)
 
 
 @functools.cache
@@ -169,9 +148,10 @@ compiled_flex_attention = functools.cache(lambda: torch.compile(flex_attention))
 
 @contextlib.contextmanager
 def record_attention(model, probe):
-    """Within the block, every attention layer of `model` calls probe(layer, probs) with its probabilities
-    (B, nh, Tq, Tk), fp32, each row summing to 1 over the keys it may see. For analysis in eval (explain.py):
-    the probabilities are materialized, T x T per head."""
+    """Within the block, every attention layer of `model` calls probe(layer, probs, q_pos, k_pos) with its
+    probabilities for a block of queries at a time (posenc.attention.probed_attention): probs (B, nh, rows, keys)
+    in fp32, each row summing to 1 over the keys it may see, for the queries at q_pos and the keys at k_pos. For
+    analysis in eval (explain.py): a block at a time, so memory grows linearly with the length."""
     attns = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
     for a in attns:
         a.probe = probe
