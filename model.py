@@ -7,6 +7,7 @@ a module from positions.SCHEMES; the model calls its hooks unconditionally and n
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,7 @@ except ImportError:
     flex_attention = None
 
 LOSS_CHUNK = 8192  # tokens per cross-entropy chunk: full fp32 logits at 32k x 50k vocab would be 6.6 GB
+LOSS_MEMORY_FRACTION = 0.25  # recompute the loss's logits in backward only past this share of the device's memory
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, the denominator of MFU
 GELU_APPROXIMATION = {"gelu": "none", "gelu_tanh": "tanh"}  # GPTConfig.activation -> nn.GELU's approximate
 RUNTIME_FIELDS = ("dropout", "activation_checkpointing", "attn_backend")  # GPTConfig keys that are not the
@@ -64,23 +66,26 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys (already rotated) and values for every layer, with an explicit position.
+    """Keys (already rotated) and values for every layer, allocated once, with an explicit position.
 
     It also keeps the tokens: when the meaning of positions changes with the length (dynamic NTK), every
     layer's cached keys and values are stale, and the model recomputes them from the tokens. So cached
     decoding equals the full forward for every scheme and scaling, exactly.
     """
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype=None):
+        self.shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = self.v = None  # allocated by the first update, in its dtype unless `dtype` is given
+        self.dtype, self.device = dtype, device
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
         self.pos = 0  # tokens already in the cache
         self.key = None  # the position scheme's cache_key when the cache was filled
 
     def update(self, layer, k, v):
+        if self.k is None:  # the keys' own dtype (bf16 under autocast): attention takes q, k, v in one dtype
+            dtype = self.dtype or k.dtype
+            self.k, self.v = (torch.zeros(self.shape, device=self.device, dtype=dtype) for _ in range(2))
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -125,7 +130,8 @@ class CausalSelfAttention(nn.Module):
             # no bias: the flash kernel; one new query sees every key
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq > 1)
         # blocks of queries, each with its slice of the bias
-        return biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout, relative=scheme.relative_bias)
+        return biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout, scheme.relative_bias, scheme.bias_band,
+                                tuple(p for p in scheme.parameters() if p.requires_grad))
 
     def use_flex(self, q):
         return flex_attention is not None and q.is_cuda if self.backend == "auto" else self.backend == "flex"
@@ -254,8 +260,9 @@ class GPT(nn.Module):
         return None, chunked_cross_entropy(x, self.lm_head.weight, targets, reduction)
 
     def make_kv_cache(self, batch_size, max_len, dtype=None):
-        c, w = self.config, self.lm_head.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, w.device, dtype or w.dtype)
+        """A cache for batch_size sequences of up to max_len tokens, in `dtype` or else the keys' own (autocast's)."""
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, self.lm_head.weight.device, dtype)
 
     def num_params(self, non_embedding=True):
         """Parameters; non_embedding leaves out position tables (token embeddings count: they are the head)."""
@@ -279,17 +286,32 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
+def device_memory(device):
+    """Bytes of memory on `device`: the GPU's own, or the machine's RAM for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume a small machine
+        return 8 * 2 ** 30
+
+
 def chunked_cross_entropy(x, weight, targets, reduction="mean", chunk=LOSS_CHUNK):
-    """Cross-entropy of x @ weight.T against targets, LOSS_CHUNK tokens at a time. With gradients each chunk
-    is checkpointed, so one chunk of logits is alive at a time in backward too (32k context fits)."""
+    """Cross-entropy of x @ weight.T against targets, LOSS_CHUNK tokens at a time, so the full fp32 logits never
+    exist at once in the forward. With gradients, each chunk keeps its fp32 log-probabilities for backward (4 bytes
+    per logit) unless all of them together would pass LOSS_MEMORY_FRACTION of the device's memory: then each chunk
+    is checkpointed (its logits recomputed in backward, one chunk alive at a time: 32k context fits), at the cost
+    of the head's matmul once more (~16% of the GPU preset's training FLOPs)."""
     C = x.size(-1)
     xs, ts = x.reshape(-1, C), targets.reshape(-1)
 
     def chunk_loss(xc, tc):
         return F.cross_entropy(F.linear(xc, weight).float(), tc, ignore_index=-1, reduction="none")
 
-    many = xs.size(0) > chunk and torch.is_grad_enabled()
-    losses = [checkpoint(chunk_loss, xs[i:i + chunk], ts[i:i + chunk], use_reentrant=False) if many
+    kept = xs.size(0) * weight.size(0) * 4  # bytes of fp32 log-probabilities kept for backward
+    recompute = (xs.size(0) > chunk and torch.is_grad_enabled()
+                 and kept > LOSS_MEMORY_FRACTION * device_memory(x.device))
+    losses = [checkpoint(chunk_loss, xs[i:i + chunk], ts[i:i + chunk], use_reentrant=False) if recompute
               else chunk_loss(xs[i:i + chunk], ts[i:i + chunk]) for i in range(0, xs.size(0), chunk)]
     per_token = torch.cat(losses).view(targets.shape)  # (B, T); 0 where target == -1
     return per_token if reduction == "none" else per_token.sum() / (targets != -1).sum().clamp(min=1)

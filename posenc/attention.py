@@ -102,20 +102,26 @@ class Plan:
         return dk.flip(-2) if self.flip else dk
 
 
-def biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout=0.0, relative=False):
+def biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout=0.0, relative=False, band=None, bias_params=()):
     """Causal attention of q (B, nh, Tq, hs) over k, v (B, nh, Tk, hs) at positions q_pos (Tq,), k_pos (Tk,), with
     bias_fn(q_pos, k_pos) -> (nh, Tq, Tk) added to the logits (None: the causal mask alone); (B, nh, Tq, hs).
-    relative: the bias depends only on q_pos - k_pos (ALiBi, T5)."""
+    relative: the bias depends only on q_pos - k_pos (ALiBi, T5); band: it is also the same for every distance
+    >= band (T5: max_distance), so its gradient needs the pairs closer than band only; bias_params: the tensors
+    the bias learns (T5's table)."""
     if k.dtype != q.dtype:  # a cache kept in another dtype than the autocast one: the kernels take one dtype
         k, v = k.to(q.dtype), v.to(q.dtype)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_params))
+    learns = grad and bias_needs_grad(bias_fn, q_pos, k_pos)
     # Autocast would cast the fp32 mask to bf16 inside SDPA: q, k and v already have their compute dtype.
     with torch.autocast(q.device.type, enabled=False):
-        if q.device.type == "cpu" and dropout == 0.0 and not (grad and bias_needs_grad(bias_fn, q_pos, k_pos)):
+        if q.device.type == "cpu" and dropout == 0.0:
             plan = Plan(q, k, bias_fn, q_pos, k_pos, relative)
-            if grad:  # the CPU flash kernel's own backward, masks rebuilt per block: nothing T x T is kept
-                return BlockedFlashCPU.apply(q, k, v, plan)
-            return flash_blocks(q, k, v, plan)[0]
+            if not grad:
+                return flash_blocks(q, k, v, plan)[0]
+            if not learns or (plan.flip and band is not None):
+                # the CPU flash kernel's own backward, masks rebuilt per block: nothing T x T is kept
+                plan.band = band if learns else None
+                return BlockedFlashCPU.apply(q, k, v, plan, *(bias_params if learns else ()))
         return checkpointed_blocks(q, k, v, bias_fn, q_pos, k_pos, dropout, grad)
 
 
@@ -133,22 +139,24 @@ def flash_blocks(q, k, v, plan):
 
 class BlockedFlashCPU(torch.autograd.Function):
     """The CPU flash kernel over blocks of queries: forward keeps the output and its log-sum-exp (linear in T),
-    backward rebuilds each block's mask and calls the kernel's backward."""
+    backward rebuilds each block's mask and calls the kernel's backward. A bias that learns and is constant past
+    `plan.band` gets its gradient from the pairs closer than band (band_gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan):
+    def forward(ctx, q, k, v, plan, *bias_params):
         out, lse = flash_blocks(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *bias_params)
         ctx.plan = plan
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *params = ctx.saved_tensors
         plan, grad_out = ctx.plan, grad_out.contiguous()
         kk, vv = plan.keys(k), plan.keys(v)
         dq = torch.zeros_like(q)
         dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))  # in kk's order
+        dparams = [torch.zeros_like(p) for p in params]
         for s, e, n in plan.parts:
             mask, kb = plan.block(s, e, n, kk)
             keys = slice(kk.size(-2) - n, None) if plan.flip else slice(0, n)
@@ -158,7 +166,33 @@ class BlockedFlashCPU(torch.autograd.Function):
             dq[..., s:e, :] = gq
             dk[..., keys, :] += gk  # every block adds to the keys it saw, in fp32
             dv[..., keys, :] += gv
-        return dq, plan.unkeys(dk).to(k.dtype), plan.unkeys(dv).to(v.dtype), None
+            if params:
+                for acc, g in zip(dparams, band_gradient(plan, params, q, k, v, out, lse, grad_out, s, e, n)):
+                    acc += g if g is not None else 0
+        return (dq, plan.unkeys(dk).to(k.dtype), plan.unkeys(dv).to(v.dtype), None, *dparams)
+
+
+def band_gradient(plan, params, q, k, v, out, lse, grad_out, s, e, n):
+    """The gradient of the bias's parameters from queries s:e. Its gradient at a pair is dS = P (dP - D) with
+    D = dO·O per query, and every query's dS sums to 0 over its keys. The bias past the band is one value b_far,
+    so its gradient, the sum of dS past the band, is minus the sum within it: only the pairs closer than band
+    (at most rows + band - 1 keys per block) are formed."""
+    band, bias_fn = plan.band, plan.bias_fn
+    lo = max(0, plan.q0 + s - band + 1 - plan.k0)  # the first key within the band of query s
+    qp, kp = plan.q_pos[s:e], plan.k_pos[lo:n]
+    distance = qp[:, None] - kp[None, :]  # (rows, keys)
+    near = (distance >= 0) & (distance < band)
+    scale = 1 / math.sqrt(q.size(-1))
+    with torch.enable_grad():
+        bias = bias_fn(qp, kp)  # (nh, rows, keys)
+        far = bias_fn(qp.new_tensor([band]), kp.new_tensor([0]))  # (nh, 1, 1): the bias at every distance >= band
+    scores = (q[..., s:e, :].float() @ k[..., lo:n, :].float().transpose(-2, -1)) * scale + bias.detach().float()
+    p = (scores - lse[..., s:e, None].float()).exp() * near  # (B, nh, rows, keys)
+    dp = grad_out[..., s:e, :].float() @ v[..., lo:n, :].float().transpose(-2, -1)
+    d = (grad_out[..., s:e, :].float() * out[..., s:e, :].float()).sum(-1, keepdim=True)
+    ds = (p * (dp - d)).sum(0)  # (nh, rows, keys), summed over the batch
+    return torch.autograd.grad((bias, far), params, (ds.to(bias.dtype), -ds.sum((1, 2)).view_as(far).to(far.dtype)),
+                               allow_unused=True)
 
 
 def bias_needs_grad(bias_fn, q_pos, k_pos):

@@ -139,6 +139,7 @@ class PositionScheme(nn.Module):
         return None
 
     relative_bias = False  # attn_bias depends on q_pos - k_pos alone: posenc/attention.py then builds no mask
+    bias_band = None  # and is the same for every distance >= bias_band: its gradient needs only closer pairs
 
     def score_mod(self, layer):
         return None
@@ -272,6 +273,7 @@ class T5Bias(SharedBias):
         super().__init__(config)
         o = self.option_values(config)
         self.num_buckets, self.max_distance = o["num_buckets"], o["max_distance"]
+        self.bias_band = self.max_distance  # every distance from max_distance on is the last bucket
         self.table = nn.Parameter(torch.zeros(config.n_head, self.num_buckets))  # (nh, num_buckets)
 
     @classmethod
