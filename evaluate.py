@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-
 from posenc.checkpoint import model_from_checkpoint
-from posenc.config import ConfigError, at_least, check_fields, parse
-from posenc.runtime import resolve_device
 from posenc.cli import cli
+from posenc.config import ConfigError, at_least, check_fields, parse
 from posenc.data import EVAL_DOCS, check_vocabulary, data_identity, held_out_documents, load_meta, load_split
+from posenc.eval_tasks import TASKS, EvalData, log, relative_loss, training_length
 from posenc.metrics import start_wandb
 from posenc.positions import check_self_extend_flag, set_self_extend
 from posenc.run_folder import claim, clear, write_atomic
-from posenc.eval_tasks import TASKS, EvalData, log, relative_loss, training_length
-
+from posenc.runtime import autocast, resolve_device, resolve_dtype
 
 RESULTS_FORMAT = 2  # bump when what a task records changes: earlier results are then not reused (2: doc_means)
 
@@ -42,6 +40,7 @@ class EvalConfig:
     out_dir: str = "out/eval"
     tasks: tuple[str, ...] = tuple(TASKS)
     device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast where native (runtime.resolve_dtype)
     n_docs: int = EVAL_DOCS  # long documents for the position and ppl tasks
     batch_size: int = 1  # documents per forward at max_len (shorter windows get more)
     passkey_trials: int = 5  # per length and depth
@@ -67,7 +66,7 @@ class EvalConfig:
     def settings(self, base_len):
         """What a result depends on besides the checkpoint: a change means evaluating again."""
         keep = ("max_len", "data_dir", "tasks", "n_docs", "passkey_trials", "recall_trials", "span_len", "seed",
-                "recall_kind")
+                "recall_kind", "dtype")
         return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len,
                                                                          "format": RESULTS_FORMAT}))
 
@@ -121,11 +120,14 @@ def eval_data(cfg: EvalConfig, base_len: int) -> tuple[EvalData, str]:
     return data, note
 
 
-def evaluate(models, cfg: EvalConfig):
+def run_tasks(models, cfg: EvalConfig):
     """Run cfg.tasks for every model (see load_models); write results.json, summary.md and plots to cfg.out_dir
     (if set) and return the results. With cfg.resume, reuse a checkpoint's results from out_dir/results.json
     when it and every setting are unchanged."""
-    models = load_models(models, cfg.labels, resolve_device(cfg.device), cfg.rope_scaling, cfg.self_extend)
+    device = resolve_device(cfg.device)
+    dtype, why_dtype = resolve_dtype(cfg.dtype, device)
+    log(f"dtype {dtype} ({why_dtype})")
+    models = load_models(models, cfg.labels, device, cfg.rope_scaling, cfg.self_extend)
     if cfg.reference and cfg.reference not in models:
         raise ConfigError(f"bad value {cfg.reference!r} for config key 'reference': choose one of {', '.join(models)}")
     identity = data_identity(cfg.data_dir)
@@ -158,13 +160,14 @@ def evaluate(models, cfg: EvalConfig):
                                             "params": model.num_params(), "checkpoint_id": checkpoint_id}
             log(f"{label}: {c.pos_encoding}, block_size {c.block_size}, scaling {c.rope_scaling}")
             for task in cfg.tasks:
-                r[task] = TASKS[task](model, data)
+                with autocast(device, dtype):
+                    r[task] = TASKS[task](model, data)
             if saved:
                 write_json(results, saved)  # after each model: partial results survive, and --resume reuses them
         results["reference"] = add_relative(results, cfg.reference)
         results["complete"] = True
         if cfg.out_dir:
-            write_report(results, cfg.out_dir, cfg.wandb)
+            write_results(results, cfg.out_dir, cfg.wandb)
     return results
 
 
@@ -189,12 +192,12 @@ def write_json(results, path):
     write_atomic(path, json.dumps(json.loads(json.dumps(results), parse_constant=lambda c: None), indent=1))
 
 
-def write_report(results, out_dir, wandb="off"):
+def write_results(results, out_dir, wandb="off"):
     """summary.md and the plots; logged to wandb when asked. Reusable on a loaded results.json."""
-    from posenc.plots import plot_all, summary_markdown
+    from posenc.plots import plot_all, results_markdown
     out_dir = Path(out_dir)
     write_json(results, out_dir / "results.json")
-    md = summary_markdown(results)
+    md = results_markdown(results)
     pngs = plot_all(results, out_dir)
     (out_dir / "summary.md").write_text(md + "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs))
     log(f"wrote {out_dir}/results.json, summary.md" + (f" and {len(pngs)} plots" if pngs else
@@ -227,9 +230,9 @@ def main(argv=None):
     cfg = parse(EvalConfig, argv, doc=__doc__)
     if not cfg.ckpt:
         raise ConfigError("missing --ckpt: e.g. --ckpt=out/cpu_rope/ckpt.pt,out/cpu_alibi/ckpt.pt")
-    from posenc.plots import summary_markdown
-    results = evaluate(cfg.ckpt, cfg)
-    print(summary_markdown(results))
+    from posenc.plots import results_markdown
+    results = run_tasks(cfg.ckpt, cfg)
+    print(results_markdown(results))
     return results
 
 

@@ -25,17 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posenc.checkpoint import CheckpointError, model_from_checkpoint
-from posenc.config import ConfigError, at_least, check_fields, parse
-from posenc.runtime import resolve_device
-from posenc.cli import cli
-from posenc.data import check_vocabulary, data_identity, held_out_documents
-from posenc.explain_report import write_explanation
 from model import record_attention
+from posenc.checkpoint import CheckpointError, model_from_checkpoint
+from posenc.cli import cli
+from posenc.config import ConfigError, at_least, check_fields, parse
+from posenc.data import check_vocabulary, data_identity, held_out_documents
+from posenc.eval_tasks import training_length
+from posenc.explain_report import write_explanation
 from posenc.positions import RoPE, Sinusoidal
 from posenc.rope_scaling import ROPE_SCALING, check_scaling, rope_frequencies, scaling_dict
 from posenc.run_folder import claim, clear, write_atomic
-from posenc.eval_tasks import training_length
+from posenc.runtime import resolve_device
 
 
 @dataclass

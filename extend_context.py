@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 
 import train
-from posenc.checkpoint import FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint
-from posenc.config import ConfigError, apply, at_least, check_fields, from_dict, parse, to_dict
-from posenc.cli import cli
-from posenc.data import load_meta
 from model import GPT
-from posenc.run_folder import claim, clear
+from posenc.checkpoint import FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint
+from posenc.cli import cli
+from posenc.config import ConfigError, apply, at_least, check_fields, from_dict, parse, to_dict
+from posenc.data import load_meta
 from posenc.rope_scaling import ROPE_SCALING, abf_base, length_dependent, original_length, scaling_dict
+from posenc.run_folder import claim, clear
 
 RECIPE = dict(learning_rate=2e-5, min_lr=2e-6, weight_decay=0.0)  # PI and YaRN fine-tune with lr 2e-5, no decay
 MAX_WARMUP = 20  # warmup steps in both recipes (fewer for very short runs: a fifth of the steps)

@@ -34,16 +34,16 @@ import evaluate
 import explain
 import extend_context
 import train
-from posenc.config import ConfigError, at_least, check_fields, parse
-from posenc.cli import cli
-from posenc.data import load_meta
 from data.prepare import prepare
+from posenc.cli import cli
+from posenc.config import ConfigError, at_least, check_fields, parse
+from posenc.data import load_meta
+from posenc.jobs import Job, run_jobs
 from posenc.papers import RESCUE, nearest
 from posenc.plots import plot_headline, plot_rescues, seeds
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import ROPE_SCALING, scaling_dict
 from posenc.run_folder import holds_run, write_atomic
-from posenc.jobs import Job, run_jobs
 from posenc.run_stats import compute, differs, merge_seeds
 
 ROOT = Path(__file__).resolve().parent
@@ -313,7 +313,7 @@ def why(run_dir):
     return out
 
 
-def write_report(scale, run_dir, stages, command, results, wall=None, rescues=()):
+def write_experiment_report(scale, run_dir, stages, command, results, wall=None, rescues=()):
     """report.md: what ran, on what, with how much compute and time, then the evaluation's tables and plots."""
     run_dir = Path(run_dir)
     summary = (run_dir / "eval" / "summary.md").read_text()
@@ -645,15 +645,15 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
         added = [*(k for k in schemes if k not in DEFAULT_SCHEMES), *rescues]
         models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues)
         stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
-                   lambda c=eval_cfg, m=models: evaluate.evaluate(m, c) and None)
+                   lambda c=eval_cfg, m=models: evaluate.run_tasks(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
             cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len,
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
             stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
     per_seed = [json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list]
     results = merge_seeds(one_reference(per_seed, reference or tuned_label(FINE_TUNED[0])))
-    evaluate.write_report(results, run_dir / "eval")
-    write_report(scale, run_dir, stages, command, results, time.time() - t0, rescues)
+    evaluate.write_results(results, run_dir / "eval")
+    write_experiment_report(scale, run_dir, stages, command, results, time.time() - t0, rescues)
     return run_dir / "report.md"
 
 

@@ -19,12 +19,13 @@ from typing import Literal
 import torch
 
 from posenc.checkpoint import model_from_checkpoint
+from posenc.cli import cli
 from posenc.config import ConfigError, at_least, check_fields, parse
 from posenc.generation import generate, to_inference_dtype
-from posenc.runtime import resolve_device, resolve_dtype
-from posenc.cli import cli
 from posenc.positions import check_self_extend_flag, set_self_extend
+from posenc.runtime import resolve_device, resolve_dtype
 from posenc.tokenizer import tokenizer_for
+
 
 @dataclass
 class SampleConfig:

@@ -28,16 +28,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from posenc.checkpoint import CheckpointError, FORMAT_VERSION, rng_state, save_checkpoint, set_rng_state
-from posenc.resume import build_model
-from posenc.config import ConfigError, at_least, check_fields, config_file, flat_keys, from_dict, parse, to_dict
-from posenc.runtime import resolve_compile, resolve_device, resolve_dtype
+from model import GPT, H100_BF16_PEAK_FLOPS, GPTConfig
+from posenc.checkpoint import FORMAT_VERSION, CheckpointError, rng_state, save_checkpoint, set_rng_state
 from posenc.cli import Interrupted, TrainingError, cli
+from posenc.config import ConfigError, at_least, check_fields, config_file, flat_keys, from_dict, parse, to_dict
 from posenc.data import BatchSampler, data_identity
 from posenc.metrics import WANDB_PROJECT, MetricsLog, start_wandb
-from model import GPT, GPTConfig, H100_BF16_PEAK_FLOPS
 from posenc.pose import PoSEPositions
+from posenc.resume import build_model
 from posenc.run_folder import claim, clear, write_atomic
+from posenc.runtime import autocast, resolve_compile, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainConfig:
     data_dir: str = "data/stdlib"
     seed: int = 1337
     device: str = "auto"  # auto: cuda, else mps, else cpu
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on a GPU or CPU that has bf16
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast where native (runtime.resolve_dtype)
     compile: Literal["auto", True, False] = "auto"  # torch.compile for training; auto: runs long enough to repay it
     batch_size: int = 16  # sequences per micro-step (per GPU)
     grad_accum_steps: int = 1  # micro-steps per optimizer step
@@ -125,7 +125,7 @@ def resolve(cfg: TrainConfig, log=print) -> TrainConfig:
     """Fill in out_dir, device, dtype and compile for this machine; say why dtype and compile are what they are
     (config.json keeps the resolved values, so a resumed run keeps them)."""
     device = resolve_device(cfg.device)
-    dtype, why_dtype = resolve_dtype(cfg.dtype, device, training=True)
+    dtype, why_dtype = resolve_dtype(cfg.dtype, device)
     compile, why_compile = resolve_compile(cfg.compile, device, cfg.max_iters)
     if (cfg.dtype, cfg.compile) != (dtype, compile):
         log(f"dtype={dtype} ({why_dtype}); compile={str(compile).lower()} ({why_compile})")
@@ -144,14 +144,14 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model, sampler, start_state, eval_iters, autocast, device) -> torch.Tensor:
+def estimate_loss(model, sampler, start_state, eval_iters, mixed_precision, device) -> torch.Tensor:
     """Mean loss over the same eval_iters validation batches every time (the sampler is rewound)."""
     sampler.load_state_dict(start_state)
     model.eval()
     total = torch.zeros((), device=device)
     for _ in range(eval_iters):
         x, y = sampler.next()
-        with autocast:
+        with mixed_precision:
             _, loss = model(x, y)
         total += loss.float()
     model.train()
@@ -195,7 +195,7 @@ class Run:
     step_model: torch.nn.Module  # compiled and/or DDP-wrapped: training steps
     eval_model: torch.nn.Module  # compiled, not DDP-wrapped: validation
     optimizer: torch.optim.Optimizer
-    autocast: object
+    mixed_precision: object  # runtime.autocast of the run's dtype
     train_sampler: BatchSampler
     val_sampler: BatchSampler
     val_start: dict
@@ -251,12 +251,12 @@ def setup(cfg: TrainConfig, device: str, rank: int = 0, world: int = 1) -> Run:
     step_model = eval_model
     if world > 1:
         step_model = DDP(eval_model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    mixed_precision = autocast(device, cfg.dtype)
     T = cfg.model.block_size
     train_sampler = BatchSampler(cfg.data_dir, "train", cfg.batch_size, cfg.pose_window or T, cfg.seed, device,
                                  min_doc_len=cfg.min_doc_len or None, rank=rank, world_size=world)
     val_sampler = BatchSampler(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed + 1, device, rank=rank, world_size=world)
-    run = Run(cfg, device, rank, world, model, step_model, eval_model, optimizer, autocast, train_sampler,
+    run = Run(cfg, device, rank, world, model, step_model, eval_model, optimizer, mixed_precision, train_sampler,
               val_sampler, val_sampler.state_dict(), data)
     if cfg.pose_window:
         run.pose = PoSEPositions(cfg.pose_window, T, cfg.pose_chunks, cfg.seed, rank)
@@ -297,9 +297,9 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def evaluate(run: Run) -> float:
+def validate(run: Run) -> float:
     """Validation loss on the same batches every time (averaged over ranks), recorded."""
-    val = estimate_loss(run.eval_model, run.val_sampler, run.val_start, run.cfg.eval_iters, run.autocast, run.device)
+    val = estimate_loss(run.eval_model, run.val_sampler, run.val_start, run.cfg.eval_iters, run.mixed_precision, run.device)
     if run.world > 1:
         dist.all_reduce(val)
     run.val_loss, run.val_step = val.item() / run.world, run.step
@@ -324,7 +324,7 @@ def check_weights(run: Run) -> None:
     one validation batch. A diverged model never replaces a good checkpoint."""
     loss = run.val_loss if run.val_step == run.step else None
     if loss is None:
-        val = estimate_loss(run.eval_model, run.val_sampler, run.val_start, 1, run.autocast, run.device)
+        val = estimate_loss(run.eval_model, run.val_sampler, run.val_start, 1, run.mixed_precision, run.device)
         if run.world > 1:
             dist.all_reduce(val)
         loss = val.item() / run.world
@@ -371,7 +371,7 @@ def train_step(run: Run, stop: StopOnInterrupt | None = None) -> float:
         pos = run.pose.draw(x.size(0), run.train_sampler.step, x.device) if run.pose else None
         sync = model.no_sync() if run.world > 1 and micro < cfg.grad_accum_steps - 1 else nullcontext()
         with sync:  # DDP all-reduces gradients on the last micro-step only
-            with run.autocast:
+            with run.mixed_precision:
                 _, loss = model(x, y, pos=pos)
             (loss / cfg.grad_accum_steps).backward()
         loss_sum += loss.detach().float()
@@ -450,7 +450,7 @@ def loop(run: Run) -> dict:
                 last = run.step >= cfg.max_iters
                 if (not run.interrupted and (last or _every(run.step, cfg.eval_interval))
                         and run.val_step != run.step):  # a resumed run evaluates a step an interrupt skipped
-                    evaluate(run)
+                    validate(run)
                 if run.step > run.start_step and (last or run.interrupted or _every(run.step, cfg.ckpt_interval)):
                     save(run)
                 if last or run.interrupted:

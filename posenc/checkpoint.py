@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posenc.config import from_dict
 from model import GPT, GPTConfig
+from posenc.config import from_dict
 
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes
 

@@ -73,7 +73,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def convert(key: str, value, tp, text: bool):
+def parse_value(key: str, value, tp, text: bool):
     """value as the annotation `tp` asks, or ConfigError naming the key; text: a command-line string."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     bad = ConfigError(f"bad value {value!r} for config key '{key}': expected {_type_name(tp)}")
@@ -85,7 +85,7 @@ def convert(key: str, value, tp, text: bool):
         inner = [a for a in args if a is not type(None)]
         if len(inner) != 1:
             raise TypeError(f"config key '{key}' has an unsupported type {tp}")
-        return convert(key, value, inner[0], text)
+        return parse_value(key, value, inner[0], text)
     if origin is typing.Literal:
         if text and any(isinstance(a, bool) for a in args) and value.strip().lower() in ("true", "false"):
             value = value.strip().lower() == "true"  # Literal["auto", True, False]: --compile=true
@@ -96,7 +96,7 @@ def convert(key: str, value, tp, text: bool):
         items = [s for s in value.split(",") if s.strip()] if text else value
         if not isinstance(items, (list, tuple)):
             raise bad
-        return tuple(convert(key, v, args[0], text) for v in items)
+        return tuple(parse_value(key, v, args[0], text) for v in items)
     base = origin or tp
     if text and base is not str:
         value = _parse_text(value, base, bad)
@@ -139,7 +139,7 @@ def check_fields(obj) -> None:
             if not isinstance(value, tp):
                 raise ConfigError(f"config key '{name}' must be a {tp.__name__}, got {type(value).__name__}")
             continue
-        object.__setattr__(obj, name, convert(name, value, tp, text=False))
+        object.__setattr__(obj, name, parse_value(name, value, tp, text=False))
 
 
 def at_least(obj, low, *names) -> None:
@@ -164,10 +164,10 @@ def apply(cfg, updates: dict[str, object], text: bool = False):
             raise unknown_key(key.rpartition(".")[2], [k for k in keys if "." not in k])
         path = keys[key]
         if len(path) == 1:
-            top[path[0]] = convert(path[0], value, types_[path[0]], text)
+            top[path[0]] = parse_value(path[0], value, types_[path[0]], text)
         else:
             sub_types = field_types(types_[path[0]])
-            nested.setdefault(path[0], {})[path[1]] = convert(path[1], value, sub_types[path[1]], text)
+            nested.setdefault(path[0], {})[path[1]] = parse_value(path[1], value, sub_types[path[1]], text)
     try:
         for name, sub in nested.items():
             top[name] = dataclasses.replace(getattr(cfg, name), **sub)

@@ -16,7 +16,6 @@ A length a model cannot run (learned positions past their table) is recorded as 
 never a crash. evaluate.py loads the models and data, runs the tasks and writes the report.
 """
 
-import contextlib
 import math
 import random
 import re
@@ -39,13 +38,6 @@ def log(msg, every=0.0):
     if time.time() - _last_log[0] >= every:
         _last_log[0] = time.time()
         print(f"[eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (losses stay fp32: the model computes them in fp32), nothing elsewhere."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def device_of(model):
@@ -74,8 +66,7 @@ def default_stride(window):
 def token_losses(model, x, y):
     """Per-token loss (B, T) in fp32 of targets y (-1: ignored, loss 0) given inputs x, on the CPU."""
     device = device_of(model)
-    with autocast(device):
-        _, loss = model(torch.as_tensor(x).to(device), torch.as_tensor(y).to(device), reduction="none")
+    _, loss = model(torch.as_tensor(x).to(device), torch.as_tensor(y).to(device), reduction="none")
     return loss.float().cpu()
 
 
@@ -249,8 +240,7 @@ def passkey_trial(model, tokenizer, prompt_len, depth, key, max_new_tokens=PASSK
     """One prompt: True if the first integer of the greedy continuation (generate) is the key."""
     from posenc.generation import generate
     idx = torch.tensor([passkey_prompt(tokenizer, prompt_len, depth, key)], device=device_of(model))
-    with autocast(idx.device):
-        out = generate(model, idx, max_new_tokens, temperature=0)[0, idx.size(1):].tolist()
+    out = generate(model, idx, max_new_tokens, temperature=0)[0, idx.size(1):].tolist()
     return parse_passkey(tokenizer.decode([i for i in out if i < tokenizer.n_vocab])) == key
 
 
@@ -317,10 +307,9 @@ def scored_predictions(model, idx, score_mask):
     idx, score_mask = idx.to(device), score_mask.to(device)
     f = int(score_mask.any(0).nonzero()[0])  # first scored position (>= 1)
     cache = model.make_kv_cache(idx.size(0), idx.size(1))
-    with autocast(device):
-        if f > 1:
-            model(idx[:, :f - 1], kv_cache=cache, last_only=True)
-        logits = model(idx[:, f - 1:-1], kv_cache=cache)[0].float()  # (B, S, V): predicts idx[:, f:]
+    if f > 1:
+        model(idx[:, :f - 1], kv_cache=cache, last_only=True)
+    logits = model(idx[:, f - 1:-1], kv_cache=cache)[0].float()  # (B, S, V): predicts idx[:, f:]
     targets = idx[:, f:]
     loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, S)
     return loss.cpu(), (logits.argmax(-1) == targets).cpu(), score_mask[:, f:].cpu()

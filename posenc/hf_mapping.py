@@ -95,7 +95,7 @@ def legacy_rope(params):
             "rope_scaling": scaling if scaling["rope_type"] != "default" else None}
 
 
-def architecture(config) -> Architecture:
+def hf_architecture(config) -> Architecture:
     """The transformers architecture for this config's scheme; ValueError if none computes it exactly."""
     if config.pos_encoding not in ARCHITECTURES:
         raise ValueError(f"no transformers architecture computes {config.pos_encoding!r} positions exactly")
@@ -105,7 +105,7 @@ def architecture(config) -> Architecture:
 def hf_config(config, transformers):
     """The transformers config object for our GPTConfig."""
     common = dict(vocab_size=config.vocab_size, bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True)
-    if architecture(config) is GPT2:
+    if hf_architecture(config) is GPT2:
         p = config.dropout
         return transformers.GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
                                        n_positions=config.block_size,
@@ -128,7 +128,7 @@ def hf_config(config, transformers):
 def key_pairs(config):
     """(our state_dict key, transformers key, transform) for every weight and bias; transform is 'qkv' (per-head
     [q_h, k_h, v_h] rows in GPT-NeoX), 'T' (GPT-2's Conv1D) or None."""
-    a = architecture(config)
+    a = hf_architecture(config)
     pairs = [("transformer.wte.weight", f"{a.prefix}{a.embed}.weight", None), ("lm_head.weight", "lm_head.weight", None)]
     if a.position_table:
         pairs.append(("transformer.pos.wpe.weight", f"{a.prefix}{a.position_table}.weight", None))
@@ -140,7 +140,7 @@ def key_pairs(config):
     return pairs + [(f"transformer.ln_f.{p}", f"{a.prefix}{a.final_norm}.{p}", None) for p in ("weight", "bias")]
 
 
-def convert(w, kind, config, to_hf):
+def convert_weight(w, kind, config, to_hf):
     nh, hs = config.n_head, config.n_embd // config.n_head
     if kind == "T" and w.dim() == 2:
         return w.t().contiguous()

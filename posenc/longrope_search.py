@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from posenc.checkpoint import model_from_checkpoint
-from posenc.runtime import resolve_device
 from posenc.data import EVAL_DOCS, held_out_documents, long_documents
 from posenc.positions import RoPE
 from posenc.rope_scaling import ROPE_SCALING, rope_frequencies, scaling_dict
+from posenc.runtime import resolve_device
 
 STARTS = ("linear", "ntk", "yarn")  # the methods the population starts from
 MAX_EXT = 1.25  # ext_i <= MAX_EXT * factor, the paper's search bound

@@ -1,4 +1,4 @@
-"""Published shapes of the wall and the rescue, to set our ratios beside (../shared/REFERENCE.md has them all).
+"""Published shapes of the wall and the rescue, to set our ratios beside (docs/references.md has them all).
 
 A shape is perplexity at an evaluation length over perplexity at the training length L, for one scheme of
 one paper. `nearest(paper_scheme, k)` gives the paper's ratio at the multiple of L nearest to k, so our
@@ -21,7 +21,7 @@ WALL = {
         "alibi": (18.66, 18.05, 17.92, 17.92, 17.96, 17.98)}},
 }
 
-# What the rescue papers report (perplexity; REFERENCE.md).
+# What the rescue papers report (perplexity; docs/references.md).
 RESCUE = [
     ("Chen et al. 2023 (PI), LLaMA-7B 2k -> 8k, PG-19",
      "> 1000 past 2k without interpolation; with PI at 8k: 16.10 before fine-tuning, 7.12 after 200 steps, "

@@ -1,8 +1,8 @@
 """Report pieces for evaluate.py: markdown tables and PNG plots from its results dict (or a results.json).
 
-    from posenc.plots import summary_markdown, plot_all
+    from posenc.plots import results_markdown, plot_all
     results = json.load(open("out/eval/results.json"))
-    print(summary_markdown(results)); plot_all(results, "out/eval")
+    print(results_markdown(results)); plot_all(results, "out/eval")
 
 Matplotlib is optional: without it plot_all returns [] and the tables still carry every number. A model that
 cannot run a length (learned positions past their table) shows "cannot run", never a gap without a reason.
@@ -56,7 +56,7 @@ def fine_tuned_length(results):
     return longest if longest > results["base_len"] else None
 
 
-def summary_markdown(results):
+def results_markdown(results):
     """Markdown tables of every task in results, each saying how many documents / tokens / trials it rests on."""
     models, L, max_len = results["models"], results["base_len"], results["max_len"]
     labels = list(models)

@@ -4,7 +4,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from model import GPT, GPTConfig, RUNTIME_FIELDS
+from model import GPT, RUNTIME_FIELDS, GPTConfig
 from posenc.checkpoint import CheckpointError, load_checkpoint, load_weights, model_config
 from posenc.config import flat_keys
 from posenc.data import check_vocabulary, data_identity, same_data

@@ -5,7 +5,7 @@ with the factor grown to the current length, yarn = YaRN (Peng et al. 2023), lla
 bands, longrope = LongRoPE's per-pair factors (Ding et al. 2024; Phi-3), proportional = p-RoPE (Barbero et al.
 2024; Gemma); and two that fine-tuning needs
 beside them: direct = no scaling at all (the control PI compares against), abf = a larger base (Xiong et al.
-2023, Llama 2 Long). Formulas and reference values: ../shared/REFERENCE.md.
+2023, Llama 2 Long). Formulas and reference values: docs/references.md.
 
 Adding a method is one decorated function: `@method("name", "label", options={...})` declares its optional
 keys (with their defaults), whether it needs `original_max_position_embeddings`, and whether its frequencies

@@ -1,6 +1,9 @@
 """Where and how a run computes: the device, the dtype (one autocast rule for training, evaluation, sampling
 and the benchmarks) and whether torch.compile pays for itself."""
+from contextlib import nullcontext
+
 from posenc.config import ConfigError
+
 
 def resolve_device(device: str) -> str:
     """auto -> cuda, else mps, else cpu; a named device is checked here, so a typo is one line."""
@@ -32,20 +35,31 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def resolve_dtype(dtype: str, device: str, training: bool = False) -> tuple[str, str]:
-    """(dtype, why). auto -> bfloat16 on a CUDA GPU that supports it; for training also on a CPU with native
-    bf16 (autocast: weights, optimizer state and losses stay fp32); else float32."""
+def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """(dtype, why): the one rule of every stage (training, evaluation, sampling, the benchmarks). auto ->
+    bfloat16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16, AMX or ARM's
+    BF16), float32 elsewhere (emulated bf16 is slower than fp32). How a stage applies it is its own: training
+    and evaluation autocast (fp32 weights, optimizer state and losses), sampling casts the weights once."""
     import torch
     if dtype != "auto":
         return dtype, "set explicitly"
     if device.startswith("cuda"):
         ok = torch.cuda.is_bf16_supported()
         return ("bfloat16", "auto: this GPU has bf16") if ok else ("float32", "auto: this GPU has no bf16")
-    if training and device == "cpu":
+    if device == "cpu":
         if cpu_has_native_bf16():
-            return "bfloat16", "auto: this CPU computes bf16 natively (autocast; fp32 weights, optimizer and loss)"
+            return "bfloat16", "auto: this CPU computes bf16 natively"
         return "float32", "auto: this CPU has no native bf16 (emulated bf16 is slower than fp32)"
     return "float32", f"auto: float32 on {device}"
+
+
+def autocast(device: str, dtype: str):
+    """The mixed-precision context of a resolved dtype: autocast to it (the model keeps its losses and position
+    tables in fp32), or nothing for float32."""
+    import torch
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 COMPILE_MIN_STEPS = 500  # torch.compile costs ~45 s on 2 CPU cores and saves ~0.1 s a step at the CPU scale

@@ -18,13 +18,11 @@ from typing import Literal
 
 import torch
 
-from posenc.config import ConfigError, at_least, check_fields, parse
-
-from posenc.runtime import resolve_device, resolve_dtype
-
-from posenc.cli import cli
 from model import GPT, GPTConfig
+from posenc.cli import cli
+from posenc.config import ConfigError, at_least, check_fields, parse
 from posenc.generation import generate, to_inference_dtype
+from posenc.runtime import resolve_device, resolve_dtype
 
 
 @dataclass

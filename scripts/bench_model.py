@@ -20,13 +20,11 @@ from typing import Literal
 
 import torch
 
-from posenc.config import at_least, check_fields, parse
-
-from posenc.runtime import COMPILE_MIN_STEPS, resolve_compile, resolve_device, resolve_dtype
-
-from posenc.cli import cli
 from model import GPT, GPTConfig
+from posenc.cli import cli
+from posenc.config import at_least, check_fields, parse
 from posenc.positions import SCHEMES
+from posenc.runtime import COMPILE_MIN_STEPS, autocast, resolve_compile, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -58,10 +56,10 @@ def make_step(config, batch_size, device, compile, bf16):
     step_model = torch.compile(model) if compile else model
     idx = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), device=device)
     x, y = idx[:, :-1], idx[:, 1:]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    mixed_precision = autocast(device.type, "bfloat16" if bf16 else "float32")
 
     def step():
-        with autocast:
+        with mixed_precision:
             _, loss = step_model(x, y)
         loss.backward()
         opt.step()
@@ -98,7 +96,7 @@ def side_by_side(cfg, T, batch_size, steps, device):
     """fp32 eager `learned` (the step nanoGPT takes at this shape) and every scheme at the dtype and compile
     train.py would choose (or the ones given), measured in interleaved rounds so that drifts in the machine's
     speed hit all alike; the median round per model, and its ratio to the reference."""
-    dtype, why_dtype = resolve_dtype(cfg.dtype, device.type, training=True)
+    dtype, why_dtype = resolve_dtype(cfg.dtype, device.type)
     compile, why_compile = resolve_compile(cfg.compile, device.type, COMPILE_MIN_STEPS)
     print(f"chosen: dtype={dtype} ({why_dtype}); compile={compile} ({why_compile})")
     cases = {"learned fp32 eager (reference)": (dataclasses.replace(cfg.model, block_size=T, pos_encoding="learned"),
@@ -126,7 +124,7 @@ def main(argv=None):
     cuda = device.type == "cuda"
     T, batch_size = cfg.T or (4096 if cuda else 256), cfg.batch_size or (8 if cuda else 4)
     steps = cfg.steps or (20 if cuda else 3)
-    bf16 = resolve_dtype(cfg.dtype, device.type, training=True)[0] == "bfloat16"
+    bf16 = resolve_dtype(cfg.dtype, device.type)[0] == "bfloat16"
     compile = resolve_compile(cfg.compile, device.type, COMPILE_MIN_STEPS)[0]
     print(f"device={device} T={T} batch={batch_size} threads={torch.get_num_threads()} "
           f"n_layer={cfg.model.n_layer} n_head={cfg.model.n_head} n_embd={cfg.model.n_embd} "

@@ -28,14 +28,12 @@ from typing import Literal
 
 import torch
 
-from posenc.config import at_least, check_fields, parse
-
-from posenc.runtime import resolve_device
-
-from posenc.cli import cli
 from model import GPT, GPTConfig
+from posenc.cli import cli
+from posenc.config import at_least, check_fields, parse
 from posenc.pose import pose_positions
 from posenc.rope_scaling import scaling_dict
+from posenc.runtime import autocast, resolve_device
 
 CASES = ("base", "pose", "full_tokens", "full_batch")
 
@@ -82,7 +80,7 @@ def measure(cfg, case, device):
     model = GPT(model_cfg).to(device)
     opt = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), device.type)
     step_model = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    mixed_precision = autocast(device.type, cfg.dtype)
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, model_cfg.vocab_size, (B, T + 1), generator=generator).to(device)
     x, y = batch[:, :-1], batch[:, 1:]
@@ -90,7 +88,7 @@ def measure(cfg, case, device):
 
     def step():
         pos = pose_positions(B, T, target, cfg.chunks, generator).to(device) if case == "pose" else None
-        with autocast:
+        with mixed_precision:
             _, loss = step_model(x, y, pos=pos)
         loss.backward()
         opt.step()

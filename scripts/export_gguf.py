@@ -39,13 +39,13 @@ import numpy as np
 import torch
 
 from posenc.checkpoint import model_from_checkpoint
-from posenc.config import ConfigError, check_fields, parse
 from posenc.cli import cli
-from scripts.export_hf import check_vocabulary
+from posenc.config import ConfigError, check_fields, parse
 from posenc.hf_mapping import EOT, GPT2_VOCAB
 from posenc.positions import RoPE, alibi_slopes, permute_rope_layout
 from posenc.rope_scaling import inverse_frequencies, length_dependent, rope_frequencies
 from posenc.tokenizer import find_tokenizer_dir
+from scripts.export_hf import check_exportable_vocabulary
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our blocks use
 # our scheme -> llama.cpp architecture, and its position table (None: positions act in attention, or there are none)
@@ -91,7 +91,7 @@ NO_ARCHITECTURE = {
 }
 
 
-def architecture(config):
+def gguf_architecture(config):
     """(llama.cpp architecture, its position table tensor or None); ValueError (one line) if none is mapped."""
     if config.pos_encoding not in ARCHITECTURES:
         why = NO_ARCHITECTURE.get(config.pos_encoding, "llama.cpp has no architecture mapped for it")
@@ -187,7 +187,7 @@ def alibi_metadata(config, arch="mpt"):
 
 def model_metadata(config, name=""):
     """Every model key of the file (architecture, sizes, norms, positions), by llama.cpp's names."""
-    arch, _ = architecture(config)
+    arch, _ = gguf_architecture(config)
     meta = {"general.architecture": arch, **({"general.name": name} if name else {}),
             f"{arch}.context_length": config.block_size,
             f"{arch}.embedding_length": config.n_embd, f"{arch}.block_count": config.n_layer,
@@ -231,7 +231,7 @@ def tokenizer_metadata(vocab_size):
 def gguf_tensors(model):
     """{llama.cpp tensor name: float32 numpy array in our (out, in) layout} for the whole model."""
     config, state = model.config, model.state_dict()
-    arch, table = architecture(config)
+    arch, table = gguf_architecture(config)
     if config.pos_encoding == "rope" and config.rope_layout != "half":
         state = permute_rope_layout(state, config, "half")  # llama.cpp's NeoX rope pairs i with i + d/2
     state = {k: v.detach().float().cpu().numpy() for k, v in state.items()}
@@ -278,8 +278,8 @@ def write_gguf(model, path, dtype="f32", name=""):
     """Write `model` (any of our GPTs that llama.cpp can run) to a GGUF file at `path`."""
     gguf = require_gguf()
     config = model.config
-    arch, _ = architecture(config)
-    check_vocabulary(config)
+    arch, _ = gguf_architecture(config)
+    check_exportable_vocabulary(config)
     if dtype == "q8_0" and config.n_embd % 32:
         raise ValueError(f"q8_0 quantizes rows in blocks of 32 values: n_embd={config.n_embd} is not a multiple of 32; "
                          "use f16 or bf16")
@@ -312,8 +312,8 @@ def activation_note(config):
 def export(ckpt_path, out, dtype="f32", overwrite=False):
     """Write the GGUF file for a checkpoint; returns its path."""
     model, ckpt = model_from_checkpoint(ckpt_path)
-    architecture(model.config)  # llama.cpp's reason first, then the vocabulary's
-    check_vocabulary(model.config, (ckpt.get("data") or {}).get("vocab"))
+    gguf_architecture(model.config)  # llama.cpp's reason first, then the vocabulary's
+    check_exportable_vocabulary(model.config, (ckpt.get("data") or {}).get("vocab"))
     model_metadata(model.config)  # a scaling llama.cpp cannot read: refused before anything is written
     out = Path(out)
     if out.exists() and not overwrite:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posenc.checkpoint import model_from_checkpoint
-from posenc.config import ConfigError, check_fields, parse
 from posenc.cli import cli
-from posenc.hf_mapping import (GPT2_VOCAB, NEOX, architecture, check_parity, convert, hf_config, key_pairs, legacy_rope,
-                parity_lengths, require_transformers, rope_parameters)
+from posenc.config import ConfigError, check_fields, parse
+from posenc.hf_mapping import (GPT2_VOCAB, NEOX, check_parity, convert_weight, hf_architecture, hf_config, key_pairs,
+                               legacy_rope, parity_lengths, require_transformers, rope_parameters)
 from posenc.positions import SCHEMES, permute_rope_layout
 from posenc.run_folder import claim, clear
 from posenc.tokenizer import find_tokenizer_dir
@@ -39,11 +39,11 @@ def check_exportable(config, vocab=None):
     reason = SCHEMES[config.pos_encoding].no_export
     if reason:
         raise ValueError(f"cannot export a {config.pos_encoding} model: {reason}")
-    architecture(config)  # a scheme added since: no known architecture either
-    check_vocabulary(config, vocab)
+    hf_architecture(config)  # a scheme added since: no known architecture either
+    check_exportable_vocabulary(config, vocab)
 
 
-def check_vocabulary(config, vocab=None):
+def check_exportable_vocabulary(config, vocab=None):
     """One line if the model's vocabulary is not GPT-2's, which every export writes (here and to GGUF)."""
     if vocab or config.vocab_size < GPT2_VOCAB:
         raise ValueError(f"cannot export a model with a compact {config.vocab_size}-id vocabulary (data prepared with "
@@ -58,7 +58,7 @@ def to_hf(model):
     transformers = require_transformers()
     config, state = model.config, model.state_dict()
     check_exportable(config)
-    hf = getattr(transformers, architecture(config).model_class)(hf_config(config, transformers))
+    hf = getattr(transformers, hf_architecture(config).model_class)(hf_config(config, transformers))
     if config.rope_layout != "half":
         state = permute_rope_layout(state, config, "half")
     keys, theirs = hf.state_dict().keys(), {}
@@ -69,7 +69,7 @@ def to_hf(model):
         if ours not in state:  # bias=False: our Linears and LayerNorms have none; one per output row
             weight = state[ours.removesuffix(".bias") + ".weight"]
             state[ours] = weight.new_zeros(weight.shape[0])
-        theirs[key] = convert(state[ours], kind, config, to_hf=True)
+        theirs[key] = convert_weight(state[ours], kind, config, to_hf=True)
     hf.load_state_dict(theirs, strict=True)
     return hf.to(next(model.parameters()).dtype).eval()
 
@@ -100,7 +100,7 @@ def shareable(data):
 def model_card(ckpt, config, run_dir, arch):
     """README.md: scheme, lengths, scaling, data, training, and the run's evaluation summary if it has one."""
     c, data, s = config, shareable(ckpt.get("data")), config.rope_scaling or {}
-    rope = f", θ={c.rope_theta:g}, rotary fraction {c.rotary_fraction:g}" if architecture(c) is NEOX else ""
+    rope = f", θ={c.rope_theta:g}, rotary fraction {c.rotary_fraction:g}" if hf_architecture(c) is NEOX else ""
     ext = {k: v for k, v in (ckpt.get("extension") or {}).items() if k != "base_ckpt"}  # no local paths
     caveats = {  # what transformers does with frequencies that change with the length
         "dynamic": " (transformers recomputes these frequencies only when the input grows past the longest one seen: "
@@ -143,7 +143,7 @@ def export(ckpt_path, out_dir, overwrite=False):
     with claim(out_dir, resume=False, overwrite=overwrite, what="export"):
         clear(out_dir)
         hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
-        if architecture(config) is NEOX:  # both forms: either major version would silently use its defaults otherwise
+        if hf_architecture(config) is NEOX:  # both forms: either major version would silently use its defaults otherwise
             path, params = out_dir / "config.json", rope_parameters(config)
             path.write_text(json.dumps({**json.loads(path.read_text()), **legacy_rope(params),
                                         "rope_parameters": params}, indent=2, sort_keys=True) + "\n")

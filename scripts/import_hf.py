@@ -17,17 +17,18 @@ from pathlib import Path
 
 import torch
 
-from posenc.checkpoint import FORMAT_VERSION, load_weights, model_config, save_checkpoint
-from posenc.config import ConfigError, check_fields, parse, to_dict
-from posenc.cli import cli
-from posenc.hf_mapping import (FROM_HF_ACTIVATION, ROPE_KEYS, check_parity, convert, hf_config, key_pairs, parity_lengths,
-                require_transformers)
 from model import GPT, GPTConfig
+from posenc.checkpoint import FORMAT_VERSION, load_weights, model_config, save_checkpoint
+from posenc.cli import cli
+from posenc.config import ConfigError, check_fields, parse, to_dict
+from posenc.hf_mapping import (FROM_HF_ACTIVATION, ROPE_KEYS, check_parity, convert_weight, hf_config, key_pairs,
+                               parity_lengths, require_transformers)
 from posenc.positions import permute_rope_layout
 from posenc.rope_scaling import ROPE_SCALING
 from posenc.run_folder import claim, clear
 from posenc.tokenizer import find_tokenizer_dir
 from train import TrainConfig
+
 
 @dataclass
 class ImportConfig:
@@ -132,7 +133,7 @@ def from_hf(hf, path="the model"):
     state = {}
     for ours, hf_key, kind in key_pairs(config):
         if hf_key in theirs:
-            state[ours] = convert(theirs[hf_key], kind, config, to_hf=False)
+            state[ours] = convert_weight(theirs[hf_key], kind, config, to_hf=False)
         elif ours.endswith(".bias") and config.bias:  # GPT-NeoX without attention biases: ours are zero
             state[ours] = torch.zeros(theirs[hf_key.removesuffix(".bias") + ".weight"].shape[0])
     state = {k: v for k, v in state.items() if config.bias or not k.endswith(".bias")}  # bias=False: drop the zeros

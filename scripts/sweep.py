@@ -24,12 +24,12 @@ from pathlib import Path
 
 import evaluate
 import train
-from posenc.config import ConfigError, at_least, check_fields, key_types, parse, split_argv
 from posenc.cli import cli
+from posenc.config import ConfigError, at_least, check_fields, key_types, parse, split_argv
 from posenc.data import load_meta
+from posenc.eval_tasks import TASKS
 from posenc.jobs import Job, run_jobs
 from posenc.run_folder import RunFolderError, holds_run, write_atomic
-from posenc.eval_tasks import TASKS
 from posenc.run_stats import aggregate, compute
 
 SEED = "seed"  # the axis that is averaged over
@@ -199,7 +199,7 @@ def fmt(agg: dict, digits: int = 3) -> str:
     return f"{agg['mean']:.{digits}f} ± {agg['std']:.{digits}f} ({agg['n']})"
 
 
-def summary_markdown(summary: dict, title: str) -> str:
+def sweep_markdown(summary: dict, title: str) -> str:
     numbers = list(dict.fromkeys(k for s in summary.values() for k in s["numbers"]))
     header = ["setting", "seeds", "steps", "tokens", "train s", *numbers]
     lines = [f"# {title}", "",
@@ -234,7 +234,7 @@ def sweep(file: str | None, cfg: SweepConfig, train_flags: list[str]) -> dict:
     failed = run_jobs(jobs, cfg.workers)
     records = [json.loads((r.dir / RECORD).read_text()) for r in runs if (r.dir / RECORD).exists()]
     summary = summarize(records)
-    md = summary_markdown(summary, f"Sweep {sweep_dir.name}")
+    md = sweep_markdown(summary, f"Sweep {sweep_dir.name}")
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (sweep_dir / "summary.md").write_text(md)
     print(md)

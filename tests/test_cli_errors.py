@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from scripts import bench_decode
-from scripts import bench_model
 import evaluate
 import extend_context
 import reproduce
 import sample
-from scripts import sweep
 import train
-from posenc.cli import cli
 from data.prepare import prepare
+from posenc.cli import cli
+from scripts import bench_decode, bench_model, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--max_iters=2",

@@ -7,9 +7,9 @@ from typing import Literal
 import pytest
 
 import reproduce
-from posenc.config import ConfigError, check_fields, from_dict, parse, to_dict
-from posenc.cli import cli
 from model import GPTConfig
+from posenc.cli import cli
+from posenc.config import ConfigError, check_fields, from_dict, parse, to_dict
 from posenc.positions import SCHEMES
 from train import TrainConfig, load_config
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from posenc.data import BatchSampler, data_identity, load_meta, load_split, long_documents
 from data.prepare import DataError, is_val, main, prepare
+from posenc.data import BatchSampler, data_identity, load_meta, load_split, long_documents
 from posenc.tokenizer import EOT, get_tokenizer
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from posenc.checkpoint import load_checkpoint
 from data.prepare import prepare
+from posenc.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,14 +6,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 import evaluate
+from evaluate import EvalConfig
+from model import GPT
 from posenc import eval_tasks as ev
 from posenc.cli import cli
 from posenc.data import held_out_documents
-from conftest import tiny_config
-from evaluate import EvalConfig
-from model import GPT
 from posenc.tokenizer import get_tokenizer
 
 
@@ -266,7 +266,7 @@ def corpus(tmp_path_factory):
 
 def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
     models = {"learned": tiny("learned", vocab_size=50304), "rope": tiny("rope", vocab_size=50304)}
-    res = evaluate.evaluate(models, EvalConfig(data_dir=str(corpus), max_len=128, out_dir=str(tmp_path), n_docs=3,
+    res = evaluate.run_tasks(models, EvalConfig(data_dir=str(corpus), max_len=128, out_dir=str(tmp_path), n_docs=3,
                                                passkey_trials=1, recall_trials=2, span_len=4))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["base_len"] == 32 and set(saved["models"]) == {"learned", "rope"}
@@ -322,7 +322,7 @@ def test_resume_reuses_only_unchanged_checkpoints_with_the_same_settings(corpus,
     evaluated = []
     real = ev.TASKS["short"]
     monkeypatch.setitem(ev.TASKS, "short", lambda model, data: evaluated.append(model) or real(model, data))
-    run = lambda **kw: evaluate.evaluate({s: str(p) for s, p in paths.items()}, EvalConfig(  # noqa: E731
+    run = lambda **kw: evaluate.run_tasks({s: str(p) for s, p in paths.items()}, EvalConfig(  # noqa: E731
         data_dir=str(corpus), max_len=64, out_dir=str(tmp_path / "eval"), tasks=("short",), resume=True, **kw))
     first = run()
     assert len(evaluated) == 2

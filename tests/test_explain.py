@@ -11,10 +11,10 @@ import torch
 
 import explain
 import train
-from posenc import attention
-from posenc.cli import cli
 from data.prepare import prepare
 from model import record_attention
+from posenc import attention
+from posenc.cli import cli
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import inverse_frequencies
 

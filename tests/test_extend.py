@@ -10,16 +10,16 @@ import re
 
 import pytest
 import torch
+from conftest import stdlib_corpus
 
 import extend_context
 import train
-from posenc.checkpoint import load_checkpoint, model_from_checkpoint
-from posenc.cli import cli
-from posenc.data import BatchSampler
-from conftest import stdlib_corpus
 from data.prepare import prepare
 from extend_context import ExtendConfig, extend
 from model import GPTConfig
+from posenc.checkpoint import load_checkpoint, model_from_checkpoint
+from posenc.cli import cli
+from posenc.data import BatchSampler
 from train import TrainConfig
 
 BASE_LEN, TARGET_LEN = 32, 128

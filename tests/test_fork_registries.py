@@ -15,9 +15,9 @@ import evaluate
 import extend_context
 import sample
 import train
+from data.prepare import prepare
 from posenc.checkpoint import model_from_checkpoint
 from posenc.cli import cli
-from data.prepare import prepare
 from posenc.positions import SCHEMES, RoPE
 from posenc.rope_scaling import ROPE_SCALING, ScalingMethod
 

@@ -11,18 +11,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from conftest import EXPORT_LEN, error_line, random_export_model as random_model
+from conftest import EXPORT_LEN, error_line
+from conftest import random_export_model as random_model
 
 gguf = pytest.importorskip("gguf")
 
-from scripts import export_gguf  # noqa: E402
+from model import GPT  # noqa: E402
 from posenc.checkpoint import FORMAT_VERSION, save_checkpoint  # noqa: E402
 from posenc.config import to_dict as config_to_dict  # noqa: E402
-from model import GPT  # noqa: E402
 from posenc.positions import RoPE, alibi_slopes, permute_rope_layout  # noqa: E402
 from posenc.rope_scaling import rope_frequencies  # noqa: E402
 from posenc.tokenizer import EOT, get_tokenizer  # noqa: E402
+from scripts import export_gguf  # noqa: E402
 from train import TrainConfig  # noqa: E402
 
 L = EXPORT_LEN  # the original training length of the test models
@@ -182,7 +182,7 @@ def test_llama_cpp_formula_gives_our_frequencies(rope_type):
 
 
 def test_llama_cpp_yarn_formula_matches_the_reference_values():
-    """ggml's YaRN, as written in llama_cpp_frequencies, against transformers' published values (REFERENCE.md:
+    """ggml's YaRN, as written in llama_cpp_frequencies, against transformers' published values (docs/references.md:
     d=64, b=1e4, factor 4, L=4096): the emulation is checked on its own, not only against our formula."""
     meta = {"gptneox.rope.freq_base": 1e4, "gptneox.rope.scaling.type": "yarn", "gptneox.rope.scaling.factor": 4.0,
             "gptneox.rope.scaling.original_context_length": 4096}

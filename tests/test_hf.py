@@ -12,21 +12,21 @@ import sys
 
 import pytest
 import torch
-
-from conftest import EXPORT_LEN, error_line, random_export_model as random_model
+from conftest import EXPORT_LEN, error_line
+from conftest import random_export_model as random_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from scripts import export_hf  # noqa: E402
-from scripts import import_hf  # noqa: E402
+from model import GPT  # noqa: E402
 from posenc.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint  # noqa: E402
 from posenc.config import to_dict as config_to_dict  # noqa: E402
-from model import GPT  # noqa: E402
-from posenc.positions import permute_rope_layout  # noqa: E402
-from train import TrainConfig  # noqa: E402
 from posenc.generation import generate  # noqa: E402
+from posenc.positions import permute_rope_layout  # noqa: E402
 from posenc.tokenizer import get_tokenizer  # noqa: E402
+from scripts import export_hf  # noqa: E402
+from scripts import import_hf  # noqa: E402
+from train import TrainConfig  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

@@ -9,13 +9,13 @@ depth (Hugging Face's cached dynamic NTK drifts here instead).
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.testing import assert_close
 
-from conftest import tiny_config
 from model import GPT
+from posenc.generation import generate
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import ROPE_SCALING, length_dependent
-from posenc.generation import generate
 
 BLOCK = 32  # training length of the tiny models; sequences below go past it
 TIGHT = dict(atol=2e-5, rtol=1e-5)  # fp32: only the order of floating point sums differs

@@ -3,10 +3,10 @@ YaRN at the target length), factors in the paper's monotone search space, seeded
 import dataclasses
 
 import torch
-
 from conftest import tiny_config
-from posenc.longrope_search import MAX_EXT, STARTS, mean_loss, project, search
+
 from model import GPT
+from posenc.longrope_search import MAX_EXT, STARTS, mean_loss, project, search
 from posenc.rope_scaling import ROPE_SCALING, scaling_dict
 
 L, FACTOR = 16, 4.0

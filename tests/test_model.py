@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.testing import assert_close
 
 import model as model_module
-from conftest import tiny_config
 from model import GPT, chunked_cross_entropy
 from posenc.positions import SCHEMES
 

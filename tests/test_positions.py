@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.testing import assert_close
 
-from conftest import tiny_config
-from posenc.positions import ALiBi, Sinusoidal, alibi_slopes, apply_rope, permute_rope_layout, rope_cos_sin, sinusoidal_table
+from posenc.positions import (ALiBi, Sinusoidal, alibi_slopes, apply_rope, permute_rope_layout, rope_cos_sin,
+                              sinusoidal_table)
 from posenc.rope_scaling import rope_frequencies
 
 

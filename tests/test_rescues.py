@@ -9,19 +9,19 @@ import math
 
 import pytest
 import torch
+from conftest import stdlib_corpus
 from torch.testing import assert_close
 
 import evaluate
 import extend_context
-import train
-from posenc.checkpoint import load_checkpoint, model_from_checkpoint
 import sample
-from posenc import generation
-from posenc.config import ConfigError
-from posenc.cli import cli
-from conftest import stdlib_corpus
+import train
 from extend_context import ExtendConfig, extend
 from model import GPT, GPTConfig
+from posenc import generation
+from posenc.checkpoint import load_checkpoint, model_from_checkpoint
+from posenc.cli import cli
+from posenc.config import ConfigError
 from posenc.pose import pose_positions
 from posenc.positions import self_extend_attention, set_self_extend
 from posenc.rope_scaling import abf_base, inverse_frequencies, rope_frequencies
@@ -262,7 +262,7 @@ def test_drope_model_has_no_positions_loads_samples_and_evaluates_past_L(corpus,
     model, _ = model_from_checkpoint(path)
     out = generation.generate(model, torch.zeros(1, 1, dtype=torch.long), 3 * BASE_LEN, temperature=0)
     assert out.shape == (1, 3 * BASE_LEN + 1)
-    results = evaluate.evaluate({"drope": path}, evaluate.EvalConfig(
+    results = evaluate.run_tasks({"drope": path}, evaluate.EvalConfig(
         data_dir=str(corpus / "data"), max_len=4 * BASE_LEN, base_len=BASE_LEN, out_dir="", tasks=("ppl",), n_docs=2))
     ppl = {e["window"]: e.get("ppl") for e in results["models"]["drope"]["ppl"]}
     assert set(ppl) == {BASE_LEN, 2 * BASE_LEN, 4 * BASE_LEN} and all(p and math.isfinite(p) for p in ppl.values())

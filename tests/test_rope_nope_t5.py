@@ -1,21 +1,21 @@
-"""The two schemes of issue 22: rope_nope (RoPE with NoPE layers and Llama 4's query temperature) and t5 (T5's
-bucketed relative bias). The registry tests (test_model, test_kv_cache, test_train, ...) run them too; these test
-what is their own. Their settings are GPTConfig.pos_options, checked by the scheme."""
+"""Two schemes that recent models use beside the classic five: rope_nope (RoPE with NoPE layers and Llama 4's
+query temperature) and t5 (T5's bucketed relative bias). The registry tests (test_model, test_kv_cache, test_train,
+...) run them too; these test what is their own. Their settings are GPTConfig.pos_options, checked by the scheme."""
 
 import math
 
 import pytest
 import torch
+from conftest import tiny_config
+from test_kv_cache import TIGHT, cached_logits, prefix_logits
 from torch.testing import assert_close
 
-from scripts import export_hf
 import extend_context
 import model as model_module
-from conftest import tiny_config
 from model import GPT
 from posenc.positions import NoPE, RoPE, RoPENoPE, t5_buckets
 from posenc.rope_scaling import ROPE_SCALING, length_dependent
-from test_kv_cache import TIGHT, cached_logits, prefix_logits
+from scripts import export_hf
 from train import load_config
 
 BLOCK = 32  # tiny_config's training length

@@ -5,9 +5,9 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.testing import assert_close
 
-from conftest import tiny_config
 from model import GPT
 from posenc.positions import RoPE, apply_rope, rope_cos_sin
 from posenc.rope_scaling import rope_frequencies

@@ -1,7 +1,7 @@
 """RoPE scaling: published reference values, an independent re-implementation of every formula, the
 properties each method promises, and cached decoding that stays exact with scaling (dynamic NTK included).
 
-Reference values: Hugging Face transformers 5.17 (see ../shared/REFERENCE.md). The plain-Python formulas
+Reference values: Hugging Face transformers 5.17 (see docs/references.md). The plain-Python formulas
 below are written from the papers' definitions, deliberately without torch, so they share no code with
 positions.rope_frequencies.
 """
@@ -11,8 +11,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from posenc.positions import RoPE, rope_cos_sin
 from posenc.rope_scaling import ROPE_SCALING, check_scaling, rope_frequencies
 
@@ -55,7 +55,7 @@ def test_ntk_aware_base(d, factor, base):
 # ----------------------------------------------------------------------- an independent re-implementation
 
 def ref_frequencies(d, b, scaling, seq_len=None):
-    """The formulas of REFERENCE.md in plain Python floats: (list of inverse frequencies, attention_factor)."""
+    """The formulas of docs/references.md in plain Python floats: (list of inverse frequencies, attention_factor)."""
     def inv(base):
         return [base ** (-2 * i / d) for i in range(d // 2)]
 

@@ -8,14 +8,13 @@ import sysconfig
 import pytest
 
 import evaluate
-from posenc import jobs
-from scripts import sweep
-from posenc import eval_tasks as tasks
-from posenc import run_stats
-from posenc.config import ConfigError
-from posenc.cli import Interrupted
-from posenc.data import BatchSampler
 from data.prepare import prepare
+from posenc import eval_tasks as tasks
+from posenc import jobs, run_stats
+from posenc.cli import Interrupted
+from posenc.config import ConfigError
+from posenc.data import BatchSampler
+from scripts import sweep
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--max_iters=4",
         "--warmup_iters=1", "--eval_iters=1", "--eval_interval=2", "--ckpt_interval=2", "--log_interval=1",
@@ -83,7 +82,7 @@ def test_summary_groups_seeds_by_setting():
     assert summary["a"]["numbers"]["val_loss"] == {"mean": 3.5, "std": pytest.approx(math.sqrt(0.5)), "n": 2}
     assert summary["b"]["numbers"]["ppl@16"] == {"mean": 11.0, "std": pytest.approx(2.0), "n": 3}
     assert summary["b"]["tokens"]["mean"] == 640
-    md = sweep.summary_markdown(summary, "t")
+    md = sweep.sweep_markdown(summary, "t")
     assert "| b | 0,1,2 |" in md and "11.00 ± 2.00 (3)" in md
 
 

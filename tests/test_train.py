@@ -17,10 +17,10 @@ import torch
 
 import model as model_module
 import train
+from data.prepare import prepare
 from posenc.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from posenc.cli import Interrupted
 from posenc.data import BatchSampler
-from data.prepare import prepare
 from posenc.positions import SCHEMES
 from posenc.run_folder import RunFolderError
 from train import load_config
