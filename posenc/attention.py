@@ -156,7 +156,6 @@ class BlockedFlashCPU(torch.autograd.Function):
         kk, vv = plan.keys(k), plan.keys(v)
         dq = torch.zeros_like(q)
         dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))  # in kk's order
-        dparams = [torch.zeros_like(p) for p in params]
         for s, e, n in plan.parts:
             mask, kb = plan.block(s, e, n, kk)
             keys = slice(kk.size(-2) - n, None) if plan.flip else slice(0, n)
@@ -166,33 +165,38 @@ class BlockedFlashCPU(torch.autograd.Function):
             dq[..., s:e, :] = gq
             dk[..., keys, :] += gk  # every block adds to the keys it saw, in fp32
             dv[..., keys, :] += gv
-            if params:
-                for acc, g in zip(dparams, band_gradient(plan, params, q, k, v, out, lse, grad_out, s, e, n)):
-                    acc += g if g is not None else 0
+        dparams = band_gradient(plan, params, q, k, v, out, lse, grad_out) if params else ()
         return (dq, plan.unkeys(dk).to(k.dtype), plan.unkeys(dv).to(v.dtype), None, *dparams)
 
 
-def band_gradient(plan, params, q, k, v, out, lse, grad_out, s, e, n):
-    """The gradient of the bias's parameters from queries s:e. Its gradient at a pair is dS = P (dP - D) with
-    D = dO·O per query, and every query's dS sums to 0 over its keys. The bias past the band is one value b_far,
-    so its gradient, the sum of dS past the band, is minus the sum within it: only the pairs closer than band
-    (at most rows + band - 1 keys per block) are formed."""
+def band_gradient(plan, params, q, k, v, out, lse, grad_out, rows=None):
+    """The gradient of the bias's parameters. At a pair it is dS = P (dP - D) with D = dO·O per query, and every
+    query's dS sums to 0 over its keys. The bias past the band is one value b_far, so its gradient, the sum of dS
+    past the band, is minus the sum within it: only pairs closer than band are formed, in blocks of `rows`
+    queries over rows + band - 1 keys, and summed by distance; then one backward through the bias of each
+    distance 0..band."""
     band, bias_fn = plan.band, plan.bias_fn
-    lo = max(0, plan.q0 + s - band + 1 - plan.k0)  # the first key within the band of query s
-    qp, kp = plan.q_pos[s:e], plan.k_pos[lo:n]
-    distance = qp[:, None] - kp[None, :]  # (rows, keys)
-    near = (distance >= 0) & (distance < band)
-    scale = 1 / math.sqrt(q.size(-1))
+    rows = rows or band
+    Tq, scale = q.size(-2), 1 / math.sqrt(q.size(-1))
+    by_distance = torch.zeros(q.size(1), band + 1, device=q.device)  # (nh, band + 1): sums of dS at d, last: >= band
+    for s in range(0, Tq, rows):
+        e = min(s + rows, Tq)
+        lo, n = max(0, plan.q0 + s - band + 1 - plan.k0), min(k.size(-2), plan.q0 + e - plan.k0)
+        qp, kp = plan.q_pos[s:e], plan.k_pos[lo:n]
+        distance = qp[:, None] - kp[None, :]  # (rows, keys)
+        near = (distance >= 0) & (distance < band)
+        bias = bias_fn(qp, kp).float()  # (nh, rows, keys), no gradient here
+        scores = (q[..., s:e, :].float() @ k[..., lo:n, :].float().transpose(-2, -1)) * scale + bias
+        p = (scores - lse[..., s:e, None].float()).exp() * near  # (B, nh, rows, keys)
+        dp = grad_out[..., s:e, :].float() @ v[..., lo:n, :].float().transpose(-2, -1)
+        d = (grad_out[..., s:e, :].float() * out[..., s:e, :].float()).sum(-1, keepdim=True)
+        ds = (p * (dp - d)).sum(0).flatten(1)  # (nh, rows * keys), summed over the batch
+        by_distance.index_add_(1, distance.clamp(0, band).flatten(), ds)
+    by_distance[:, band] = -by_distance[:, :band].sum(1)  # every distance >= band: minus the band's sum
     with torch.enable_grad():
-        bias = bias_fn(qp, kp)  # (nh, rows, keys)
-        far = bias_fn(qp.new_tensor([band]), kp.new_tensor([0]))  # (nh, 1, 1): the bias at every distance >= band
-    scores = (q[..., s:e, :].float() @ k[..., lo:n, :].float().transpose(-2, -1)) * scale + bias.detach().float()
-    p = (scores - lse[..., s:e, None].float()).exp() * near  # (B, nh, rows, keys)
-    dp = grad_out[..., s:e, :].float() @ v[..., lo:n, :].float().transpose(-2, -1)
-    d = (grad_out[..., s:e, :].float() * out[..., s:e, :].float()).sum(-1, keepdim=True)
-    ds = (p * (dp - d)).sum(0)  # (nh, rows, keys), summed over the batch
-    return torch.autograd.grad((bias, far), params, (ds.to(bias.dtype), -ds.sum((1, 2)).view_as(far).to(far.dtype)),
-                               allow_unused=True)
+        d = torch.arange(band, -1, -1, device=q.device)  # keys at distances band, band - 1, ..., 0 of position band
+        bias = bias_fn(d.new_tensor([band]), band - d)[:, 0]  # (nh, band + 1) in the order of d
+        return torch.autograd.grad(bias, params, by_distance.flip(1).to(bias.dtype), allow_unused=True)
 
 
 def bias_needs_grad(bias_fn, q_pos, k_pos):

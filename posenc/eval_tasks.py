@@ -372,6 +372,9 @@ class EvalData:
     recall_trials: int
     recall_kind: str
     seed: int
+    passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    stride: int = 0  # sliding-window stride; 0: default_stride(W)
+    short_windows: int = 64
 
 
 def run_position(model, d):
@@ -380,15 +383,16 @@ def run_position(model, d):
 
 
 def run_ppl(model, d):  # about the same tokens per forward at every window
-    return [sliding_window_ppl(model, d.docs, w, batch_size=max(1, d.batch_size * d.max_len // w)) for w in d.lengths]
+    return [sliding_window_ppl(model, d.docs, w, min(d.stride, w) or None, batch_size=max(1, d.batch_size * d.max_len // w))
+            for w in d.lengths]
 
 
 def run_short(model, d):
-    return short_context_loss(model, d.stream, d.base_len)
+    return short_context_loss(model, d.stream, d.base_len, d.short_windows)
 
 
 def run_passkey(model, d):
-    return passkey_accuracy(model, d.tokenizer, d.lengths, trials=d.passkey_trials, seed=d.seed)
+    return passkey_accuracy(model, d.tokenizer, d.lengths, d.passkey_depths, d.passkey_trials, d.seed)
 
 
 def run_recall(model, d):

@@ -7,7 +7,7 @@ grows linearly?
 
 Per scheme: one training step (forward, backward, AdamW) at train_len, batch 1, and one no-grad forward at
 each length. The model is the CPU scale's shape (4 layers, 4 heads, width 128, vocabulary 4096) under the
-autocast dtype training picks (posenc.runtime: bf16 where the CPU computes it natively). Every case runs in
+autocast dtype of every stage (posenc.runtime.resolve_dtype: bf16 where the CPU computes it natively). Every case runs in
 its own process, whose peak resident memory (ru_maxrss, the Python interpreter and torch included) is its
 memory: so one case's memory never hides in another's. Measures; asserts nothing.
 """
@@ -26,7 +26,7 @@ import torch
 from posenc.cli import cli
 from posenc.config import at_least, check_fields, parse
 from posenc.positions import SCHEMES
-from posenc.runtime import resolve_dtype
+from posenc.runtime import autocast, resolve_dtype
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096)  # the CPU scale's model
 GIB = 2 ** 30
@@ -62,8 +62,7 @@ def run_case(scheme, kind, T, cfg):
     torch.set_num_threads(cfg.threads)
     if cfg.block_elements:
         posenc.attention.BLOCK_ELEMENTS = cfg.block_elements
-    dtype, _ = resolve_dtype("auto", "cpu", training=True)
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16")
+    dtype, _ = resolve_dtype("auto", "cpu")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=T, pos_encoding=scheme, **SHAPE))
     idx = torch.randint(0, SHAPE["vocab_size"], (1, T + 1))
@@ -72,7 +71,7 @@ def run_case(scheme, kind, T, cfg):
         opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
         for _ in range(2):
             t0 = time.perf_counter()
-            with autocast:
+            with autocast("cpu", dtype):
                 loss = model(idx[:, :-1], idx[:, 1:])[1]
             loss.backward()
             opt.step()
@@ -80,7 +79,7 @@ def run_case(scheme, kind, T, cfg):
             seconds = time.perf_counter() - t0
     else:
         model.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast("cpu", dtype):
             model(idx[:, :256])  # warm-up: kernels and tables
             t0 = time.perf_counter()
             model(idx[:, :T], last_only=True)
@@ -152,7 +151,7 @@ def plot(rows, cfg, path):
 def machine():
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    dtype, why = resolve_dtype("auto", "cpu", training=True)
+    dtype, why = resolve_dtype("auto", "cpu")
     return f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {dtype} ({why})"
 
 
