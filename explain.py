@@ -126,22 +126,26 @@ class AttentionStats:
     def __init__(self, n_layer, T, base_len, device="cpu"):
         self.T, self.L = T, base_len
         self.edges = distance_edges(T, base_len)
-        self.upper = torch.tensor(self.edges[1:], device=device)
+        self.from_edges = torch.tensor([*self.edges, base_len], device=device)  # the buckets' lower edges, then L
         self.mass = torch.zeros(n_layer, 2, len(self.edges) - 1, dtype=torch.float64, device=device)  # [layer,
         # before/past L, bucket]: sums over queries, divided by the queries on each side in `mass_share`
         self.entropy = torch.zeros(n_layer, T, dtype=torch.float64, device=device)
         self.far = torch.zeros(n_layer, T, dtype=torch.float64, device=device)  # attention at distances >= L, per query
 
     def __call__(self, layer, probs, q_pos, k_pos):
-        """probs (B, nh, rows, keys) of the queries at q_pos over the keys at k_pos (one block)."""
-        p = probs.sum((0, 1))  # (rows, keys) summed over documents and heads
-        distance = q_pos[:, None] - k_pos[None, :]  # (rows, keys), this block only
-        bucket = torch.bucketize(distance.clamp(min=0), self.upper, right=True)
+        """probs (B, nh, rows, keys) of the queries at q_pos over the keys at consecutive positions k_pos (one
+        block). A query's keys at distance >= e are a prefix of its keys, so one cumulative sum over the keys
+        gives the mass beyond every edge, and each bucket's mass is the difference of two of them."""
+        p = probs.sum((0, 1)).double()  # (rows, keys) summed over documents and heads
+        beyond = torch.cat((torch.zeros_like(p[:, :1]), p.cumsum(-1)), dim=-1)  # [:, m]: the first m keys' mass
+        last_key = q_pos[:, None] - self.from_edges[None, :] - k_pos[0]  # the last key at distance >= each edge
+        at_least = beyond.gather(1, (last_key + 1).clamp(0, k_pos.numel()))  # (rows, edges + 1)
+        in_bucket = at_least[:, :-2] - at_least[:, 1:-1]  # (rows, buckets): mass at edges[b] <= distance < edges[b+1]
         past = q_pos >= self.L
-        for half, rows in enumerate((~past, past)):
-            self.mass[layer, half].index_add_(0, bucket[rows].flatten(), p[rows].flatten().double())
+        self.mass[layer, 0] += in_bucket[~past].sum(0)
+        self.mass[layer, 1] += in_bucket[past].sum(0)
         self.entropy[layer, q_pos] -= torch.special.xlogy(probs, probs).sum(-1).sum((0, 1)).double()
-        self.far[layer, q_pos] += far_share(p, self.L, q_pos, k_pos).double()
+        self.far[layer, q_pos] += at_least[:, -1]  # mass at distance >= L
 
     def mass_share(self, layer):
         """Attention mass per distance bucket, before and past L: the mean over the queries on each side."""

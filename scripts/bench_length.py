@@ -131,7 +131,7 @@ def plot(rows, cfg, path):
         ax_t.plot([T for T, _ in pts], [r["seconds"] for _, r in pts], **style)
         ax_m.plot([T for T, _ in pts], [r["peak_gib"] for _, r in pts], **style)
     ax_m.axhline(4, color="gray", linestyle="--", linewidth=1)
-    ax_m.annotate("goal: 4 GiB", (cfg.lengths[0], 4), xytext=(0, 4), textcoords="offset points", color="gray")
+    ax_m.annotate("goal: 4 GiB", (cfg.lengths[0], 4), xytext=(2, -12), textcoords="offset points", color="gray")
     for ax, ylabel, title in ((ax_t, "seconds (log)", "No-grad forward: time"),
                               (ax_m, "peak resident memory, GiB", "No-grad forward: peak memory of its process")):
         ax.set(xscale="log", xlabel="tokens (log)", ylabel=ylabel, title=title)

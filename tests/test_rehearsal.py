@@ -8,7 +8,8 @@ quadratic allocations: one (heads, T, T) fp32 tensor at 32k with 2 heads is 8 Gi
 What a CPU cannot rehearse (CUDA only): FlexAttention's compiled kernels (forward and backward: a CPU runs ALiBi
 and T5 through blocks of queries, posenc/attention.py), torch.compile of the training step (the GPU scale's
 compile = true is turned off here), bf16 autocast on a GPU (here: the CPU's rule, bf16 where native). Left out
-for time: the optional rescues (--rescues); Self-Extend's blocks at 32k are checked in tests/test_long_context.py.
+for time: the optional rescues (--rescues; Self-Extend's blocks take the same budget of scores as the others,
+posenc/attention.block_rows, and tests/test_rescues.py checks them).
 """
 
 import glob
