@@ -234,11 +234,17 @@ def probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe, elements=None):
     """Attention with its probabilities formed explicitly, a block of queries at a time, in fp32: q·k / √hs + the
     bias, causal by absolute position. probe(probs (B, nh, rows, keys), q_pos (rows,), k_pos (keys,)) sees each
     block; the output is made from those probabilities, so what the probe sees is exactly what the forward used."""
-    scale, out = 1 / math.sqrt(q.size(-1)), []
+    qf = q.float() * (1 / math.sqrt(q.size(-1)))  # the scale folded into q once, not into every score
+    kf, vf, out = k.float().contiguous(), v.float().contiguous(), []
     for s, e, n in blocks(q, k, q_pos, k_pos, elements):
-        kp = k_pos[:n]
-        scores = (q[..., s:e, :].float() @ k[..., :n, :].float().transpose(-2, -1)) * scale  # (B, nh, rows, n)
-        probs = (scores + causal_mask(bias_fn, q_pos[s:e], kp, q.device)).softmax(-1)
-        probe(probs, q_pos[s:e], kp)
-        out.append(probs @ v[..., :n, :].float())
+        qp, kp = q_pos[s:e], k_pos[:n]
+        scores = qf[..., s:e, :] @ kf[..., :n, :].transpose(-2, -1)  # (B, nh, rows, n)
+        bias = bias_fn(qp, kp) if bias_fn is not None else None
+        if bias is not None:
+            scores += bias.float()
+        m = seen_keys(qp[:1], kp)  # keys before m are past for every query of the block: only the rest is masked
+        scores[..., m:].masked_fill_(kp[None, m:] > qp[:, None], -math.inf)
+        probs = scores.softmax(-1)
+        probe(probs, qp, kp)
+        out.append(probs @ vf[..., :n, :])
     return torch.cat(out, dim=-2).to(v.dtype)
