@@ -25,7 +25,8 @@ try:  # FlexAttention runs ALiBi without a T x T bias tensor (torch >= 2.5)
 except ImportError:
     flex_attention = None
 
-LOSS_CHUNK = 8192  # tokens per cross-entropy chunk: full fp32 logits at 32k x 50k vocab would be 6.6 GB
+LOSS_CHUNK_LOGITS = 2 ** 25  # logits per cross-entropy chunk (128 MiB in fp32): 8192 tokens at a vocabulary of
+# 4096, 667 at GPT-2's; full fp32 logits at 32k x 50k vocab would be 6.6 GB
 LOSS_MEMORY_FRACTION = 0.25  # recompute the loss's logits in backward only past this share of the device's memory
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, the denominator of MFU
 GELU_APPROXIMATION = {"gelu": "none", "gelu_tanh": "tanh"}  # GPTConfig.activation -> nn.GELU's approximate
@@ -296,14 +297,15 @@ def device_memory(device):
         return 8 * 2 ** 30
 
 
-def chunked_cross_entropy(x, weight, targets, reduction="mean", chunk=LOSS_CHUNK):
-    """Cross-entropy of x @ weight.T against targets, LOSS_CHUNK tokens at a time, so the full fp32 logits never
-    exist at once in the forward. With gradients, each chunk keeps its fp32 log-probabilities for backward (4 bytes
+def chunked_cross_entropy(x, weight, targets, reduction="mean", chunk=None):
+    """Cross-entropy of x @ weight.T against targets, `chunk` tokens at a time (default: LOSS_CHUNK_LOGITS logits),
+    so the full fp32 logits never exist at once in the forward. With gradients, each chunk keeps its fp32 log-probabilities for backward (4 bytes
     per logit) unless all of them together would pass LOSS_MEMORY_FRACTION of the device's memory: then each chunk
     is checkpointed (its logits recomputed in backward, one chunk alive at a time: 32k context fits), at the cost
     of the head's matmul once more (~16% of the GPU preset's training FLOPs)."""
     C = x.size(-1)
     xs, ts = x.reshape(-1, C), targets.reshape(-1)
+    chunk = chunk or max(1, LOSS_CHUNK_LOGITS // weight.size(0))
 
     def chunk_loss(xc, tc):
         return F.cross_entropy(F.linear(xc, weight).float(), tc, ignore_index=-1, reduction="none")
