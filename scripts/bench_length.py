@@ -3,7 +3,8 @@ grows linearly?
 
     python -m scripts.bench_length                          # every scheme, 4k-32k: table + docs/bench_length.png
     python -m scripts.bench_length --schemes=rope,alibi --lengths=4096,8192 --figure=""   # a subset, no figure
-    python -m scripts.bench_length --block_elements=1048576 --schemes=alibi   # another query-block size
+    python -m scripts.bench_length --view_elements=4194304 --schemes=alibi   # smaller query blocks
+    python -m scripts.bench_length --lengths= --figure=""   # the training step alone
 
 Per scheme: one training step (forward, backward, AdamW) at train_len, batch 1, and one no-grad forward at
 each length. The model is the CPU scale's shape (4 layers, 4 heads, width 128, vocabulary 4096) under the
@@ -38,7 +39,8 @@ class LengthBenchConfig:
     lengths: tuple[int, ...] = (4096, 8192, 16384, 32768)  # no-grad forward at each
     train_len: int = 4096  # one training step at this length (0: none)
     threads: int = 2
-    block_elements: int = 0  # posenc.attention.BLOCK_ELEMENTS for this run; 0: its default
+    block_elements: int = 0  # posenc.attention.BLOCK_ELEMENTS (materialized blocks) for this run; 0: its default
+    view_elements: int = 0  # posenc.attention.VIEW_ELEMENTS (blocks whose mask is a view: ALiBi, T5); 0: its default
     figure: str = "docs/bench_length.png"  # "": no figure
     out: str = ""  # also write the rows as JSON here
     case: str = ""  # internal: run one case (scheme,kind,T) in this process and print its JSON
@@ -46,9 +48,10 @@ class LengthBenchConfig:
     def __post_init__(self):
         check_fields(self)
         at_least(self, 1, "threads")
-        if not self.lengths or min(self.lengths) < 1:
-            raise ValueError(f"bad value {self.lengths!r} for config key 'lengths': expected lengths >= 1")
-        at_least(self, 0, "train_len", "block_elements")
+        if min(self.lengths, default=1) < 1 or not (self.lengths or self.train_len):
+            raise ValueError(f"bad value {self.lengths!r} for config key 'lengths': expected lengths >= 1 (or only a "
+                             "training step: --lengths= --train_len=4096)")
+        at_least(self, 0, "train_len", "block_elements", "view_elements")
         unknown = [s for s in self.schemes if s not in SCHEMES]
         if unknown:
             raise ValueError(f"bad value {','.join(unknown)!r} for config key 'schemes': choose from {', '.join(SCHEMES)}")
@@ -60,8 +63,8 @@ def run_case(scheme, kind, T, cfg):
     from model import GPT, GPTConfig
     import posenc.attention
     torch.set_num_threads(cfg.threads)
-    if cfg.block_elements:
-        posenc.attention.BLOCK_ELEMENTS = cfg.block_elements
+    posenc.attention.BLOCK_ELEMENTS = cfg.block_elements or posenc.attention.BLOCK_ELEMENTS
+    posenc.attention.VIEW_ELEMENTS = cfg.view_elements or posenc.attention.VIEW_ELEMENTS
     dtype, _ = resolve_dtype("auto", "cpu")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=T, pos_encoding=scheme, **SHAPE))
@@ -90,7 +93,7 @@ def run_case(scheme, kind, T, cfg):
 def measure(scheme, kind, T, cfg):
     """run_case in a fresh process; a case that fails (out of memory) is {"error": its last line}."""
     argv = [sys.executable, "-m", "scripts.bench_length", f"--case={scheme},{kind},{T}", f"--threads={cfg.threads}",
-            f"--block_elements={cfg.block_elements}"]
+            f"--block_elements={cfg.block_elements}", f"--view_elements={cfg.view_elements}"]
     env = os.environ | {"OMP_NUM_THREADS": str(cfg.threads)}
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
     if p.returncode:
@@ -172,7 +175,7 @@ def main(argv=None):
     if cfg.out:
         with open(cfg.out, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=1)
-    if cfg.figure:
+    if cfg.figure and cfg.lengths:
         plot(rows, cfg, cfg.figure)
         print(f"wrote {cfg.figure}")
     return rows
