@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -58,8 +59,8 @@ class LengthBenchConfig:
 
 
 def run_case(scheme, kind, T, cfg):
-    """One measurement in this process: {"seconds", "peak_gib"}. train: the second of two steps (the first warms
-    up); forward: one forward after a short warm-up one."""
+    """One measurement in this process: {"seconds", "peak_gib"}. train: the median of three steps after a warm-up
+    one; forward: one forward after a short warm-up one."""
     from model import GPT, GPTConfig
     import posenc.attention
     torch.set_num_threads(cfg.threads)
@@ -72,14 +73,16 @@ def run_case(scheme, kind, T, cfg):
     if kind == "train":
         model.train()
         opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
-        for _ in range(2):
+        times = []
+        for _ in range(4):
             t0 = time.perf_counter()
             with autocast("cpu", dtype):
                 loss = model(idx[:, :-1], idx[:, 1:])[1]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times[1:])
     else:
         model.eval()
         with torch.no_grad(), autocast("cpu", dtype):
