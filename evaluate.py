@@ -44,6 +44,9 @@ class EvalConfig:
     n_docs: int = EVAL_DOCS  # long documents for the position and ppl tasks
     batch_size: int = 1  # documents per forward at max_len (shorter windows get more)
     passkey_trials: int = 5  # per length and depth
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key sits, as a fraction of the filler
+    short_windows: int = 64  # windows of the base length for the short-context loss
+    stride: int = 0  # sliding-window stride of ppl; 0: min(256, W / 2) as the papers; larger than W: W (no overlap)
     recall_trials: int = 16  # probes per distance
     span_len: int = 16  # recall: tokens in the repeated span
     recall_kind: Literal["random", "text"] = "random"  # span of random tokens (only copying predicts it) or text
@@ -58,6 +61,11 @@ class EvalConfig:
     def __post_init__(self):
         check_fields(self)
         at_least(self, 1, "max_len", "base_len", "n_docs", "batch_size", "passkey_trials", "recall_trials", "span_len")
+        at_least(self, 0, "stride")
+        at_least(self, 1, "short_windows")
+        if not self.passkey_depths or not all(0 <= d <= 1 for d in self.passkey_depths):
+            raise ConfigError(f"bad value {self.passkey_depths!r} for config key 'passkey_depths': expected "
+                              "fractions in [0, 1], e.g. 0,0.5,1")
         check_self_extend_flag(self.self_extend)
         unknown = set(self.tasks) - set(TASKS)
         if unknown or not self.tasks:
@@ -66,7 +74,7 @@ class EvalConfig:
     def settings(self, base_len):
         """What a result depends on besides the checkpoint: a change means evaluating again."""
         keep = ("max_len", "data_dir", "tasks", "n_docs", "passkey_trials", "recall_trials", "span_len", "seed",
-                "recall_kind", "dtype")
+                "recall_kind", "dtype", "passkey_depths", "stride", "short_windows")
         return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len,
                                                                          "format": RESULTS_FORMAT}))
 
@@ -116,7 +124,8 @@ def eval_data(cfg: EvalConfig, base_len: int) -> tuple[EvalData, str]:
                     tokenizer=tokenizer, max_len=cfg.max_len, base_len=base_len, lengths=lengths, distances=distances,
                     prefix_len=prefix, span_len=cfg.span_len, batch_size=cfg.batch_size,
                     passkey_trials=cfg.passkey_trials, recall_trials=cfg.recall_trials, recall_kind=cfg.recall_kind,
-                    seed=cfg.seed)
+                    seed=cfg.seed, passkey_depths=cfg.passkey_depths, stride=cfg.stride,
+                    short_windows=cfg.short_windows)
     return data, note
 
 

@@ -120,63 +120,69 @@ def distance_edges(max_len, base_len):
 
 
 class AttentionStats:
-    """What the probe keeps per layer, summed over documents and heads, so no T x T matrix outlives its layer."""
+    """What the probe keeps per layer, summed over documents, heads and blocks of queries, on the model's device:
+    per-query vectors and per-bucket sums, never a (query, key) matrix beyond one block."""
 
-    def __init__(self, n_layer, T, base_len):
+    def __init__(self, n_layer, T, base_len, device="cpu"):
         self.T, self.L = T, base_len
         self.edges = distance_edges(T, base_len)
-        q = torch.arange(T)[:, None]
-        self.distance = q - torch.arange(T)[None, :]  # (T, T): query minus key position
-        self.bucket = torch.bucketize(self.distance.clamp(min=0), torch.tensor(self.edges[1:]), right=True)
-        self.mass = torch.zeros(n_layer, 2, len(self.edges) - 1, dtype=torch.float64)  # [layer, before/past L, bucket]
-        self.entropy = torch.zeros(n_layer, T, dtype=torch.float64)
-        self.far = torch.zeros(n_layer, T, dtype=torch.float64)  # share of attention at distances >= L, per query
-        self.n = 0  # documents x heads summed
+        self.from_edges = torch.tensor([*self.edges, base_len], device=device)  # the buckets' lower edges, then L
+        self.mass = torch.zeros(n_layer, 2, len(self.edges) - 1, dtype=torch.float64, device=device)  # [layer,
+        # before/past L, bucket]: sums over queries, divided by the queries on each side in `mass_share`
+        self.entropy = torch.zeros(n_layer, T, dtype=torch.float64, device=device)
+        self.far = torch.zeros(n_layer, T, dtype=torch.float64, device=device)  # attention at distances >= L, per query
 
-    def __call__(self, layer, probs):
-        B, nh, T, _ = probs.shape  # (B, nh, T, T)
-        p = probs.double().sum((0, 1))  # (T, T) summed over documents and heads
-        past = torch.arange(T) >= self.L
-        for half, rows in enumerate((~past, past)):
-            if rows.any():
-                self.mass[layer, half] += torch.zeros(len(self.edges) - 1, dtype=torch.float64).index_add_(
-                    0, self.bucket[rows].flatten(), p[rows].flatten()) / rows.sum()
-        logp = probs.double().clamp(min=1e-30).log()
-        self.entropy[layer] += -(probs.double() * logp).sum(-1).sum((0, 1))
-        self.far[layer] += far_share(p, self.L)
-        if layer == 0:
-            self.n += B * nh
+    def __call__(self, layer, probs, q_pos, k_pos):
+        """probs (B, nh, rows, keys) of the queries at q_pos over the keys at consecutive positions k_pos (one
+        block). A query's keys at distance >= e are a prefix of its keys, so one cumulative sum over the keys
+        gives the mass beyond every edge, and each bucket's mass is the difference of two of them."""
+        p = probs.sum((0, 1)).double()  # (rows, keys) summed over documents and heads
+        beyond = torch.cat((torch.zeros_like(p[:, :1]), p.cumsum(-1)), dim=-1)  # [:, m]: the first m keys' mass
+        last_key = q_pos[:, None] - self.from_edges[None, :] - k_pos[0]  # the last key at distance >= each edge
+        at_least = beyond.gather(1, (last_key + 1).clamp(0, k_pos.numel()))  # (rows, edges + 1)
+        in_bucket = at_least[:, :-2] - at_least[:, 1:-1]  # (rows, buckets): mass at edges[b] <= distance < edges[b+1]
+        past = q_pos >= self.L
+        self.mass[layer, 0] += in_bucket[~past].sum(0)
+        self.mass[layer, 1] += in_bucket[past].sum(0)
+        self.entropy[layer, q_pos] -= torch.special.xlogy(probs, probs).sum(-1).sum((0, 1)).double()
+        self.far[layer, q_pos] += at_least[:, -1]  # mass at distance >= L
+
+    def mass_share(self, layer):
+        """Attention mass per distance bucket, before and past L: the mean over the queries on each side."""
+        queries = torch.tensor([min(self.T, self.L), max(0, self.T - self.L)], dtype=torch.float64)
+        return (self.mass[layer].cpu() / queries.clamp(min=1)[:, None])
 
 
-def far_share(probs, base_len):
+def far_share(probs, base_len, q_pos=None, k_pos=None):
     """Per query (last dim of keys summed): the attention on keys at distance >= base_len, distances a model
-    trained at base_len never saw. probs (..., Tq, Tk) with queries and keys at positions 0..T-1."""
-    T = probs.size(-1)
-    far = (torch.arange(T)[:, None] - torch.arange(T)[None, :]) >= base_len
-    return (probs * far).sum(-1)
+    trained at base_len never saw. probs (..., Tq, Tk) with queries at q_pos and keys at k_pos (default 0..T-1)."""
+    q_pos = torch.arange(probs.size(-2), device=probs.device) if q_pos is None else q_pos
+    k_pos = torch.arange(probs.size(-1), device=probs.device) if k_pos is None else k_pos
+    return (probs * ((q_pos[:, None] - k_pos[None, :]) >= base_len)).sum(-1)
 
 
 @torch.no_grad()
 def attention_analysis(model, docs, base_len, max_len, bins):
     """Run the model on each document with the attention probe on; also its loss per position."""
     T = max_len
-    stats = AttentionStats(model.config.n_layer, T, base_len)
     device = model.lm_head.weight.device
+    stats = AttentionStats(model.config.n_layer, T, base_len, device)
     losses = []
     for d in docs:
         x = torch.from_numpy(np.asarray(d[:T], dtype=np.int64))[None].to(device)
         y = torch.from_numpy(np.asarray(d[1:T + 1], dtype=np.int64))[None].to(device)
         with record_attention(model, stats):
             losses.append(model(x, y, reduction="none")[1][0].float().cpu())
-    n = stats.n
+    n = len(docs) * model.config.n_head  # documents x heads summed
+    entropy, far = stats.entropy.cpu(), stats.far.cpu()
     per_bin = lambda v: [v[i:i + bins].mean().item() for i in range(0, T, bins)]  # noqa: E731
     loss = torch.stack(losses).mean(0)
     layers = []
     for layer in range(model.config.n_layer):
-        mass = stats.mass[layer] / n  # mean over documents and heads
+        mass = stats.mass_share(layer) / n  # mean over documents and heads
         layers.append({"mass_before_L": mass[0].tolist(), "mass_past_L": mass[1].tolist() if T > base_len else None,
-                       "entropy": per_bin(stats.entropy[layer] / n), "far_share": per_bin(stats.far[layer] / n),
-                       "far_share_past_L": (stats.far[layer, base_len:].mean() / n).item() if T > base_len else 0.0})
+                       "entropy": per_bin(entropy[layer] / n), "far_share": per_bin(far[layer] / n),
+                       "far_share_past_L": (far[layer, base_len:].mean() / n).item() if T > base_len else 0.0})
     return {"n_docs": len(docs), "edges": stats.edges, "bins": bins, "layers": layers, "loss": per_bin(loss)}
 
 

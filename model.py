@@ -7,7 +7,7 @@ a module from positions.SCHEMES; the model calls its hooks unconditionally and n
 import contextlib
 import functools
 import math
-import warnings
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from posenc.attention import biased_attention, probed_attention
 from posenc.config import at_least, check_fields
 from posenc.positions import SCHEMES
 
@@ -24,7 +25,9 @@ try:  # FlexAttention runs ALiBi without a T x T bias tensor (torch >= 2.5)
 except ImportError:
     flex_attention = None
 
-LOSS_CHUNK = 8192  # tokens per cross-entropy chunk: full fp32 logits at 32k x 50k vocab would be 6.6 GB
+LOSS_CHUNK_LOGITS = 2 ** 25  # logits per cross-entropy chunk (128 MiB in fp32): 8192 tokens at a vocabulary of
+# 4096, 667 at GPT-2's; full fp32 logits at 32k x 50k vocab would be 6.6 GB
+LOSS_MEMORY_FRACTION = 0.25  # recompute the loss's logits in backward only past this share of the device's memory
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, the denominator of MFU
 GELU_APPROXIMATION = {"gelu": "none", "gelu_tanh": "tanh"}  # GPTConfig.activation -> nn.GELU's approximate
 RUNTIME_FIELDS = ("dropout", "activation_checkpointing", "attn_backend")  # GPTConfig keys that are not the
@@ -64,23 +67,26 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys (already rotated) and values for every layer, with an explicit position.
+    """Keys (already rotated) and values for every layer, allocated once, with an explicit position.
 
     It also keeps the tokens: when the meaning of positions changes with the length (dynamic NTK), every
     layer's cached keys and values are stale, and the model recomputes them from the tokens. So cached
     decoding equals the full forward for every scheme and scaling, exactly.
     """
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype=None):
+        self.shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = self.v = None  # allocated by the first update, in its dtype unless `dtype` is given
+        self.dtype, self.device = dtype, device
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
         self.pos = 0  # tokens already in the cache
         self.key = None  # the position scheme's cache_key when the cache was filled
 
     def update(self, layer, k, v):
+        if self.k is None:  # the keys' own dtype (bf16 under autocast): attention takes q, k, v in one dtype
+            dtype = self.dtype or k.dtype
+            self.k, self.v = (torch.zeros(self.shape, device=self.device, dtype=dtype) for _ in range(2))
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -94,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.backend = config.n_head, config.dropout, config.attn_backend
-        self.probe = None  # set by record_attention: called with (layer, attention probabilities) in eval
+        self.probe = None  # set by record_attention: called with (layer, probabilities, q_pos, k_pos) in eval
 
     def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0):
         B, T, C = x.size()
@@ -111,45 +117,25 @@ class CausalSelfAttention(nn.Module):
         y = scheme.attend(q, k, v, q_pos, k_pos, layer)  # a scheme that attends itself (RoPE with Self-Extend)
         if y is not None:
             return y
+        bias_fn = functools.partial(scheme.attn_bias, layer=layer)  # (q_pos, k_pos) -> (nh, Tq, Tk) or None
         if self.probe is not None:
-            return self.attend_and_show(q, k, v, scheme, q_pos, k_pos, layer)
+            return probed_attention(q, k, v, bias_fn, q_pos, k_pos, functools.partial(self.probe, layer))
         dropout = self.dropout if self.training else 0.0
         Tq, Tk = q.size(-2), k.size(-2)
+        if k.dtype != q.dtype:  # a KV cache in another dtype than autocast's: every kernel takes one dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
         score_mod = scheme.score_mod(layer)
         if score_mod is not None and Tq == Tk and dropout == 0.0 and self.use_flex(q):
             return flex_causal(q, k, v, score_mod)
-        bias = scheme.attn_bias(q_pos, k_pos, layer)  # (nh, Tq, Tk) or None
-        if bias is not None and q.is_cuda and score_mod is None:
-            warn_once(f"{type(scheme).__name__} has no score_mod: every attention call on the GPU materializes "
-                      "a (heads, T, T) float bias (12 heads at T=32k: 48 GB); give it a score_mod for FlexAttention")
-        if bias is None and (Tq == Tk or Tq == 1):  # no bias: the flash kernel; one new query sees every key
+        if (Tq == Tk or Tq == 1) and scheme.attn_bias(q_pos[:1], k_pos[:1], layer) is None:
+            # no bias: the flash kernel; one new query sees every key
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=Tq > 1)
-        if Tq > 1:  # several queries at the end of a longer key sequence (KV cache): causal by absolute position
-            future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
-            bias = (torch.zeros(future.shape, device=q.device) if bias is None else bias).masked_fill(future, -math.inf)
-        # (1, nh, Tq, Tk): with a 4-d mask the CPU takes SDPA's flash kernel (a 3-d one falls back to the math
-        # kernel, 2x slower), and the GPU its memory-efficient one.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None], dropout_p=dropout)
-
-    def attend_and_show(self, q, k, v, scheme, q_pos, k_pos, layer):
-        """Attention with its probabilities formed explicitly and handed to the probe: the same scores as the
-        fused kernels (q·k / √hs + the scheme's bias, causal by absolute position), in fp32. The output is made
-        from these probabilities, so what the probe sees is exactly what the forward used."""
-        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
-        bias = scheme.attn_bias(q_pos, k_pos, layer)
-        if bias is not None:
-            scores = scores + bias.float()
-        probs = scores.masked_fill(k_pos[None, :] > q_pos[:, None], -math.inf).softmax(-1)
-        self.probe(layer, probs)
-        return (probs @ v.float()).to(v.dtype)
+        # blocks of queries, each with its slice of the bias
+        return biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout, scheme.relative_bias, scheme.bias_band,
+                                tuple(p for p in scheme.parameters() if p.requires_grad))
 
     def use_flex(self, q):
         return flex_attention is not None and q.is_cuda if self.backend == "auto" else self.backend == "flex"
-
-
-@functools.cache
-def warn_once(message):
-    warnings.warn(message, stacklevel=3)
 
 
 @functools.cache
@@ -169,9 +155,10 @@ compiled_flex_attention = functools.cache(lambda: torch.compile(flex_attention))
 
 @contextlib.contextmanager
 def record_attention(model, probe):
-    """Within the block, every attention layer of `model` calls probe(layer, probs) with its probabilities
-    (B, nh, Tq, Tk), fp32, each row summing to 1 over the keys it may see. For analysis in eval (explain.py):
-    the probabilities are materialized, T x T per head."""
+    """Within the block, every attention layer of `model` calls probe(layer, probs, q_pos, k_pos) with its
+    probabilities for a block of queries at a time (posenc.attention.probed_attention): probs (B, nh, rows, keys)
+    in fp32, each row summing to 1 over the keys it may see, for the queries at q_pos and the keys at k_pos. For
+    analysis in eval (explain.py): a block at a time, so memory grows linearly with the length."""
     attns = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
     for a in attns:
         a.probe = probe
@@ -274,8 +261,9 @@ class GPT(nn.Module):
         return None, chunked_cross_entropy(x, self.lm_head.weight, targets, reduction)
 
     def make_kv_cache(self, batch_size, max_len, dtype=None):
-        c, w = self.config, self.lm_head.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, w.device, dtype or w.dtype)
+        """A cache for batch_size sequences of up to max_len tokens, in `dtype` or else the keys' own (autocast's)."""
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, self.lm_head.weight.device, dtype)
 
     def num_params(self, non_embedding=True):
         """Parameters; non_embedding leaves out position tables (token embeddings count: they are the head)."""
@@ -308,17 +296,33 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
-def chunked_cross_entropy(x, weight, targets, reduction="mean", chunk=LOSS_CHUNK):
-    """Cross-entropy of x @ weight.T against targets, LOSS_CHUNK tokens at a time. With gradients each chunk
-    is checkpointed, so one chunk of logits is alive at a time in backward too (32k context fits)."""
+def device_memory(device):
+    """Bytes of memory on `device`: the GPU's own, or the machine's RAM for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume a small machine
+        return 8 * 2 ** 30
+
+
+def chunked_cross_entropy(x, weight, targets, reduction="mean", chunk=None):
+    """Cross-entropy of x @ weight.T against targets, `chunk` tokens at a time (default: LOSS_CHUNK_LOGITS logits),
+    so the full fp32 logits never exist at once in the forward. With gradients, each chunk keeps its fp32 log-probabilities for backward (4 bytes
+    per logit) unless all of them together would pass LOSS_MEMORY_FRACTION of the device's memory: then each chunk
+    is checkpointed (its logits recomputed in backward, one chunk alive at a time: 32k context fits), at the cost
+    of the head's matmul once more (~16% of the GPU preset's training FLOPs)."""
     C = x.size(-1)
     xs, ts = x.reshape(-1, C), targets.reshape(-1)
+    chunk = chunk or max(1, LOSS_CHUNK_LOGITS // weight.size(0))
 
     def chunk_loss(xc, tc):
         return F.cross_entropy(F.linear(xc, weight).float(), tc, ignore_index=-1, reduction="none")
 
-    many = xs.size(0) > chunk and torch.is_grad_enabled()
-    losses = [checkpoint(chunk_loss, xs[i:i + chunk], ts[i:i + chunk], use_reentrant=False) if many
+    kept = xs.size(0) * weight.size(0) * 4  # bytes of fp32 log-probabilities kept for backward
+    recompute = (xs.size(0) > chunk and torch.is_grad_enabled()
+                 and kept > LOSS_MEMORY_FRACTION * device_memory(x.device))
+    losses = [checkpoint(chunk_loss, xs[i:i + chunk], ts[i:i + chunk], use_reentrant=False) if recompute
               else chunk_loss(xs[i:i + chunk], ts[i:i + chunk]) for i in range(0, xs.size(0), chunk)]
     per_token = torch.cat(losses).view(targets.shape)  # (B, T); 0 where target == -1
     return per_token if reduction == "none" else per_token.sum() / (targets != -1).sum().clamp(min=1)

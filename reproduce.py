@@ -20,6 +20,7 @@ checkpoint, an interrupted evaluation from the last model it finished. Training 
 the default --workers=0, one per GPU or two at once on a CPU, the RoPE fine-tunes as soon as RoPE is trained.
 """
 
+import dataclasses
 import json
 import math
 import platform
@@ -62,11 +63,19 @@ class ReproduceConfig:
     schemes: tuple[str, ...] = DEFAULT_SCHEMES  # trained and compared; "+a,b": the default ones and a, b
     rescues: tuple[str, ...] = ()  # more rescue rows, and the rescue table: all, or some of direct, abf, pose,
     #                                drope, self_extend, longrope, longrope_tuned (comma-separated)
+    # Overrides of the scale's settings (tests/test_rehearsal.py runs the GPU scale's lengths with them on a CPU):
+    data_dir: str = ""  # "": the scale's; prepared from `source` unless it holds meta.json
+    source: str = ""  # "": the scale's corpus (stdlib); or a folder of text files (data/prepare.py)
+    vocab_size: int = 0  # compact vocabulary of the data (data/prepare.py); 0: the scale's
+    train: dict | None = None  # train.py keys over the scale's config, e.g. {"n_layer": 2, "max_iters": 100}
+    extend_steps: int = 0  # fine-tuning steps of the extensions; 0: the scale's
+    extend: dict | None = None  # extend_context.py keys over the scale's, e.g. {"compile": false}
+    eval: dict | None = None  # evaluate.py keys over the scale's, e.g. {"n_docs": 2, "passkey_trials": 1}
 
     def __post_init__(self):
         check_fields(self)
         at_least(self, 1, "seeds")
-        at_least(self, 0, "workers")
+        at_least(self, 0, "workers", "vocab_size", "extend_steps")
         self.rescues = tuple(RESCUES) if self.rescues == ("all",) else self.rescues
         unknown = [r for r in self.rescues if r not in RESCUES]
         if unknown:
@@ -647,7 +656,8 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
         stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
                    lambda c=eval_cfg, m=models: evaluate.run_tasks(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
-            cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len,
+            n_docs = min(explain.ExplainConfig.n_docs, scale.eval.get("n_docs", explain.ExplainConfig.n_docs))
+            cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len, n_docs=n_docs,
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
             stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
     per_seed = [json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list]
@@ -657,10 +667,20 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
     return run_dir / "report.md"
 
 
+def scale_of(cfg):
+    """The scale named by cfg.scale with cfg's overrides over it."""
+    scale = SCALES[cfg.scale]
+    return dataclasses.replace(
+        scale, data_dir=cfg.data_dir or scale.data_dir, source=cfg.source or scale.source,
+        vocab_size=cfg.vocab_size or scale.vocab_size, train=scale.train | (cfg.train or {}),
+        extend_steps=cfg.extend_steps or scale.extend_steps, extend=scale.extend | (cfg.extend or {}),
+        eval=scale.eval | (cfg.eval or {}))
+
+
 def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
-    return run(SCALES[cfg.scale], Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
+    return run(scale_of(cfg), Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
                cfg.reference, cfg.schemes, cfg.rescues)
 
 

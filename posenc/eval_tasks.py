@@ -236,10 +236,12 @@ def parse_passkey(text):
     return int(m.group()) if m else None
 
 
-def passkey_trial(model, tokenizer, prompt_len, depth, key, max_new_tokens=PASSKEY_NEW_TOKENS):
-    """One prompt: True if the first integer of the greedy continuation (generate) is the key."""
+def passkey_trial(model, tokenizer, prompt_len, depth, key, max_new_tokens=PASSKEY_NEW_TOKENS, prompt=None):
+    """One prompt (made here unless given): True if the first integer of the greedy continuation (generate) is
+    the key."""
     from posenc.generation import generate
-    idx = torch.tensor([passkey_prompt(tokenizer, prompt_len, depth, key)], device=device_of(model))
+    prompt = prompt or passkey_prompt(tokenizer, prompt_len, depth, key)
+    idx = torch.tensor([prompt], device=device_of(model))
     out = generate(model, idx, max_new_tokens, temperature=0)[0, idx.size(1):].tolist()
     return parse_passkey(tokenizer.decode([i for i in out if i < tokenizer.n_vocab])) == key
 
@@ -247,22 +249,23 @@ def passkey_trial(model, tokenizer, prompt_len, depth, key, max_new_tokens=PASSK
 def passkey_accuracy(model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=5, seed=0,
                      max_new_tokens=PASSKEY_NEW_TOKENS):
     """Passkey accuracy by total length (prompt + max_new_tokens) and depth of the key. Keys (1..50000)
-    depend only on (seed, length, depth, trial), so every model sees the same prompts."""
+    depend only on (seed, length, depth, trial), so every model sees the same prompts. A length too short for
+    the prompt itself is recorded as cannot_run; an error of the model propagates."""
     limit, reason = runnable_len(model, max(lengths))
     rows = []
     for n in lengths:
         if n > limit:
             rows.append({"length": n, "cannot_run": reason})
             continue
-        try:
-            by_depth = []
-            for d in depths:
-                keys = [random.Random(f"{seed}-{n}-{d}-{t}").randint(1, 50000) for t in range(trials)]
-                hits = sum(passkey_trial(model, tokenizer, n - max_new_tokens, d, k, max_new_tokens) for k in keys)
-                by_depth.append({"depth": d, "accuracy": hits / trials})
+        keys = {d: [random.Random(f"{seed}-{n}-{d}-{t}").randint(1, 50000) for t in range(trials)] for d in depths}
+        try:  # only the prompts: a model's own error must stop the evaluation, not read as "cannot run"
+            prompts = {d: [passkey_prompt(tokenizer, n - max_new_tokens, d, k) for k in keys[d]] for d in depths}
         except ValueError as e:  # a length too short for the prompt itself
             rows.append({"length": n, "cannot_run": f"{str(e).split(',')[0]} + {max_new_tokens} generated"})
             continue
+        by_depth = [{"depth": d, "accuracy": sum(passkey_trial(model, tokenizer, n - max_new_tokens, d, k,
+                                                               max_new_tokens, prompt=p)
+                                                 for k, p in zip(keys[d], prompts[d])) / trials} for d in depths]
         acc = sum(r["accuracy"] for r in by_depth) / len(by_depth)
         rows.append({"length": n, "accuracy": acc, "by_depth": by_depth, "n_trials": trials * len(depths)})
         log(f"  passkey@{n}: accuracy {acc:.2f}")
@@ -330,7 +333,11 @@ def recall_by_distance(model, tokens_source, distances, span_len=16, trials=16, 
             rows.append({"distance": d, "length": T, "cannot_run": reason})
             continue
         rng = np.random.default_rng([seed, d])
-        probes = [recall_probe(tokens_source, span_len, d, rng, prefix_len, kind, vocab) for _ in range(trials)]
+        try:  # only the probes, as passkey's prompts: a model's own error propagates
+            probes = [recall_probe(tokens_source, span_len, d, rng, prefix_len, kind, vocab) for _ in range(trials)]
+        except ValueError as e:  # text shorter than a probe
+            rows.append({"distance": d, "length": T, "cannot_run": str(e)})
+            continue
         sums = dict.fromkeys(("loss", "accuracy", "first_copy_loss", "first_copy_accuracy", "n_tokens", "exact"), 0)
         for i in range(0, trials, batch_size):
             idx, mask = (torch.stack(t) for t in zip(*probes[i:i + batch_size]))
@@ -365,6 +372,9 @@ class EvalData:
     recall_trials: int
     recall_kind: str
     seed: int
+    passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    stride: int = 0  # sliding-window stride; 0: default_stride(W)
+    short_windows: int = 64
 
 
 def run_position(model, d):
@@ -373,15 +383,16 @@ def run_position(model, d):
 
 
 def run_ppl(model, d):  # about the same tokens per forward at every window
-    return [sliding_window_ppl(model, d.docs, w, batch_size=max(1, d.batch_size * d.max_len // w)) for w in d.lengths]
+    return [sliding_window_ppl(model, d.docs, w, min(d.stride, w) or None, batch_size=max(1, d.batch_size * d.max_len // w))
+            for w in d.lengths]
 
 
 def run_short(model, d):
-    return short_context_loss(model, d.stream, d.base_len)
+    return short_context_loss(model, d.stream, d.base_len, d.short_windows)
 
 
 def run_passkey(model, d):
-    return passkey_accuracy(model, d.tokenizer, d.lengths, trials=d.passkey_trials, seed=d.seed)
+    return passkey_accuracy(model, d.tokenizer, d.lengths, d.passkey_depths, d.passkey_trials, d.seed)
 
 
 def run_recall(model, d):

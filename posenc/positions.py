@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
+from posenc.attention import block_rows
 from posenc.rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
 
 
@@ -137,6 +138,9 @@ class PositionScheme(nn.Module):
     def attn_bias(self, q_pos, k_pos, layer):
         return None
 
+    relative_bias = False  # attn_bias depends on q_pos - k_pos alone: posenc/attention.py then builds no mask
+    bias_band = None  # and is the same for every distance >= bias_band: its gradient needs only closer pairs
+
     def score_mod(self, layer):
         return None
 
@@ -205,30 +209,18 @@ class Sinusoidal(PositionScheme):
 
 
 class SharedBias(PositionScheme):
-    """A logit bias that every layer shares, `bias(q_pos, k_pos)` -> (nh, Tq, Tk) in fp32 (even after model.half()):
-    built by the first layer of a forward, reused by the others (the model passes every layer the same position
-    tensors). Compiled, it is fused into the graph instead.
+    """A logit bias that every layer shares, `bias(q_pos, k_pos)` -> (nh, Tq, Tk) in fp32 (even after model.half()).
+    The model asks it for one block of queries at a time (posenc/attention.py), so it is built per block, never
+    kept: a kept bias would be T x T, and recomputation under checkpointing must build what the forward built."""
 
-    A bias that carries gradients (T5's table in training) is not shared: each layer builds its own. Built inside
-    layer 0's checkpointed block and reused, it would save tensors in the forward that the recomputation (which
-    finds it built) does not save: activation checkpointing fails with a CheckpointError. The gradient is the same
-    sum over layers either way; the cost is one gather per layer (the bucket indices stay shared)."""
+    relative_bias = True  # ALiBi's and T5's biases are functions of the distance
 
     def __init__(self, config):
         super().__init__(config)
         self._score_mod = None
-        self._last = None  # (q_pos, k_pos, bias) of the last call
 
     def attn_bias(self, q_pos, k_pos, layer):
-        if torch.compiler.is_compiling():
-            return self.bias(q_pos, k_pos)
-        if self._last is None or self._last[0] is not q_pos or self._last[1] is not k_pos:
-            bias = self.bias(q_pos, k_pos)
-            if bias.requires_grad:
-                return bias
-            self._last = (q_pos, k_pos, bias)
-        return self._last[2]
-
+        return self.bias(q_pos, k_pos)
 
 
 class ALiBi(SharedBias):
@@ -281,8 +273,8 @@ class T5Bias(SharedBias):
         super().__init__(config)
         o = self.option_values(config)
         self.num_buckets, self.max_distance = o["num_buckets"], o["max_distance"]
+        self.bias_band = self.max_distance  # every distance from max_distance on is the last bucket
         self.table = nn.Parameter(torch.zeros(config.n_head, self.num_buckets))  # (nh, num_buckets)
-        self._buckets = None  # (q_pos, k_pos, their flat buckets) of the last bias built
 
     @classmethod
     def check_config(cls, config):
@@ -295,20 +287,12 @@ class T5Bias(SharedBias):
             low = o[key] // 2 + 1
 
     def bias(self, q_pos, k_pos):
-        buckets = self.buckets(q_pos, k_pos)  # (Tq * Tk,)
-        return self.table.float().index_select(1, buckets).view(-1, q_pos.numel(), k_pos.numel())  # (nh, Tq, Tk)
-
-    def buckets(self, q_pos, k_pos):
-        """The flat bucket index of every (query, key) pair, kept while the positions stay the same (every training
-        step): then the bias costs one gather, what ALiBi's multiply costs."""
-        if torch.compiler.is_compiling():
-            return t5_buckets(q_pos[:, None] - k_pos[None, :], self.num_buckets, self.max_distance).flatten()
-        kept = self._buckets
-        if not (kept is not None and all(a.shape == b.shape and a.device == b.device and torch.equal(a, b)
-                                         for a, b in ((kept[0], q_pos), (kept[1], k_pos)))):
-            flat = t5_buckets(q_pos[:, None] - k_pos[None, :], self.num_buckets, self.max_distance).flatten()
-            kept = self._buckets = (q_pos, k_pos, flat)
-        return kept[2]
+        # Every distance from max_distance on shares the last bucket, so a lookup over distances 0..max_distance
+        # gives each pair's bucket with one gather (no log per pair), at any length.
+        lookup = t5_buckets(torch.arange(self.max_distance + 1, device=q_pos.device), self.num_buckets,
+                            self.max_distance)
+        distance = (q_pos[:, None] - k_pos[None, :]).clamp(0, self.max_distance)  # (Tq, Tk)
+        return self.table.float()[:, lookup][:, distance]  # (nh, Tq, Tk)
 
     def score_mod(self, layer):
         # One function per table and device, the same for every layer (a new function would recompile FlexAttention);
@@ -400,7 +384,6 @@ class RoPE(PositionScheme):
         return q_pos // group + window - window // group
 
 
-SELF_EXTEND_CHUNK = 1024  # queries per block of explicit scores: B * nh * 1024 * Tk fp32 at a time
 
 
 def check_self_extend(window, group):
@@ -435,7 +418,7 @@ def set_self_extend(model, window, group):
     return model
 
 
-def self_extend_attention(q, k, v, q_pos, k_pos, cos, sin, layout, window, group, chunk=SELF_EXTEND_CHUNK):
+def self_extend_attention(q, k, v, q_pos, k_pos, cos, sin, layout, window, group, chunk=None):
     """Causal attention of unrotated q (B, nh, Tq, hs) over unrotated k, v (B, nh, Tk, hs): scores from exact
     positions where the distance is < window, from grouped positions elsewhere, in one softmax (fp32).
     The scores are formed explicitly, a block of queries at a time, two q·k products per block."""
@@ -444,6 +427,7 @@ def self_extend_attention(q, k, v, q_pos, k_pos, cos, sin, layout, window, group
 
     k_near, k_far = rot(k, k_pos), rot(k, k_pos // group)
     vf, scale, out = v.float(), 1 / math.sqrt(q.size(-1)), []
+    chunk = chunk or block_rows(*q.shape[:3], k.size(-2))  # queries per block: a fixed budget of scores
     for s in range(0, q.size(-2), chunk):
         qp, qc = q_pos[s:s + chunk], q[..., s:s + chunk, :]
         distance = qp[:, None] - k_pos[None, :]  # (Tq, Tk)

@@ -199,6 +199,24 @@ def test_passkey_accuracy_on_a_real_model_and_past_the_wall(enc):
     assert "accuracy" in out["by_length"][0] and "learned" in out["by_length"][1]["cannot_run"]
 
 
+def test_a_model_error_in_passkey_or_recall_stops_the_evaluation(enc, monkeypatch):
+    """Only a length too short for the prompt (or text too short for a probe) is "cannot run": a model that fails
+    (FlexAttention's "Mixed query, key, and value dtype" is a ValueError) stops the evaluation instead of reading
+    as a scheme that cannot run that length."""
+    from posenc import generation
+
+    def broken(*args, **kwargs):
+        raise ValueError("Mixed query, key, and value dtype is not supported")
+
+    model = tiny("alibi", vocab_size=50304)
+    monkeypatch.setattr(generation, "generate", broken)
+    with pytest.raises(ValueError, match="Mixed query"):
+        ev.passkey_accuracy(model, enc, [128], depths=(0.5,), trials=1)
+    out = ev.recall_by_distance(tiny("rope"), np.arange(60) % 200, [8, 80], span_len=4, trials=1, prefix_len=4)
+    rows = out["by_distance"]
+    assert "accuracy" in rows[0] and "needs more text" in rows[1]["cannot_run"]  # 88 tokens from 60: cannot run
+
+
 # ----------------------------------------------------------------------------- recall probe
 
 @pytest.mark.parametrize("kind", ["random", "text"])

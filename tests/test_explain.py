@@ -4,6 +4,7 @@ attention beyond L by its definition, and the command on every scheme."""
 import math
 import os
 import sysconfig
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import explain
 import train
 from data.prepare import prepare
 from model import record_attention
+from posenc import attention
 from posenc.cli import cli
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import inverse_frequencies
@@ -47,10 +49,15 @@ def test_the_probe_sees_a_plain_softmax_and_the_forward_is_unchanged(tiny, schem
     model = tiny(pos_encoding=scheme)
     idx = torch.randint(0, 128, (2, 24))
     seen = {}
+
+    def probe(layer, p, q_pos, k_pos):  # blocks of queries, each over the keys it can see: put back as (T, T)
+        full = seen.setdefault(layer, torch.zeros(2, 4, 24, 24))
+        full[:, :, q_pos[:, None], k_pos[None, :]] = p
+
     with torch.no_grad():
         fast = model(idx)[0]
-        with record_attention(model, lambda layer, p: seen.setdefault(layer, p)):
-            shown = model(idx)[0]
+        with record_attention(model, probe), patch.object(attention, "BLOCK_ELEMENTS", 2 * 4 * 5 * 24):
+            shown = model(idx)[0]  # blocks of 5 queries
     torch.testing.assert_close(shown, fast, atol=1e-5, rtol=1e-5)  # fp32 math vs the fused kernel's order
     assert sorted(seen) == [0, 1]
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(2, 4, 24))

@@ -1,0 +1,250 @@
+"""Causal attention with a logit bias (ALiBi, T5) or with explicit probabilities (explain.py), in blocks of queries,
+so memory grows linearly with the length: no (heads, T, T) tensor ever exists.
+
+A block of queries sees only the keys up to its last position (causal), and its bias is built for that slice:
+(B, nh, block, Tk_block). On a GPU a logit bias goes to FlexAttention when it can (model.py); these blocks are
+the path of every other case: the CPU, decoding with a cache, dropout.
+
+  biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout)   the output; autograd through it on every device
+  probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe)     the same scores in fp32, each block's probabilities
+                                                              handed to probe(probs, q_pos, k_pos)
+
+A bias that depends only on the distance (ALiBi, T5: `relative`) over consecutive positions needs no (block, keys)
+tensor at all: with the keys in reverse order, entry (i, j) of a block's mask is the bias at distance d0 + i + j,
+so the mask is a strided view of one vector of rows + keys biases, which the CPU's flash kernel reads as it is.
+
+The bias stays in fp32 whatever q's dtype: in bf16, at 32k tokens, ALiBi's bias near -128 is spaced by 1.0 and
+distances merge. The CPU's flash kernel takes an fp32 mask beside bf16 q (and runs faster with it than with a
+bf16 one); on a GPU the blocks are computed in fp32 when a bias is present.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Elements (B x nh x queries x keys) of a block that is materialized (explicit masks, probabilities, the math
+# kernel): 2^22 fp32 = 16 MiB each. A block whose mask is a view holds no such tensor and takes more queries,
+# VIEW_ELEMENTS: measured on 2 cores (ALiBi, 4 heads, bf16, 8k and 32k tokens), blocks of 128 queries ran ~3x slower
+# than blocks of 1024 (the kernel's cost per call), and 1024 no slower than one call per 4096.
+BLOCK_ELEMENTS = 2 ** 22
+VIEW_ELEMENTS = 2 ** 25
+
+
+def block_rows(B, nh, Tq, Tk, elements=None):
+    """Queries per block: as many as keep B * nh * rows * Tk within `elements`, at least 1."""
+    return max(1, min(Tq, (elements or BLOCK_ELEMENTS) // max(1, B * nh * Tk)))
+
+
+def seen_keys(q_pos, k_pos):
+    """How many leading keys a block of queries can see: keys at positions <= its last query's (positions
+    increase along the sequence). One-dimensional positions only; otherwise every key."""
+    if q_pos.dim() != 1 or k_pos.dim() != 1:
+        return k_pos.size(-1)
+    return int(torch.searchsorted(k_pos, q_pos[-1:], right=True))
+
+
+def blocks(q, k, q_pos, k_pos, elements=None):
+    """(start, end, keys seen) of each block of queries."""
+    B, nh, Tq, _ = q.shape
+    rows = block_rows(B, nh, Tq, k.size(-2), elements)
+    return [(s, min(s + rows, Tq), seen_keys(q_pos[s:s + rows], k_pos)) for s in range(0, Tq, rows)]
+
+
+def consecutive(pos):
+    """Positions p, p + 1, ..., as the model makes them without position ids (positions increase)."""
+    return pos.dim() == 1 and (pos.numel() < 2 or int(pos[-1] - pos[0]) == pos.numel() - 1)
+
+
+def causal_mask(bias_fn, q_pos, k_pos, device):
+    """(nh or 1, Tq, Tk) fp32: the scheme's bias (or 0) with -inf on future keys."""
+    bias = bias_fn(q_pos, k_pos) if bias_fn is not None else None
+    bias = torch.zeros((), device=device) if bias is None else bias.float()
+    future = k_pos[None, :] > q_pos[:, None]  # (Tq, Tk)
+    return bias.masked_fill(future, -math.inf).expand(bias.size(0) if bias.dim() == 3 else 1, *future.shape)
+
+
+def reversed_keys_mask(bias_fn, d0, rows, n, device):
+    """(1, nh, rows, n) fp32 view for keys in reverse order: entry (i, j) is the bias at distance d0 + i + j (-inf
+    below 0, a future key), read from one vector of rows + n - 1 biases. For a bias of the distance alone."""
+    d = torch.arange(d0, d0 + rows + n - 1, device=device)
+    top = d0 + rows + n - 2  # a query there sees every one of these distances at a key position >= 0
+    bias = bias_fn(torch.tensor([top], device=device), top - d) if bias_fn is not None else None
+    g = (torch.zeros(1, d.numel(), device=device) if bias is None else bias[:, 0].float())
+    g = g.masked_fill(d < 0, -math.inf).contiguous()  # (nh, rows + n - 1)
+    return g.as_strided((1, g.size(0), rows, n), (0, g.stride(0), 1, 1))
+
+
+class Plan:
+    """The blocks of one attention call and how each block's mask is made: a view over reversed keys when the bias
+    depends on the distance alone and the positions are consecutive, else explicitly."""
+
+    def __init__(self, q, k, bias_fn, q_pos, k_pos, relative):
+        self.bias_fn, self.q_pos, self.k_pos, self.Tk = bias_fn, q_pos, k_pos, k.size(-2)
+        self.flip = relative and consecutive(q_pos) and consecutive(k_pos)
+        self.parts = blocks(q, k, q_pos, k_pos, VIEW_ELEMENTS if self.flip else None)
+        if self.flip:
+            self.q0, self.k0 = int(q_pos[0]), int(k_pos[0])
+
+    def keys(self, k):
+        """What the blocks read as keys (and values): reversed when the masks are views."""
+        return k.flip(-2) if self.flip else k
+
+    def block(self, s, e, n, k):
+        """(mask (1, nh, rows, n), the block's n keys) of queries s:e, from what keys() returned."""
+        if self.flip:
+            mask = reversed_keys_mask(self.bias_fn, self.q0 + s - self.k0 - n + 1, e - s, n, k.device)
+            return mask, k[..., self.Tk - n:, :]
+        return causal_mask(self.bias_fn, self.q_pos[s:e], self.k_pos[:n], k.device)[None], k[..., :n, :]
+
+    def unkeys(self, dk):
+        return dk.flip(-2) if self.flip else dk
+
+
+def biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout=0.0, relative=False, band=None, bias_params=()):
+    """Causal attention of q (B, nh, Tq, hs) over k, v (B, nh, Tk, hs) at positions q_pos (Tq,), k_pos (Tk,), with
+    bias_fn(q_pos, k_pos) -> (nh, Tq, Tk) added to the logits (None: the causal mask alone); (B, nh, Tq, hs).
+    relative: the bias depends only on q_pos - k_pos (ALiBi, T5); band: it is also the same for every distance
+    >= band (T5: max_distance), so its gradient needs the pairs closer than band only; bias_params: the tensors
+    the bias learns (T5's table)."""
+    if k.dtype != q.dtype:  # a cache kept in another dtype than the autocast one: the kernels take one dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_params))
+    learns = grad and bias_needs_grad(bias_fn, q_pos, k_pos)
+    # Autocast would cast the fp32 mask to bf16 inside SDPA: q, k and v already have their compute dtype.
+    with torch.autocast(q.device.type, enabled=False):
+        if q.device.type == "cpu" and dropout == 0.0:
+            plan = Plan(q, k, bias_fn, q_pos, k_pos, relative)
+            if not grad:
+                return flash_blocks(q, k, v, plan)[0]
+            if not learns or (plan.flip and band is not None):
+                # the CPU flash kernel's own backward, masks rebuilt per block: nothing T x T is kept
+                plan.band = band if learns else None
+                return BlockedFlashCPU.apply(q, k, v, plan, *(bias_params if learns else ()))
+        return checkpointed_blocks(q, k, v, bias_fn, q_pos, k_pos, dropout, grad)
+
+
+def flash_blocks(q, k, v, plan):
+    """(output, log-sum-exp) of every block through the CPU flash kernel."""
+    kk, vv, outs, lses = plan.keys(k), plan.keys(v), [], []
+    for s, e, n in plan.parts:
+        mask, kb = plan.block(s, e, n, kk)
+        vb = vv[..., vv.size(-2) - n:, :] if plan.flip else vv[..., :n, :]
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[..., s:e, :], kb, vb, attn_mask=mask)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+
+
+class BlockedFlashCPU(torch.autograd.Function):
+    """The CPU flash kernel over blocks of queries: forward keeps the output and its log-sum-exp (linear in T),
+    backward rebuilds each block's mask and calls the kernel's backward. A bias that learns and is constant past
+    `plan.band` gets its gradient from the pairs closer than band (band_gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, *bias_params):
+        out, lse = flash_blocks(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, out, lse, *bias_params)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, *params = ctx.saved_tensors
+        plan, grad_out = ctx.plan, grad_out.contiguous()
+        kk, vv = plan.keys(k), plan.keys(v)
+        dq = torch.zeros_like(q)
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))  # in kk's order
+        for s, e, n in plan.parts:
+            mask, kb = plan.block(s, e, n, kk)
+            keys = slice(kk.size(-2) - n, None) if plan.flip else slice(0, n)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[..., s:e, :], q[..., s:e, :], kb, vv[..., keys, :], out[..., s:e, :], lse[..., s:e],
+                0.0, False, attn_mask=mask)
+            dq[..., s:e, :] = gq
+            dk[..., keys, :] += gk  # every block adds to the keys it saw, in fp32
+            dv[..., keys, :] += gv
+        dparams = band_gradient(plan, params, q, k, v, out, lse, grad_out) if params else ()
+        return (dq, plan.unkeys(dk).to(k.dtype), plan.unkeys(dv).to(v.dtype), None, *dparams)
+
+
+def band_gradient(plan, params, q, k, v, out, lse, grad_out, rows=None):
+    """The gradient of the bias's parameters. At a pair it is dS = P (dP - D) with D = dO·O per query, and every
+    query's dS sums to 0 over its keys. The bias past the band is one value b_far, so its gradient, the sum of dS
+    past the band, is minus the sum within it: only pairs closer than band are formed, in blocks of `rows`
+    queries over rows + band - 1 keys, and summed by distance; then one backward through the bias of each
+    distance 0..band."""
+    band, bias_fn = plan.band, plan.bias_fn
+    rows = rows or band
+    Tq, scale = q.size(-2), 1 / math.sqrt(q.size(-1))
+    by_distance = torch.zeros(q.size(1), band + 1, device=q.device)  # (nh, band + 1): sums of dS at d, last: >= band
+    for s in range(0, Tq, rows):
+        e = min(s + rows, Tq)
+        lo, n = max(0, plan.q0 + s - band + 1 - plan.k0), min(k.size(-2), plan.q0 + e - plan.k0)
+        qp, kp = plan.q_pos[s:e], plan.k_pos[lo:n]
+        distance = qp[:, None] - kp[None, :]  # (rows, keys)
+        near = (distance >= 0) & (distance < band)
+        bias = bias_fn(qp, kp).float()  # (nh, rows, keys), no gradient here
+        scores = (q[..., s:e, :].float() @ k[..., lo:n, :].float().transpose(-2, -1)) * scale + bias
+        p = (scores - lse[..., s:e, None].float()).exp() * near  # (B, nh, rows, keys)
+        dp = grad_out[..., s:e, :].float() @ v[..., lo:n, :].float().transpose(-2, -1)
+        d = (grad_out[..., s:e, :].float() * out[..., s:e, :].float()).sum(-1, keepdim=True)
+        ds = (p * (dp - d)).sum(0).flatten(1)  # (nh, rows * keys), summed over the batch
+        by_distance.index_add_(1, distance.clamp(0, band).flatten(), ds)
+    by_distance[:, band] = -by_distance[:, :band].sum(1)  # every distance >= band: minus the band's sum
+    with torch.enable_grad():
+        d = torch.arange(band, -1, -1, device=q.device)  # keys at distances band, band - 1, ..., 0 of position band
+        bias = bias_fn(d.new_tensor([band]), band - d)[:, 0]  # (nh, band + 1) in the order of d
+        return torch.autograd.grad(bias, params, by_distance.flip(1).to(bias.dtype), allow_unused=True)
+
+
+def bias_needs_grad(bias_fn, q_pos, k_pos):
+    """Whether the bias has parameters to learn (T5's table): tried on one pair of positions."""
+    if bias_fn is None:
+        return False
+    bias = bias_fn(q_pos[:1], k_pos[:1])
+    return bias is not None and bias.requires_grad
+
+
+def checkpointed_blocks(q, k, v, bias_fn, q_pos, k_pos, dropout, grad):
+    """Blocks through SDPA with explicit masks: a bias to learn (T5's table, through SDPA's math kernel), dropout,
+    or a GPU. With gradients each block is recomputed in backward, so its bias and probabilities live only there."""
+    upcast = q.device.type != "cpu" and q.dtype != torch.float32  # GPU kernels take a mask in q's dtype: fp32
+    qf, kf, vf = (t.float() for t in (q, k, v)) if upcast else (q, k, v)
+    out = []
+    for s, e, n in blocks(q, k, q_pos, k_pos):
+        args = (qf[..., s:e, :], kf[..., :n, :], vf[..., :n, :], q_pos[s:e], k_pos[:n])
+        out.append(checkpoint(_block, *args, bias_fn, dropout, use_reentrant=False) if grad
+                   else _block(*args, bias_fn, dropout))
+    return torch.cat(out, dim=-2).to(q.dtype)
+
+
+def _block(q, k, v, q_pos, k_pos, bias_fn, dropout):
+    mask = causal_mask(bias_fn, q_pos, k_pos, q.device)
+    if mask.dtype != q.dtype and q.device.type != "cpu":
+        mask = mask.to(q.dtype)  # only fp32 q reaches here on a GPU (upcast above): no precision lost
+    if mask.requires_grad and mask.dtype != q.dtype:  # SDPA's math kernel (a bias to learn) takes one dtype
+        q, k, v = q.float(), k.float(), v.float()
+    # (1, nh, Tq, Tk): with a 4-d mask the CPU takes SDPA's flash kernel (a 3-d one falls back to the math kernel)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], dropout_p=dropout)
+
+
+def probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe, elements=None):
+    """Attention with its probabilities formed explicitly, a block of queries at a time, in fp32: q·k / √hs + the
+    bias, causal by absolute position. probe(probs (B, nh, rows, keys), q_pos (rows,), k_pos (keys,)) sees each
+    block; the output is made from those probabilities, so what the probe sees is exactly what the forward used."""
+    qf = q.float() * (1 / math.sqrt(q.size(-1)))  # the scale folded into q once, not into every score
+    kf, vf, out = k.float().contiguous(), v.float().contiguous(), []
+    for s, e, n in blocks(q, k, q_pos, k_pos, elements):
+        qp, kp = q_pos[s:e], k_pos[:n]
+        scores = qf[..., s:e, :] @ kf[..., :n, :].transpose(-2, -1)  # (B, nh, rows, n)
+        bias = bias_fn(qp, kp) if bias_fn is not None else None
+        if bias is not None:
+            scores += bias.float()
+        m = seen_keys(qp[:1], kp)  # keys before m are past for every query of the block: only the rest is masked
+        scores[..., m:].masked_fill_(kp[None, m:] > qp[:, None], -math.inf)
+        probs = scores.softmax(-1)
+        probe(probs, qp, kp)
+        out.append(probs @ vf[..., :n, :])
+    return torch.cat(out, dim=-2).to(v.dtype)

@@ -1,0 +1,193 @@
+"""Long context in memory linear in T: attention in blocks of queries equals the whole-bias attention (logits and
+gradients, prefill and cached decoding), explain.py's statistics per block equal those of the whole matrices, and
+the dtype and precision contracts of the long path (the KV cache's dtype under autocast, ALiBi's bias in fp32,
+the loss's recomputation only past its memory budget)."""
+
+import math
+from unittest.mock import patch
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import explain
+import model as model_module
+from conftest import tiny_config
+from model import GPT, chunked_cross_entropy, record_attention
+from posenc import attention
+from posenc.positions import ALiBi
+
+
+def full_bias_attention(q, k, v, bias_fn, q_pos, k_pos, *args, **kwargs):
+    """The reference: the whole (nh, Tq, Tk) bias, the causal mask, a plain softmax, in fp32."""
+    bias = bias_fn(q_pos, k_pos).float().masked_fill(k_pos[None, :] > q_pos[:, None], -math.inf)
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1)) + bias  # (B, nh, Tq, Tk)
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+T5_OPTIONS = {"num_buckets": 8, "max_distance": 20}  # the last bucket (every distance >= 20) within 64 tokens
+
+
+def config(scheme):
+    return tiny_config(pos_encoding=scheme, block_size=64, pos_options=T5_OPTIONS if scheme == "t5" else None)
+
+
+def sharp(model):
+    """Weights far from init (sharper attention) and a T5 table that is not zero, so every position matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3 if name.endswith("pos.table") else 0.2)
+    return model
+
+
+def small_blocks(rows):
+    """Blocks of `rows` queries at T = 64 with 4 heads, in every blocked path."""
+    n = 4 * rows * 64
+    return patch.multiple(attention, BLOCK_ELEMENTS=n, VIEW_ELEMENTS=n)
+
+
+# fp32 throughout: the blocked kernels sum in another order than the reference (per block, flash tiles), which moves
+# the last bits: 1e-5 relative on logits of size ~1, 1e-4 relative on gradients (sums over 64 x 64 pairs).
+@pytest.mark.parametrize("scheme", ["alibi", "t5"])
+def test_blocked_attention_equals_the_whole_bias_in_logits_and_gradients(scheme):
+    model = sharp(GPT(config(scheme)))
+    idx, targets = torch.randint(0, 128, (2, 2, 64)).unbind(0)
+
+    def run():
+        model.zero_grad()
+        loss = model(idx, targets)[1]
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with small_blocks(5):  # 13 blocks, the last one short
+        loss, grads = run()
+    with patch.object(model_module, "biased_attention", full_bias_attention):
+        ref_loss, ref_grads = run()
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    if scheme == "t5":
+        assert ref_grads["transformer.pos.table"].abs().min() > 0  # every bucket learns: the far one too
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], atol=1e-7, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "t5"])
+def test_blocked_attention_with_a_kv_cache_equals_the_whole_bias(scheme):
+    model = sharp(GPT(config(scheme))).eval()
+    idx = torch.randint(0, 128, (2, 64))
+    with torch.no_grad():
+        with patch.object(model_module, "biased_attention", full_bias_attention):
+            ref = model(idx)[0]
+        with small_blocks(5):
+            cache = model.make_kv_cache(2, 64)
+            pieces = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 40), (40, 52), (52, 53), (53, 64))]
+    assert_close(torch.cat(pieces, dim=1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_bias_keeps_distances_apart_at_32k_under_bf16_autocast():
+    """Two keys 100 tokens apart, 32k tokens back, seen by the gentlest head (slope 1/256): their biases, -125 and
+    -124.6, differ by 0.39 in fp32; in bf16 (spacing 0.5 there) they become -125 and -124.5. With q·k = 0 and
+    values 0 and 1, the output is the second key's weight: sigmoid(0.39) = 0.596, not sigmoid(0.5) = 0.622. The
+    tolerance, 0.01, is bf16's rounding of the output (spacing 2^-8 near 0.6) with room."""
+    scheme = ALiBi(tiny_config(pos_encoding="alibi", n_head=2))
+    q = torch.zeros(1, 2, 1, 8, dtype=torch.bfloat16)
+    k = torch.zeros(1, 2, 2, 8, dtype=torch.bfloat16)
+    v = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1).expand(1, 2, 2, 8).to(torch.bfloat16)
+    q_pos, k_pos = torch.tensor([32000]), torch.tensor([0, 100])
+    bias_fn = lambda qp, kp: scheme.attn_bias(qp, kp, 0)  # noqa: E731
+    with torch.autocast("cpu", torch.bfloat16):
+        y = attention.biased_attention(q, k, v, bias_fn, q_pos, k_pos, relative=True)
+    assert y.dtype == torch.bfloat16
+    want = torch.sigmoid(torch.tensor(100 / 256))
+    assert abs(y[0, 1, 0, 0].float() - want) < 0.01, f"{y[0, 1, 0, 0].item():.4f} vs {want:.4f}"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_kv_cache_takes_the_autocast_dtype_so_flex_prefill_gets_one_dtype():
+    """Evaluation keeps fp32 weights under bf16 autocast: q is bf16, and a cache made in the weights' dtype held k
+    and v in fp32, which a compiled FlexAttention refuses (Mixed query, key, and value dtype). The prefill must
+    hand FlexAttention one dtype; attn_backend=flex runs it on the CPU."""
+    model = GPT(tiny_config(pos_encoding="alibi", attn_backend="flex", block_size=64)).eval()
+    seen = []
+    real = model_module.flex_causal
+
+    def spy(q, k, v, score_mod):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, score_mod)
+
+    idx = torch.randint(0, 128, (1, 32))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), patch.object(model_module, "flex_causal", spy):
+        cache = model.make_kv_cache(1, 40)
+        model(idx, kv_cache=cache)
+        model(idx[:, :1], kv_cache=cache)  # a decode step: the blocked path, from the same cache
+    assert seen == [(torch.bfloat16,) * 3] * 2  # one prefill per layer
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+
+
+def test_the_loss_is_recomputed_only_past_its_memory_budget():
+    """Several chunks with gradients: the logits are kept (no checkpoint) while they fit the budget, and each
+    chunk is checkpointed past it; the loss and its gradient are the same either way."""
+    x = torch.randn(2, 50, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (2, 50))
+    calls = []
+    real = model_module.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    results = []
+    for fraction, want_calls in ((0.25, 0), (1e-12, 7)):  # 100 tokens in chunks of 16: 7 chunks
+        calls.clear()
+        with patch.object(model_module, "checkpoint", spy), patch.object(model_module, "LOSS_MEMORY_FRACTION", fraction):
+            loss = chunked_cross_entropy(x, w, t, chunk=16)
+        assert len(calls) == want_calls
+        results.append((loss, *torch.autograd.grad(loss, (x, w))))
+    for a, b in zip(*results):
+        assert_close(a, b, atol=0, rtol=0)
+
+
+def full_matrix_statistics(probs_by_layer, T, L):
+    """explain.py's statistics as they were computed before blocks: from each layer's whole (B, nh, T, T)
+    probabilities, with (T, T) distance buckets, in float64."""
+    edges = explain.distance_edges(T, L)
+    distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    bucket = torch.bucketize(distance.clamp(min=0), torch.tensor(edges[1:]), right=True)
+    past = torch.arange(T) >= L
+    out = []
+    for probs in probs_by_layer:
+        p = probs.double().sum((0, 1))
+        mass = torch.zeros(2, len(edges) - 1, dtype=torch.float64)
+        for half, rows in enumerate((~past, past)):
+            if rows.any():
+                mass[half] = torch.zeros(len(edges) - 1, dtype=torch.float64).index_add_(
+                    0, bucket[rows].flatten(), p[rows].flatten()) / rows.sum()
+        entropy = -(probs.double() * probs.double().clamp(min=1e-30).log()).sum(-1).sum((0, 1))
+        out.append((mass, entropy, explain.far_share(p, L)))
+    return out
+
+
+def test_explain_statistics_per_block_equal_those_of_the_whole_matrices():
+    """AttentionStats fed blocks of 5 queries gives what the whole (T, T) probabilities give. Tolerance 1e-6
+    relative: the blocks sum each row in fp32 (the reference in float64) over at most 40 keys."""
+    model = sharp(GPT(tiny_config(pos_encoding="alibi", block_size=64))).eval()
+    T, L = 40, 16
+    idx = torch.randint(0, 128, (1, T))
+    whole = {}
+
+    def keep_whole(layer, p, q_pos, k_pos):
+        whole.setdefault(layer, torch.zeros(1, 4, T, T))[:, :, q_pos[:, None], k_pos[None, :]] = p
+
+    stats = explain.AttentionStats(2, T, L)
+    with torch.no_grad(), small_blocks(5):
+        with record_attention(model, keep_whole):
+            model(idx)
+        with record_attention(model, stats):
+            model(idx)
+    for layer, (mass, entropy, far) in enumerate(full_matrix_statistics([whole[0], whole[1]], T, L)):
+        assert_close(stats.mass_share(layer), mass, atol=1e-9, rtol=1e-6)
+        assert_close(stats.entropy[layer], entropy, atol=1e-9, rtol=1e-6)
+        assert_close(stats.far[layer], far, atol=1e-9, rtol=1e-6)
+    assert stats.far[:, L:].sum() > 0 and stats.mass[:, 1].sum() > 0  # past L, something to compare
