@@ -15,7 +15,6 @@ posenc/attention.block_rows, and tests/test_rescues.py checks them).
 import glob
 import json
 import os
-import resource
 import subprocess
 import sys
 import sysconfig
