@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 import explain
 import model as model_module
-from conftest import tiny_config
+from conftest import randomized, tiny_config
 from model import GPT, chunked_cross_entropy, record_attention
 from posenc import attention
 from posenc.positions import ALiBi
@@ -32,15 +32,6 @@ def config(scheme):
     return tiny_config(pos_encoding=scheme, block_size=64, pos_options=T5_OPTIONS if scheme == "t5" else None)
 
 
-def sharp(model):
-    """Weights far from init (sharper attention) and a T5 table that is not zero, so every position matters."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3 if name.endswith("pos.table") else 0.2)
-    return model
-
-
 def small_blocks(rows):
     """Blocks of `rows` queries at T = 64 with 4 heads, in every blocked path."""
     n = 4 * rows * 64
@@ -51,7 +42,7 @@ def small_blocks(rows):
 # the last bits: 1e-5 relative on logits of size ~1, 1e-4 relative on gradients (sums over 64 x 64 pairs).
 @pytest.mark.parametrize("scheme", ["alibi", "t5"])
 def test_blocked_attention_equals_the_whole_bias_in_logits_and_gradients(scheme):
-    model = sharp(GPT(config(scheme)))
+    model = randomized(GPT(config(scheme)))
     idx, targets = torch.randint(0, 128, (2, 2, 64)).unbind(0)
 
     def run():
@@ -74,7 +65,7 @@ def test_blocked_attention_equals_the_whole_bias_in_logits_and_gradients(scheme)
 
 @pytest.mark.parametrize("scheme", ["alibi", "t5"])
 def test_blocked_attention_with_a_kv_cache_equals_the_whole_bias(scheme):
-    model = sharp(GPT(config(scheme))).eval()
+    model = randomized(GPT(config(scheme))).eval()
     idx = torch.randint(0, 128, (2, 64))
     with torch.no_grad():
         with patch.object(model_module, "biased_attention", full_bias_attention):
@@ -172,7 +163,7 @@ def full_matrix_statistics(probs_by_layer, T, L):
 def test_explain_statistics_per_block_equal_those_of_the_whole_matrices():
     """AttentionStats fed blocks of 5 queries gives what the whole (T, T) probabilities give. Tolerance 1e-6
     relative: the blocks sum each row in fp32 (the reference in float64) over at most 40 keys."""
-    model = sharp(GPT(tiny_config(pos_encoding="alibi", block_size=64))).eval()
+    model = randomized(GPT(tiny_config(pos_encoding="alibi", block_size=64))).eval()
     T, L = 40, 16
     idx = torch.randint(0, 128, (1, T))
     whole = {}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import randomized, tiny_config
 from test_kv_cache import TIGHT, cached_logits, prefix_logits
 from torch.testing import assert_close
 
@@ -23,15 +23,6 @@ BLOCK = 32  # tiny_config's training length
 
 def scaling(rope_type):
     return {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": BLOCK}
-
-
-def randomized(model):
-    """Sharper attention than the 0.02 init, and a T5 table that is not zero: what a position does then shows."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3 if name.endswith("pos.table") else 0.2)
-    return model
 
 
 # ----------------------------------------------------------------------------- t5
