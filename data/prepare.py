@@ -15,6 +15,7 @@ documents and evaluate.py can pick documents of 16k or 32k tokens.
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ if __package__ in (None, ""):  # run by file path, the package beside data/ cann
     raise SystemExit("error: run it from the repository root as a module: python -m data.prepare [--flags]")
 from posenc.tokenizer import EOT, get_tokenizer, tokenizer_info
 
+DOCUMENT_UNITS = ("files", "folders")  # what one document is (prepare's `documents`)
+FOLDER_DOC_TOKENS = 65536  # a folder's files are packed into documents of at most this many tokens
 LONG_DOC_LENS = (16384, 32768)  # meta.json counts documents at least this long (the usual eval lengths)
 PG19_LIST_URL = "https://storage.googleapis.com/storage/v1/b/deepmind-gutenberg/o"
 PG19_FILE_URL = "https://storage.googleapis.com/deepmind-gutenberg/"
@@ -43,6 +46,7 @@ class Progress:
 
     def __init__(self, what: str, total: int, quiet: bool = False):
         self.what, self.total, self.quiet = what, total, quiet
+        self.n = 0  # how many are done
         self.tty, self.t0, self.last = sys.stderr.isatty(), time.time(), 0.0
 
     def update(self, n: int, extra: str = "", final: bool = False):
@@ -152,12 +156,14 @@ def is_val(relpath: str, val_fraction: float) -> bool:
 
 def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", max_tokens: int | None = None,
             val_fraction: float = 0.1, include_site_packages: bool = False, pg19_books: int = 100,
-            vocab_size: int | None = None, batch_files: int = 64, quiet: bool = False) -> dict:
+            vocab_size: int | None = None, documents: str = "files", max_doc_tokens: int = FOLDER_DOC_TOKENS,
+            batch_files: int = 64, quiet: bool = False) -> dict:
     """Tokenize `source` into `out_dir`/{train,val}.bin + meta.json and return the meta dict.
 
     max_tokens caps the total (EOTs included): documents are added in sorted order until it is reached.
     vocab_size keeps only that many ids (the train split's most frequent GPT-2 tokens, EOT and one <unk>):
     the CPU scale's small models would otherwise spend most of their compute on a 50k-row output layer.
+    documents="folders" makes a document of each folder's files (see folder_documents) instead of each file.
     """
     t0, out_dir = time.time(), Path(out_dir)
     if not 0.0 <= val_fraction < 1.0:
@@ -166,9 +172,16 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", max_tok
         raise DataError(f"max_tokens must be positive, got {max_tokens}")
     if vocab_size is not None and not 2 < vocab_size <= EOT:
         raise DataError(f"vocab_size must be between 3 and {EOT} (or unset for GPT-2's full vocabulary), got {vocab_size}")
+    if documents not in DOCUMENT_UNITS:
+        raise DataError(f"documents must be one of {', '.join(DOCUMENT_UNITS)}, got {documents!r}")
+    if max_doc_tokens <= 0:
+        raise DataError(f"max_doc_tokens must be positive, got {max_doc_tokens}")
     files, desc = list_documents(source, include_site_packages, out_dir, pg19_books)
     if not files:
         raise DataError(f"no files found at {source!r}")
+    if documents == "folders":  # each folder's files together, so that folder_documents can stream them
+        files = sorted(files, key=lambda f: (f[0].rpartition("/")[0], f[0]))
+        desc |= {"documents": "folders", "max_doc_tokens": max_doc_tokens}
     enc = get_tokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = ("train", "val")
@@ -177,35 +190,27 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", max_tok
     n_tok = {s: 0 for s in splits}
     docs = {s: [] for s in splits}
     skipped, n_empty, total = [], 0, 0
-    progress, n_seen = Progress("tokenizing", len(files), quiet), 0
-    for i in range(0, len(files), batch_files):
+    progress = Progress("tokenizing", len(files), quiet)
+    tokenized = tokenize_files(files, enc, batch_files, progress, lambda: max_tokens is not None and total >= max_tokens)
+    if documents == "folders":
+        tokenized = folder_documents(tokenized, enc, max_doc_tokens)
+    for rel, tokens in tokenized:
         if max_tokens is not None and total >= max_tokens:
             break
-        chunk = files[i:i + batch_files]
-        texts = [read_text(path) for _, path in chunk]
-        # tiktoken releases the GIL, so threads tokenize in parallel
-        token_lists = iter(enc.encode_ordinary_batch([t for t in texts if t is not None],
-                                                     num_threads=os.cpu_count() or 1))
-        n_seen = i + len(chunk)
-        for (rel, _), text in zip(chunk, texts):
-            if max_tokens is not None and total >= max_tokens:
-                break
-            if text is None:
-                skipped.append(rel)
-                continue
-            tokens = next(token_lists)
-            if not tokens:
-                n_empty += 1
-                continue
-            split = "val" if is_val(rel, val_fraction) else "train"
-            arr = np.array(tokens + [EOT], dtype=np.uint16)  # GPT-2 ids < 2**16
-            outs[split].write(arr.tobytes())
-            sha[split].update(arr.tobytes())
-            docs[split].append([n_tok[split], len(tokens), rel])
-            n_tok[split] += len(arr)
-            total += len(arr)
-        progress.update(n_seen, f"files, {total / 1e6:.1f}M tokens")
-    progress.update(n_seen, f"files, {total / 1e6:.1f}M tokens", final=True)
+        if tokens is None:
+            skipped.append(rel)
+            continue
+        if not tokens:
+            n_empty += 1
+            continue
+        split = "val" if is_val(rel, val_fraction) else "train"
+        arr = np.array(tokens + [EOT], dtype=np.uint16)  # GPT-2 ids < 2**16
+        outs[split].write(arr.tobytes())
+        sha[split].update(arr.tobytes())
+        docs[split].append([n_tok[split], len(tokens), rel])
+        n_tok[split] += len(arr)
+        total += len(arr)
+    progress.update(progress.n, f"files, {total / 1e6:.1f}M tokens", final=True)
     for s in splits:
         outs[s].close()
         if total == 0:
@@ -238,6 +243,50 @@ def prepare(source: str = "stdlib", out_dir: str | Path = "data/stdlib", max_tok
     if not quiet:
         print_summary(meta, out_dir, time.time() - t0)
     return meta
+
+
+def tokenize_files(files, enc, batch_files, progress, stop):
+    """(relpath, tokens) of each file in order; tokens is None when the file is not UTF-8 text. stop() ends
+    it early (--max_tokens reached) without tokenizing the files after."""
+    for i in range(0, len(files), batch_files):
+        if stop():
+            return
+        chunk = files[i:i + batch_files]
+        texts = [read_text(path) for _, path in chunk]
+        # tiktoken releases the GIL, so threads tokenize in parallel
+        token_lists = iter(enc.encode_ordinary_batch([t for t in texts if t is not None],
+                                                     num_threads=os.cpu_count() or 1))
+        for (rel, _), text in zip(chunk, texts):
+            yield rel, (None if text is None else next(token_lists))
+        progress.n = i + len(chunk)
+        progress.update(progress.n, "files")
+
+
+def folder_documents(tokenized, enc, max_doc_tokens):
+    """Documents of whole folders, as repository-level code corpora build them: a folder's files (not its
+    subfolders'), in sorted order, each after a `# file: <relpath>` line, packed into documents of at most
+    max_doc_tokens (a file is never split: one longer than that is a document alone). A document is named
+    `<folder>/#<k>`, its k-th pack, and that name decides its split.
+
+    Why: a file of the standard library is rarely 32k tokens long (4 held-out ones are), while its folders
+    give hundreds of documents that long, each a coherent package whose files import and call each other.
+    The cap keeps one huge folder (the test suite, ~3M tokens) from being one document, and so from landing
+    in one split whole. Files that are not text pass through as (relpath, None) to be counted as skipped.
+    """
+    folder_of = lambda item: item[0].rpartition("/")[0] or "."  # noqa: E731
+    for folder, items in itertools.groupby(tokenized, key=folder_of):  # prepare sorted the files by folder
+        pack, k = [], 0
+        for rel, tokens in items:
+            if tokens is None:
+                yield rel, None
+                continue
+            piece = enc.encode_ordinary(f"# file: {rel}\n") + tokens + enc.encode_ordinary("\n")
+            if pack and len(pack) + len(piece) > max_doc_tokens:
+                yield f"{folder}/#{k}", pack
+                pack, k = [], k + 1
+            pack += piece
+        if pack:
+            yield f"{folder}/#{k}", pack
 
 
 def compact_vocab(out_dir: Path, vocab_size: int, sha: dict) -> dict:
@@ -286,6 +335,10 @@ def main(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--include_site_packages", action="store_true", help="with stdlib: add site-packages .py files")
     p.add_argument("--pg19_books", type=int, default=100, help="with pg19: how many books to download")
+    p.add_argument("--documents", default="files", choices=DOCUMENT_UNITS,
+                   help="one document per file, or per folder (its files packed up to --max_doc_tokens)")
+    p.add_argument("--max_doc_tokens", type=int, default=FOLDER_DOC_TOKENS,
+                   help="with --documents=folders: the most tokens one document holds")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="keep only this many token ids (most frequent + <unk>); small CPU models train faster")
     args = p.parse_args(argv)

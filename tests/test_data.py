@@ -220,3 +220,38 @@ def test_compact_vocabulary_keeps_frequent_tokens_and_round_trips(corpus, prepar
     ids = [t for t in load_split(tmp_path, "train")[:60].tolist() if t != vocab["unk"]]
     assert tok.decode(ids) == get_tokenizer().decode([vocab["ids"][t] for t in ids])  # decode maps back
     assert tok.decode([vocab["unk"]]) == tok.UNK_TEXT
+
+
+def test_folder_documents_pack_whole_files_of_one_folder(corpus, tmp_path):
+    """--documents=folders: each document is one folder's own files (not its subfolders'), each after a
+    `# file:` line, in sorted order, packed up to max_doc_tokens without splitting a file."""
+    root, texts = corpus
+    enc = get_tokenizer()
+    cap = 1200  # longer.txt alone is ~2k tokens: a document of its own; the doc*.txt files pack in twos and threes
+    meta = prepare(str(root), tmp_path, val_fraction=0.3, documents="folders", max_doc_tokens=cap, quiet=True)
+    assert meta["source"]["documents"] == "folders" and meta["source"]["max_doc_tokens"] == cap
+    files = texts | {"empty.txt": ""}  # an empty file is still a file of its folder
+    text_of = {}
+    for split in ("train", "val"):
+        data = load_split(tmp_path, split)
+        for start, n, name in meta["docs"][split]:
+            assert is_val(name, 0.3) == (split == "val")  # the document's name decides its split
+            text_of[name] = enc.decode(data[start:start + n].tolist())
+    for folder in (".", "sub", "sub/deeper"):
+        packs = sorted((name for name in text_of if name.rpartition("/")[0] == folder), key=lambda n: int(n[n.index("#") + 1:]))
+        joined = "".join(text_of[name] for name in packs)
+        own = sorted(rel for rel in files if (rel.rpartition("/")[0] or ".") == folder)
+        expected = "".join(f"# file: {rel}\n{files[rel]}\n" for rel in own)
+        assert joined == expected  # every file of the folder, whole, in order, and nothing from its subfolders
+        for name in packs:
+            n_tokens = len(enc.encode_ordinary(text_of[name]))
+            assert n_tokens <= cap or text_of[name].count("# file: ") == 1  # over the cap only as a lone file
+    assert len([n for n in text_of if n.startswith("./")]) > 2  # the cap did split the top folder
+    assert meta["n_files_skipped"] == 1  # latin1.txt, as with files
+
+
+def test_folder_documents_refuse_bad_options(corpus, tmp_path):
+    with pytest.raises(DataError, match="documents must be one of files, folders"):
+        prepare(str(corpus[0]), tmp_path, documents="packages", quiet=True)
+    with pytest.raises(DataError, match="max_doc_tokens must be positive"):
+        prepare(str(corpus[0]), tmp_path, documents="folders", max_doc_tokens=0, quiet=True)
