@@ -30,6 +30,10 @@ from torch.utils.checkpoint import checkpoint
 # than blocks of 1024 (the kernel's cost per call), and 1024 no slower than one call per 4096.
 BLOCK_ELEMENTS = 2 ** 22
 VIEW_ELEMENTS = 2 ** 25
+# Queries per block of band_gradient (fewer when B x nh is large: BLOCK_ELEMENTS bounds it). Its matmuls form
+# rows x (rows + band - 1) pairs to use rows x band of them: measured at 4k (T5's band 128, 4 heads, 1 thread,
+# the machine shared), 64-128 rows took 13-25 ms a layer, 512 rows 35 ms, the earlier scatter by distance 55-68.
+BAND_ROWS = 128
 
 
 def block_rows(B, nh, Tq, Tk, elements=None):
@@ -169,30 +173,41 @@ class BlockedFlashCPU(torch.autograd.Function):
         return (dq, plan.unkeys(dk).to(k.dtype), plan.unkeys(dv).to(v.dtype), None, *dparams)
 
 
-def band_gradient(plan, params, q, k, v, out, lse, grad_out, rows=None):
+def band_gradient(plan, params, q, k, v, out, lse, grad_out):
     """The gradient of the bias's parameters. At a pair it is dS = P (dP - D) with D = dO·O per query, and every
     query's dS sums to 0 over its keys. The bias past the band is one value b_far, so its gradient, the sum of dS
-    past the band, is minus the sum within it: only pairs closer than band are formed, in blocks of `rows`
-    queries over rows + band - 1 keys, and summed by distance; then one backward through the bias of each
-    distance 0..band."""
+    past the band, is minus the sum within it: only the pairs closer than band are needed. Per block of queries,
+    q·k and dO·v are one matmul each over the keys the block reaches; a strided view then picks each query's
+    band keys out of them (a skewed diagonal band), so the softmax terms are formed for those pairs alone and
+    summed by distance with no scatter. Then one backward through the bias of each distance 0..band."""
     band, bias_fn = plan.band, plan.bias_fn
-    rows = rows or band
-    Tq, scale = q.size(-2), 1 / math.sqrt(q.size(-1))
-    by_distance = torch.zeros(q.size(1), band + 1, device=q.device)  # (nh, band + 1): sums of dS at d, last: >= band
+    B, nh, Tq, hs = q.shape
+    offset = plan.q0 - plan.k0  # the key index at query 0's own position
+    # The keys and values padded with band - 1 zeros in front, so that every query has band keys to its left:
+    # query i's key at distance band - 1 - j is padded row i + offset + j.
+    kp, vp = (F.pad(t.float(), (0, 0, band - 1, 0)) for t in (k, v))
+    qs, go = q.float() * (1 / math.sqrt(hs)), grad_out.float()
+    d_out = (go * out.float()).sum(-1)  # D, (B, nh, Tq)
+    with torch.no_grad():  # the bias at distances band - 1, ..., 0, the order of a query's band keys
+        near_bias = bias_fn(q.new_tensor([band - 1], dtype=torch.long),
+                            torch.arange(band, device=q.device))[:, 0].float()  # (nh, band)
+    by_band = torch.zeros(nh, band, device=q.device)  # sums of dS, distances band - 1, ..., 0
+    rows = min(BAND_ROWS, block_rows(B, nh, Tq, BAND_ROWS + band))
     for s in range(0, Tq, rows):
         e = min(s + rows, Tq)
-        lo, n = max(0, plan.q0 + s - band + 1 - plan.k0), min(k.size(-2), plan.q0 + e - plan.k0)
-        qp, kp = plan.q_pos[s:e], plan.k_pos[lo:n]
-        distance = qp[:, None] - kp[None, :]  # (rows, keys)
-        near = (distance >= 0) & (distance < band)
-        bias = bias_fn(qp, kp).float()  # (nh, rows, keys), no gradient here
-        scores = (q[..., s:e, :].float() @ k[..., lo:n, :].float().transpose(-2, -1)) * scale + bias
-        p = (scores - lse[..., s:e, None].float()).exp() * near  # (B, nh, rows, keys)
-        dp = grad_out[..., s:e, :].float() @ v[..., lo:n, :].float().transpose(-2, -1)
-        d = (grad_out[..., s:e, :].float() * out[..., s:e, :].float()).sum(-1, keepdim=True)
-        ds = (p * (dp - d)).sum(0).flatten(1)  # (nh, rows * keys), summed over the batch
-        by_distance.index_add_(1, distance.clamp(0, band).flatten(), ds)
-    by_distance[:, band] = -by_distance[:, :band].sum(1)  # every distance >= band: minus the band's sum
+        keys = slice(s + offset, e + offset + band - 1)  # padded keys the block reaches: (e - s) + band - 1
+        scores = qs[..., s:e, :] @ kp[..., keys, :].transpose(-2, -1)  # (B, nh, rows, rows + band - 1)
+        dp = go[..., s:e, :] @ vp[..., keys, :].transpose(-2, -1)
+        # Row i's band starts at column i: a view with a row stride one longer than the rows'.
+        skew = lambda t: t.as_strided((*t.shape[:3], band), (*t.stride()[:2], t.stride(2) + 1, 1))  # noqa: E731
+        ds = (skew(scores) + near_bias[:, None, :] - lse[..., s:e, None].float()).exp()  # P on the band
+        ds = ds * (skew(dp) - d_out[..., s:e, None])
+        if s + offset < band - 1:  # the first queries' bands start before key 0: those pairs are padding
+            key = torch.arange(s, e, device=q.device)[:, None] + offset + torch.arange(band, device=q.device) - band + 1
+            ds = ds * (key >= 0)
+        by_band += ds.sum((0, 2))
+    near = by_band.flip(1)  # by distance 0, ..., band - 1
+    by_distance = torch.cat([near, -near.sum(1, keepdim=True)], dim=1)  # and every distance >= band
     with torch.enable_grad():
         d = torch.arange(band, -1, -1, device=q.device)  # keys at distances band, band - 1, ..., 0 of position band
         bias = bias_fn(d.new_tensor([band]), band - d)[:, 0]  # (nh, band + 1) in the order of d

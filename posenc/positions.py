@@ -259,7 +259,8 @@ class T5Bias(SharedBias):
     num_buckets / 2, log-spaced up to max_distance, and one last bucket for everything farther, so it runs at any
     length. The table starts at zero (at init the model is NoPE; it learns which distances matter) and is decayed
     like every 2-d tensor. On the GPU its score_mod reads the table inside FlexAttention (no T x T tensor); on the CPU
-    the bias is materialized once per forward, like ALiBi's (once per layer while it takes gradients).
+    it is read per block of queries (posenc/attention.py), and its gradient comes from the pairs closer than
+    max_distance (bias_band).
     """
 
     options = {"num_buckets": 32, "max_distance": 128}  # T5's defaults

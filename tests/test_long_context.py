@@ -63,6 +63,20 @@ def test_blocked_attention_equals_the_whole_bias_in_logits_and_gradients(scheme)
         assert_close(grads[name], ref_grads[name], atol=1e-7, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("band_rows", [7, 512])  # 10 blocks (the first 3 reach before key 0), or one block
+def test_t5_table_gradient_in_band_blocks_equals_the_whole_bias(band_rows):
+    model = randomized(GPT(config("t5")))
+    idx, targets = torch.randint(0, 128, (2, 2, 64)).unbind(0)
+    grads = []
+    for blocked in (True, False):
+        model.zero_grad()
+        with patch.object(attention, "BAND_ROWS", band_rows), \
+                patch.object(model_module, "biased_attention", attention.biased_attention if blocked else full_bias_attention):
+            model(idx, targets)[1].backward()
+        grads.append(model.transformer.pos.table.grad.clone())
+    assert_close(*grads, atol=1e-7, rtol=1e-4)  # as above: sums in another order
+
+
 @pytest.mark.parametrize("scheme", ["alibi", "t5"])
 def test_blocked_attention_with_a_kv_cache_equals_the_whole_bias(scheme):
     model = randomized(GPT(config(scheme))).eval()
