@@ -214,6 +214,29 @@ def band_gradient(plan, params, q, k, v, out, lse, grad_out):
         return torch.autograd.grad(bias, params, by_distance.flip(1).to(bias.dtype), allow_unused=True)
 
 
+def attention_by_distance(parts, v, q_pos, k_pos):
+    """Causal attention under one softmax whose scores come from different q and k by distance (Self-Extend:
+    exact positions near, grouped ones far). parts: [(q, k, lo, hi)], each scoring the distances in [lo, hi)
+    (hi None: no end), together every distance >= 0 once. Each part runs through the CPU flash kernel in blocks
+    of queries, its distances kept by a mask that is a view (as ALiBi's); its output and log-sum-exp over its
+    own keys are then weighted into the softmax over all keys. Consecutive positions, no gradient.
+    (B, nh, Tq, hs)."""
+    outs, lses = [], []
+    with torch.autocast(q_pos.device.type, enabled=False):
+        for q, k, lo, hi in parts:
+            def keep(qp, kp, lo=lo, hi=hi):  # 0 where the part scores the pair, -inf elsewhere: (1, Tq, Tk)
+                d = qp[:, None] - kp[None, :]
+                inside = (d >= lo) & (d < hi) if hi is not None else d >= lo
+                return torch.zeros((), device=d.device).masked_fill(~inside, -math.inf)[None]
+            out, lse = flash_blocks(q, k, v.to(q.dtype), Plan(q, k, keep, q_pos, k_pos, relative=True))
+            # A query with no key in the part (no far keys yet) gets lse 0 from the kernel: it must weigh nothing.
+            has_keys = (q_pos - k_pos[0] >= lo)[None, None, :]
+            outs.append(out.float())
+            lses.append(lse.float().masked_fill(~has_keys, -math.inf))
+    total = torch.stack(lses).logsumexp(0)  # (B, nh, Tq): over every key
+    return sum(out * (lse - total).exp()[..., None] for out, lse in zip(outs, lses)).to(v.dtype)
+
+
 def bias_needs_grad(bias_fn, q_pos, k_pos):
     """Whether the bias has parameters to learn (T5's table): tried on one pair of positions."""
     if bias_fn is None:

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from posenc.attention import block_rows
+from posenc.attention import attention_by_distance, block_rows, consecutive
 from posenc.rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
 
 
@@ -421,8 +421,19 @@ def set_self_extend(model, window, group):
 
 def self_extend_attention(q, k, v, q_pos, k_pos, cos, sin, layout, window, group, chunk=None):
     """Causal attention of unrotated q (B, nh, Tq, hs) over unrotated k, v (B, nh, Tk, hs): scores from exact
-    positions where the distance is < window, from grouped positions elsewhere, in one softmax (fp32).
-    The scores are formed explicitly, a block of queries at a time, two q·k products per block."""
+    positions where the distance is < window, from grouped positions elsewhere, in one softmax.
+
+    On a CPU (consecutive positions, no `chunk`), each of the two parts through the flash kernel and merged by
+    their log-sum-exps (attention_by_distance), in q's dtype: at 32k the explicit scores below took minutes.
+    Elsewhere, or with `chunk` (queries per block), the scores are formed explicitly in fp32, two q·k products
+    per block."""
+    if chunk is None and q.device.type == "cpu" and consecutive(q_pos) and consecutive(k_pos):
+        def rotated(x, pos):
+            return apply_rope(x, cos[pos], sin[pos], layout).to(x.dtype)
+        near = (rotated(q, q_pos), rotated(k, k_pos), 0, window)
+        far = (rotated(q, RoPE.grouped(q_pos, window, group)), rotated(k, k_pos // group), window, None)
+        return attention_by_distance([near, far], v, q_pos, k_pos)
+
     def rot(x, pos):
         return apply_rope(x, cos[pos], sin[pos], layout).float()
 

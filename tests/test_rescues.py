@@ -153,8 +153,9 @@ def paper_self_extend(q, k, v, window, group, inv_freq):
     return out
 
 
+@pytest.mark.parametrize("chunk", [7, None])  # explicit scores in blocks of 7 queries; the CPU's flash kernel
 @pytest.mark.parametrize("window, group", [(6, 3), (5, 2), (7, 4)])  # W not a multiple of G: floor(W / G) shows
-def test_self_extend_positions_are_the_papers(window, group):
+def test_self_extend_positions_are_the_papers(window, group, chunk):
     """Our attention against the paper's relative positions, for every query and for the last one alone (the
     cached step). fp32 against float64: 1e-5 allows fp32 rounding of sharp scores (q, k ~ N(0, 3^2))."""
     B, nh, T, hs = 1, 2, 30, 8
@@ -163,7 +164,7 @@ def test_self_extend_positions_are_the_papers(window, group):
     cos, sin = rope_cos_sin(torch.arange(4 * T), inv_freq)
     pos = torch.arange(T)
     paper = paper_self_extend(q, k, v, window, group, inv_freq)
-    ours = self_extend_attention(q, k, v, pos, pos, cos, sin, "half", window, group, chunk=7)
+    ours = self_extend_attention(q, k, v, pos, pos, cos, sin, "half", window, group, chunk=chunk)
     assert_close(ours.double(), paper, atol=1e-5, rtol=0)
     last = self_extend_attention(q[..., -1:, :], k, v, pos[-1:], pos, cos, sin, "half", window, group)
     assert_close(last.double(), paper[..., -1:, :], atol=1e-5, rtol=0)
