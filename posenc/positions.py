@@ -64,10 +64,10 @@ def alibi_slopes(n_head):
     return power_of_two(p) + power_of_two(2 * p)[0::2][: n_head - p]
 
 
-def sinusoidal_table(pos, C):
-    """PE[pos, 2i] = sin(pos / 10000^(2i/C)), PE[pos, 2i+1] = cos(same); float64 angles, fp32 result."""
+def sinusoidal_table(pos, C, base=10000.0):
+    """PE[pos, 2i] = sin(pos / base^(2i/C)), PE[pos, 2i+1] = cos(same); float64 angles, fp32 result."""
     i = torch.arange(0, C, 2, dtype=torch.float64)
-    angles = pos.to(torch.float64)[:, None] / 10000 ** (i / C)
+    angles = pos.to(torch.float64)[:, None] / base ** (i / C)
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).float()  # (T, C)
 
 
@@ -185,24 +185,33 @@ class Sinusoidal(PositionScheme):
 
     Added at the size of the token embeddings, the paper's ratio (its tokens: std d^-1/2 times sqrt(d)).
     Unscaled next to GPT-2's std-0.02 embeddings, positions drown the tokens (35x) and the model trains
-    worse than one with no positions at all.
+    worse than one with no positions at all. `base` is the paper's 10000, the wavelengths' ratio; a longer
+    training length may raise it, as RoPE's rope_theta, so that as many pairs stay incomplete within L.
     """
 
     rope_types = ("linear",)
     no_scaling = "sinusoidal positions can only be interpolated (rope_type 'linear')"
     no_export = "transformers has no architecture with fixed sinusoidal positions added to the token embeddings"
+    options = {"base": 10000.0}
     scale = 0.02 * math.sqrt(2)  # table RMS 1/sqrt(2) -> 0.02, GPT-2's token embedding std at init
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        base = cls.option_values(config)["base"]
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+            raise ValueError(f"bad pos_options value {base!r} for 'base' of sinusoidal: expected a number > 1")
 
     def __init__(self, config):
         super().__init__(config)
-        self.n_embd = config.n_embd
+        self.n_embd, self.base = config.n_embd, float(self.option_values(config)["base"])
         self.factor = float(config.rope_scaling["factor"]) if config.rope_scaling else 1.0
         self.register_buffer("table", torch.empty(0), persistent=False)
 
     def prepare(self, seq_len, device):
         if self.table.size(0) < seq_len or self.table.device != device:
             n = max(seq_len, 2 * self.table.size(0))  # grow by doubling
-            self.table = sinusoidal_table(torch.arange(n) / self.factor, self.n_embd).to(device)
+            self.table = sinusoidal_table(torch.arange(n) / self.factor, self.n_embd, self.base).to(device)
 
     def embed(self, pos):
         return self.table[pos] * self.scale

@@ -33,13 +33,22 @@ def test_alibi_bias_depends_only_on_distance():
         assert bias[h, i, j].item() == pytest.approx(bias[h, i + 5, j + 5].item())
 
 
-def test_sinusoidal_equals_formula():
+@pytest.mark.parametrize("base", [10000, 1e7])
+def test_sinusoidal_equals_formula(tiny, base):
     C, pos = 16, torch.tensor([0, 1, 7, 300, 4097])
-    table = sinusoidal_table(pos, C)
+    scheme = tiny(pos_encoding="sinusoidal", n_embd=C, n_head=2, pos_options={"base": base}).transformer.pos
+    scheme.prepare(4098, torch.device("cpu"))
+    table = scheme.embed(pos) / scheme.scale
     for r, p in enumerate(pos.tolist()):
         for i in range(C // 2):
-            assert table[r, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / C)), abs=1e-6)
-            assert table[r, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / C)), abs=1e-6)
+            assert table[r, 2 * i].item() == pytest.approx(math.sin(p / base ** (2 * i / C)), abs=1e-6)
+            assert table[r, 2 * i + 1].item() == pytest.approx(math.cos(p / base ** (2 * i / C)), abs=1e-6)
+
+
+@pytest.mark.parametrize("base", [1, -5, True, "big"])
+def test_a_bad_sinusoidal_base_is_one_line(tiny, base):
+    with pytest.raises(ValueError, match="bad pos_options value .* for 'base' of sinusoidal"):
+        tiny(pos_encoding="sinusoidal", pos_options={"base": base})
 
 
 def test_sinusoidal_positions_are_the_size_of_a_fresh_token_embedding(tiny):
