@@ -196,3 +196,16 @@ def test_explain_statistics_per_block_equal_those_of_the_whole_matrices():
         assert_close(stats.entropy[layer], entropy, atol=1e-9, rtol=1e-6)
         assert_close(stats.far[layer], far, atol=1e-9, rtol=1e-6)
     assert stats.far[:, L:].sum() > 0 and stats.mass[:, 1].sum() > 0  # past L, something to compare
+
+
+def test_every_stage_returns_freed_blocks_to_the_system():
+    """The command-line wrapper fixes glibc's mmap threshold before a stage runs (runtime.return_freed_memory):
+    without it, explain.py at 32k peaked at 3.2 GiB resident for 0.6 GiB of live tensors. On glibc the call
+    must succeed; elsewhere it does nothing."""
+    import platform
+    from posenc import cli, runtime
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert runtime.return_freed_memory()
+    with patch.object(cli, "return_freed_memory") as called:
+        cli.cli(lambda argv: None, argv=[])
+    called.assert_called_once()
