@@ -3,7 +3,7 @@
 A scheme acts in exactly one of three places, and the model calls every hook unconditionally:
   embed(pos)                         -> (T, C) added to the token embeddings    learned, sinusoidal
   rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope
-  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5
+  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5, kerple
 plus `score_mod(layer)`, the FlexAttention form of the same bias, so a GPU never builds a T x T tensor.
 The hooks see the layer index, so a per-layer scheme (NoPE on some layers, another theta on local layers)
 is one class too.
@@ -19,7 +19,7 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
-bias, Raffel et al. 2020). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
+bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
 proportional, direct, abf) is in posenc/rope_scaling.py.
 """
 
@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from posenc.attention import attention_by_distance, block_rows, consecutive
 from posenc.rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
@@ -309,6 +310,77 @@ class T5Bias(SharedBias):
         return self._score_mod
 
 
+def inverse_softplus(y):
+    """x with softplus(x) = y (y > 0): the raw value a positive parameter starts from."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+class Kerple(SharedBias):
+    """KERPLE (Chi et al. 2022, "Kernelized Relative Positional Embedding for Length Extrapolation"), causal: the
+    logarithmic kernel bias -r1 * log(1 + r2 * (i - j)) of query i for key j, or with kernel "power" the power one
+    -r1 * (i - j)^r2 (0 < r2 <= 2), r1 and r2 learned per head and shared by every layer (the paper's choice).
+
+    Positivity comes from the parametrization, r = softplus(raw) (r2 of the power kernel: 2 * sigmoid(raw)), not
+    from the paper code's clamp after each optimizer step: a clamp is a hook on the training loop, and softplus
+    keeps a gradient everywhere. Initial values as the paper's code draws them: r1 ~ U(0, 2), r2 ~ U(0, 1), both
+    kept >= 0.01. The bias depends on the distance alone (the CPU blocks' view masks apply in eval); it learns and
+    is never constant past a band, so with gradients each block's bias is built and recomputed in backward
+    (posenc/attention.py: checkpointed_blocks), in memory linear in T.
+    """
+
+    options = {"kernel": "log"}  # "log" (the paper's best) or "power"
+    no_scaling = ("Kerple needs no scaling: its bias is a function of the distance, learned to run at any length as "
+                  "it is")
+    no_export = "transformers has no architecture with Kerple's learned kernel bias"
+    KERNELS = ("log", "power")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kernel = self.option_values(config)["kernel"]
+        r1 = (torch.rand(config.n_head) * 2).clamp(min=0.01)
+        r2 = torch.rand(config.n_head).clamp(min=0.01)
+        self.raw_r1 = nn.Parameter(inverse_softplus(r1))  # (nh,)
+        self.raw_r2 = nn.Parameter(inverse_softplus(r2) if self.kernel == "log" else torch.logit(r2 / 2))
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        kernel = cls.option_values(config)["kernel"]
+        if kernel not in cls.KERNELS:
+            raise ValueError(f"bad pos_options value {kernel!r} for 'kernel' of kerple: choose {' or '.join(cls.KERNELS)}")
+
+    def coefficients(self):
+        """(r1, r2), each (nh,) in fp32 and > 0."""
+        r1 = F.softplus(self.raw_r1.float())
+        r2 = F.softplus(self.raw_r2.float()) if self.kernel == "log" else 2 * torch.sigmoid(self.raw_r2.float())
+        return r1, r2
+
+    def kernel_bias(self, distance, r1, r2):
+        """The bias at distances >= 0, r1 and r2 broadcast against them."""
+        if self.kernel == "log":
+            return -r1 * torch.log1p(r2 * distance)
+        return -r1 * distance.pow(r2)
+
+    def bias(self, q_pos, k_pos):
+        distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()  # (Tq, Tk); future keys are masked
+        r1, r2 = self.coefficients()
+        return self.kernel_bias(distance, r1[:, None, None], r2[:, None, None])  # (nh, Tq, Tk)
+
+    def score_mod(self, layer):
+        # One function per parameter and device (a new function would recompile FlexAttention); it reads the
+        # parameters themselves, so gradients reach them.
+        if getattr(self._score_mod, "raw", None) is not self.raw_r1 or self._score_mod.device != self.raw_r1.device:
+            scheme = self
+
+            def kerple(score, b, h, q_idx, kv_idx):
+                r1, r2 = scheme.coefficients()
+                return score + scheme.kernel_bias((q_idx - kv_idx).clamp(min=0).float(), r1[h], r2[h])
+
+            kerple.raw, kerple.device = self.raw_r1, self.raw_r1.device
+            self._score_mod = kerple
+        return self._score_mod
+
+
 class RoPE(PositionScheme):
     """Rotary position embedding (RoFormer) with partial rotary, both pairings and optional scaling.
 
@@ -547,4 +619,4 @@ def permute_rope_layout(state_dict, config, to_layout):
 
 
 SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE,
-           "rope_nope": RoPENoPE, "t5": T5Bias}
+           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple}

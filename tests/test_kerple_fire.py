@@ -1,0 +1,137 @@
+"""Learned distance biases from the length-generalization papers: Kerple (Chi et al. 2022) and FIRE (Li et al. 2023).
+No maintained package implements them, so each bias is checked against its paper's formula written out here, on
+hand-computed cases. The registry tests (test_model, test_kv_cache, test_train, test_explain, ...) run them too;
+the blocked attention against the whole bias, with gradients, is in test_long_context."""
+
+import math
+from unittest.mock import patch
+
+import pytest
+import torch
+from conftest import randomized, tiny_config
+from test_kv_cache import TIGHT, cached_logits
+from torch.testing import assert_close
+
+import extend_context
+import model as model_module
+from model import GPT
+from posenc import attention
+from posenc.positions import Kerple, inverse_softplus
+from scripts import export_gguf, export_hf
+
+BLOCK = 32  # tiny_config's training length
+
+
+# ----------------------------------------------------------------------------- kerple
+
+def kerple(kernel, r1, r2):
+    """A 4-head Kerple scheme whose coefficients are r1 and r2 (lists of 4)."""
+    scheme = Kerple(tiny_config(pos_encoding="kerple", pos_options={"kernel": kernel}))
+    with torch.no_grad():
+        scheme.raw_r1.copy_(inverse_softplus(torch.tensor(r1)))
+        r2 = torch.tensor(r2)
+        scheme.raw_r2.copy_(inverse_softplus(r2) if kernel == "log" else torch.logit(r2 / 2))
+    return scheme
+
+
+# The paper's kernels, with (head, query, key) -> the bias worked out by hand (math.log, no code of ours).
+# log: -r1 * ln(1 + r2 * |m - n|); power: -r1 * |m - n|^r2.
+R1, R2_LOG, R2_POWER = [1.0, 2.0, 0.5, 0.25], [1.0, 0.5, 3.0, 0.01], [0.5, 1.0, 2.0, 1.5]
+HAND = {
+    "log": {(0, 7, 4): -math.log(4), (1, 10, 0): -2 * math.log(6), (2, 5, 5): 0.0, (2, 9, 8): -0.5 * math.log(4),
+            (3, 1000, 0): -0.25 * math.log(11)},
+    "power": {(0, 16, 0): -4.0, (1, 30, 23): -2 * 7.0, (2, 3, 0): -0.5 * 9, (3, 4, 0): -0.25 * 8, (0, 6, 6): 0.0},
+}
+
+
+@pytest.mark.parametrize("kernel", ["log", "power"])
+def test_kerple_bias_equals_the_papers_kernel_on_hand_computed_cases(kernel):
+    scheme = kerple(kernel, R1, R2_LOG if kernel == "log" else R2_POWER)
+    pos = torch.arange(1001)
+    for (h, i, j), want in HAND[kernel].items():
+        got = scheme.attn_bias(pos[i:i + 1], pos[j:j + 1], 0)[h, 0, 0].item()
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6), (h, i, j)
+
+
+def test_kerple_bias_depends_only_on_distance_and_is_one_for_all_layers():
+    scheme = randomized(GPT(tiny_config(pos_encoding="kerple"))).transformer.pos
+    pos = torch.arange(200)
+    bias = scheme.attn_bias(pos, pos, 0)
+    assert_close(scheme.attn_bias(pos + 5000, pos + 5000, 1), bias, atol=1e-6, rtol=1e-6)
+    r1, r2 = scheme.coefficients()
+    assert (r1 > 0).all() and (r2 > 0).all()
+    # the bias falls with distance on every head, and the only position parameters are the two per-head vectors
+    assert (bias[:, 199, 1:] > bias[:, 199, :-1]).all()
+    assert sorted(n for n, _ in scheme.named_parameters()) == ["raw_r1", "raw_r2"]
+
+
+def test_kerple_learns_through_the_blocks_that_keep_memory_linear():
+    """With gradients the bias goes through checkpointed_blocks: each block builds its own slice of the bias
+    (never more rows than the block), and r1, r2 get gradients on every head."""
+    model = randomized(GPT(tiny_config(pos_encoding="kerple", block_size=64)))
+    idx, targets = torch.randint(0, 128, (2, 2, 64)).unbind(0)
+    shapes, real = [], attention.causal_mask
+
+    def spy(bias_fn, q_pos, k_pos, device):
+        mask = real(bias_fn, q_pos, k_pos, device)
+        shapes.append(tuple(mask.shape))
+        return mask
+
+    n = 2 * 4 * 5 * 64  # blocks of 5 queries at B = 2, 4 heads, 64 keys
+    with patch.multiple(attention, BLOCK_ELEMENTS=n, VIEW_ELEMENTS=n), patch.object(attention, "causal_mask", spy):
+        model(idx, targets)[1].backward()
+    assert shapes and max(s[1] for s in shapes) == 5 and all(s[0] == 4 for s in shapes)
+    for p in (model.transformer.pos.raw_r1, model.transformer.pos.raw_r2):
+        assert p.grad is not None and (p.grad != 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", ["log", "power"])
+def test_kerple_score_mod_agrees_with_the_materialized_bias(kernel):
+    """FlexAttention's score_mod (the GPU path, eager on the CPU: forward only) against the blocks' bias."""
+    if model_module.flex_attention is None:
+        pytest.skip("this torch has no FlexAttention")
+    options = {"kernel": kernel}
+    explicit = randomized(GPT(tiny_config(pos_encoding="kerple", pos_options=options, block_size=64,
+                                          attn_backend="sdpa")))
+    flex = GPT(tiny_config(pos_encoding="kerple", pos_options=options, block_size=64, attn_backend="flex"))
+    flex.load_state_dict(explicit.state_dict())
+    idx = torch.randint(0, 128, (2, 64))
+    with torch.no_grad():
+        losses = [m(idx[:, :-1], idx[:, 1:])[1] for m in (explicit, flex)]
+    assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
+def test_kerple_power_kernel_cached_decoding_equals_the_full_forward():
+    model = randomized(GPT(tiny_config(pos_encoding="kerple", pos_options={"kernel": "power"})).eval())
+    idx = torch.randint(0, 128, (2, BLOCK + 16))
+    with torch.no_grad():
+        full = model(idx)[0]
+    assert_close(cached_logits(model, idx, prefill=5), full, **TIGHT)
+
+
+# ----------------------------------------------------------------------------- refusals, in one line each
+
+def scaling(rope_type):
+    return {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": BLOCK}
+
+
+@pytest.mark.parametrize("scheme, words", [("kerple", "Kerple needs no scaling")])
+def test_scaling_export_and_bad_options_are_refused_in_one_line(scheme, words):
+    with pytest.raises(ValueError, match=f"cannot use rope_scaling 'linear': {words}"):
+        tiny_config(pos_encoding=scheme, rope_scaling=scaling("linear"))
+    scaled, target = extend_context.rope_scaling_for(tiny_config(pos_encoding="rope"), "yarn", factor=4)
+    with pytest.raises(ValueError, match=f"cannot extend ckpt.pt: .*{words}"):
+        extend_context.check_extendable(tiny_config(pos_encoding=scheme), scaled, target, "ckpt.pt")
+    config = tiny_config(pos_encoding=scheme, vocab_size=50304)
+    for check in (export_hf.check_exportable, export_gguf.gguf_architecture):
+        with pytest.raises(ValueError, match=f"cannot export a {scheme} model") as err:
+            check(config)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=f"unknown pos_options key.*for pos_encoding '{scheme}'"):
+        tiny_config(pos_encoding=scheme, pos_options={"no_such_option": 1})
+
+
+def test_kerple_refuses_an_unknown_kernel():
+    with pytest.raises(ValueError, match="bad pos_options value 'cubic' for 'kernel' of kerple: choose log or power"):
+        tiny_config(pos_encoding="kerple", pos_options={"kernel": "cubic"})
