@@ -3,7 +3,7 @@
 A scheme acts in exactly one of three places, and the model calls every hook unconditionally:
   embed(pos)                         -> (T, C) added to the token embeddings    learned, sinusoidal
   rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope
-  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5, kerple
+  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5, kerple, fire
 plus `score_mod(layer)`, the FlexAttention form of the same bias, so a GPU never builds a T x T tensor.
 The hooks see the layer index, so a per-layer scheme (NoPE on some layers, another theta on local layers)
 is one class too.
@@ -19,7 +19,8 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
-bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
+bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias), fire (Li et al. 2023, FIRE's MLP of the interpolated
+distance). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
 proportional, direct, abf) is in posenc/rope_scaling.py.
 """
 
@@ -381,6 +382,66 @@ class Kerple(SharedBias):
         return self._score_mod
 
 
+class FIRE(PositionScheme):
+    """FIRE (Li et al. 2023, "Functional Interpolation for Relative Positions Improves Long Context Transformers"):
+    the logit bias of query i for key j <= i is f(psi(i - j) / psi(max(L, i))), psi(x) = log(c * x + 1), with f a small
+    MLP (1 -> hidden, ReLU, -> one output per head) and c, L > 0 learned. Dividing by psi(max(L, i)) is the paper's
+    progressive interpolation: past the threshold L every query sees its distances mapped into [0, 1], the range it
+    was trained on. Positions count from 0.
+
+    Each layer has its own f, c and L (the paper's FIRE); {"shared": true} gives one for all layers (its layerwise
+    sharing). c and L are kept positive by softplus, as Kerple's coefficients; L starts at the training length
+    (`threshold` to choose), c at 1. f's Linears start as every Linear of the model (N(0, 0.02), zero biases), so at
+    init the bias is near zero. It is computed in fp32, outside autocast, whatever the model's dtype.
+
+    The bias depends on i as well as on i - j, so the CPU blocks build it explicitly per block of queries, and with
+    gradients each block's bias is recomputed in backward (posenc/attention.py: checkpointed_blocks); memory stays
+    linear in T. It has no score_mod: on a GPU it takes the same blocks, in fp32.
+    """
+
+    options = {"hidden": 32, "shared": False, "threshold": None}  # the paper's MLP width; threshold None: block_size
+    no_scaling = ("FIRE needs no scaling: its progressive interpolation already maps every distance of a longer "
+                  "sequence into the range it was trained on")
+    no_export = "transformers has no architecture with FIRE's learned MLP bias"
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = self.option_values(config)
+        self.shared = o["shared"]
+        n = 1 if self.shared else config.n_layer
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(1, o["hidden"]), nn.ReLU(), nn.Linear(o["hidden"], config.n_head))
+                                  for _ in range(n))
+        threshold = float(o["threshold"] or config.block_size)
+        self.raw_c = nn.Parameter(inverse_softplus(torch.ones(n)))  # (layers,)
+        self.raw_threshold = nn.Parameter(inverse_softplus(torch.full((n,), threshold)))
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        o = cls.option_values(config)
+        for key, ok, expected in (
+                ("hidden", isinstance(o["hidden"], int) and o["hidden"] >= 1, "an integer >= 1"),
+                ("shared", isinstance(o["shared"], bool), "true or false"),
+                ("threshold", o["threshold"] is None or isinstance(o["threshold"], (int, float)) and o["threshold"] > 0,
+                 "a number > 0, or null for the training length")):
+            if not ok or (key != "shared" and isinstance(o[key], bool)):
+                raise ValueError(f"bad pos_options value {o[key]!r} for {key!r} of fire: expected {expected}")
+
+    def interpolated(self, q_pos, k_pos, layer):
+        """psi(i - j) / psi(max(L, i)), (Tq, Tk) in fp32: the MLP's input."""
+        m = 0 if self.shared else layer
+        c, threshold = F.softplus(self.raw_c[m].float()), F.softplus(self.raw_threshold[m].float())
+        distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()  # future keys are masked
+        return torch.log1p(c * distance) / torch.log1p(c * torch.maximum(q_pos.float(), threshold))[:, None]
+
+    def attn_bias(self, q_pos, k_pos, layer):
+        with torch.autocast(q_pos.device.type, enabled=False):
+            x = self.interpolated(q_pos, k_pos, layer)[..., None]  # (Tq, Tk, 1)
+            first, _, last = self.mlps[0 if self.shared else layer]
+            hidden = F.relu(F.linear(x, first.weight.float(), first.bias.float()))  # (Tq, Tk, hidden)
+            return F.linear(hidden, last.weight.float(), last.bias.float()).permute(2, 0, 1)  # (nh, Tq, Tk)
+
+
 class RoPE(PositionScheme):
     """Rotary position embedding (RoFormer) with partial rotary, both pairings and optional scaling.
 
@@ -619,4 +680,4 @@ def permute_rope_layout(state_dict, config, to_layout):
 
 
 SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE,
-           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple}
+           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple, "fire": FIRE}

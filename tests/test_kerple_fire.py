@@ -16,7 +16,7 @@ import extend_context
 import model as model_module
 from model import GPT
 from posenc import attention
-from posenc.positions import Kerple, inverse_softplus
+from posenc.positions import FIRE, Kerple, inverse_softplus
 from scripts import export_gguf, export_hf
 
 BLOCK = 32  # tiny_config's training length
@@ -65,10 +65,11 @@ def test_kerple_bias_depends_only_on_distance_and_is_one_for_all_layers():
     assert sorted(n for n, _ in scheme.named_parameters()) == ["raw_r1", "raw_r2"]
 
 
-def test_kerple_learns_through_the_blocks_that_keep_memory_linear():
+@pytest.mark.parametrize("scheme", ["kerple", "fire"])
+def test_the_bias_learns_through_blocks_that_keep_memory_linear(scheme):
     """With gradients the bias goes through checkpointed_blocks: each block builds its own slice of the bias
-    (never more rows than the block), and r1, r2 get gradients on every head."""
-    model = randomized(GPT(tiny_config(pos_encoding="kerple", block_size=64)))
+    (never more rows than the block), and every parameter of the scheme gets a gradient."""
+    model = randomized(GPT(tiny_config(pos_encoding=scheme, block_size=64)))
     idx, targets = torch.randint(0, 128, (2, 2, 64)).unbind(0)
     shapes, real = [], attention.causal_mask
 
@@ -81,8 +82,8 @@ def test_kerple_learns_through_the_blocks_that_keep_memory_linear():
     with patch.multiple(attention, BLOCK_ELEMENTS=n, VIEW_ELEMENTS=n), patch.object(attention, "causal_mask", spy):
         model(idx, targets)[1].backward()
     assert shapes and max(s[1] for s in shapes) == 5 and all(s[0] == 4 for s in shapes)
-    for p in (model.transformer.pos.raw_r1, model.transformer.pos.raw_r2):
-        assert p.grad is not None and (p.grad != 0).all()
+    for name, p in model.transformer.pos.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -110,13 +111,83 @@ def test_kerple_power_kernel_cached_decoding_equals_the_full_forward():
     assert_close(cached_logits(model, idx, prefill=5), full, **TIGHT)
 
 
+# ----------------------------------------------------------------------------- fire
+
+def fire(shared=False):
+    """A 4-head, 2-layer FIRE scheme with a 2-unit MLP of known weights: c = 1, L = 8 on every layer, and layer 1's
+    output weights doubled (so layers differ unless shared)."""
+    scheme = FIRE(tiny_config(pos_encoding="fire", pos_options={"hidden": 2, "shared": shared, "threshold": 8}))
+    with torch.no_grad():
+        for m, (first, _, last) in enumerate(scheme.mlps):
+            first.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            first.bias.copy_(torch.tensor([0.0, 0.5]))
+            last.weight.copy_(torch.tensor([[2.0, 1.0], [-1.0, 3.0], [0.5, -2.0], [0.0, 1.0]]) * (1 + m))
+            last.bias.copy_(torch.tensor([0.1, 0.0, -0.2, 0.3]))
+        scheme.raw_c.copy_(inverse_softplus(torch.ones_like(scheme.raw_c)))
+    return scheme
+
+
+def fire_by_the_paper(i, j, head, layer, c=1.0, L=8.0):
+    """The paper's bias with fire()'s weights: f(psi(i - j) / psi(max(L, i))), psi(x) = ln(c x + 1)."""
+    x = math.log(c * (i - j) + 1) / math.log(c * max(L, i) + 1)
+    hidden = [max(0.0, x), max(0.0, -x + 0.5)]
+    w = [[2.0, 1.0], [-1.0, 3.0], [0.5, -2.0], [0.0, 1.0]][head]
+    return (1 + layer) * (w[0] * hidden[0] + w[1] * hidden[1]) + [0.1, 0.0, -0.2, 0.3][head]
+
+
+def test_fire_bias_equals_the_papers_formula_on_hand_computed_cases():
+    scheme = fire()
+    pos = torch.arange(100)
+
+    def ours(i, j, head, layer):
+        return scheme.attn_bias(pos[i:i + 1], pos[j:j + 1], layer)[head, 0, 0].item()
+
+    # by hand: i = 3, j = 0: x = ln 4 / ln 9 = 0.630930, hidden (0.630930, 0); head 0: 2x + 0.1
+    assert ours(3, 0, 0, 0) == pytest.approx(1.361860, abs=1e-5)
+    # i = 20 > L: x = ln 11 / ln 21 = 0.787610; head 1: -x + 3 * 0 = -0.787610; layer 1 doubles the weights
+    assert ours(20, 10, 1, 0) == pytest.approx(-0.787610, abs=1e-5)
+    assert ours(20, 10, 1, 1) == pytest.approx(-1.575220, abs=1e-5)
+    for i, j in [(0, 0), (5, 2), (7, 7), (8, 1), (20, 17), (99, 0), (99, 98), (40, 30)]:
+        for head in range(4):
+            for layer in range(2):
+                assert ours(i, j, head, layer) == pytest.approx(fire_by_the_paper(i, j, head, layer), abs=1e-5)
+    # below L the bias is one of the distance (i = 5 and 3 at distance 3), past it the distance is interpolated
+    assert ours(5, 2, 0, 0) == pytest.approx(ours(3, 0, 0, 0), abs=1e-6)
+    assert ours(20, 17, 0, 0) < ours(5, 2, 0, 0) - 0.2
+
+
+def test_fire_shared_is_one_mlp_for_every_layer():
+    shared, own = fire(shared=True), fire()
+    pos = torch.arange(40)
+    assert len(shared.mlps) == 1 and len(own.mlps) == 2
+    assert_close(shared.attn_bias(pos, pos, 1), shared.attn_bias(pos, pos, 0), atol=0, rtol=0)
+    assert not torch.allclose(own.attn_bias(pos, pos, 1), own.attn_bias(pos, pos, 0))
+
+
+def test_fire_bias_stays_fp32_under_autocast_and_in_a_bf16_model():
+    scheme = fire().to(torch.bfloat16)
+    pos = torch.arange(40)
+    with torch.autocast("cpu", torch.bfloat16):
+        bias = scheme.attn_bias(pos, pos, 0)
+    assert bias.dtype == torch.float32
+    assert bias[0, 3, 0].item() == pytest.approx(1.361860, abs=1e-2)  # the weights were rounded to bf16
+
+
+def test_fire_options_are_checked_in_one_line():
+    for options, words in [({"hidden": 0}, "'hidden' of fire: expected an integer >= 1"),
+                           ({"shared": 1}, "'shared' of fire: expected true or false"),
+                           ({"threshold": -3}, "'threshold' of fire: expected a number > 0")]:
+        with pytest.raises(ValueError, match=words):
+            tiny_config(pos_encoding="fire", pos_options=options)
+
+
 # ----------------------------------------------------------------------------- refusals, in one line each
 
 def scaling(rope_type):
     return {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": BLOCK}
 
 
-@pytest.mark.parametrize("scheme, words", [("kerple", "Kerple needs no scaling")])
+@pytest.mark.parametrize("scheme, words", [("kerple", "Kerple needs no scaling"), ("fire", "FIRE needs no scaling")])
 def test_scaling_export_and_bad_options_are_refused_in_one_line(scheme, words):
     with pytest.raises(ValueError, match=f"cannot use rope_scaling 'linear': {words}"):
         tiny_config(pos_encoding=scheme, rope_scaling=scaling("linear"))
