@@ -2,7 +2,7 @@
 
 A scheme acts in exactly one of three places, and the model calls every hook unconditionally:
   embed(pos)                         -> (T, C) added to the token embeddings    learned, sinusoidal
-  rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope
+  rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope, xpos
   attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5, kerple, fire
 plus `score_mod(layer)`, the FlexAttention form of the same bias, so a GPU never builds a T x T tensor.
 The hooks see the layer index, so a per-layer scheme (NoPE on some layers, another theta on local layers)
@@ -20,7 +20,7 @@ Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
 bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias), fire (Li et al. 2023, FIRE's MLP of the interpolated
-distance). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
+distance), xpos (Sun et al. 2022, RoPE with an exponential decay). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
 proportional, direct, abf) is in posenc/rope_scaling.py.
 """
 
@@ -503,6 +503,7 @@ class RoPE(PositionScheme):
         return apply_rope(q, cos, sin, self.layout), apply_rope(k, cos, sin, self.layout)
 
     self_extend = None  # (window, group) once set_self_extend is called: an inference option, not a trained one
+    no_self_extend = None  # why Self-Extend cannot run on this rotary scheme; None: it can
 
     def attend(self, q, k, v, q_pos, k_pos, layer):
         if self.self_extend is None:
@@ -545,6 +546,8 @@ def set_self_extend(model, window, group):
     scheme = model.transformer.pos
     if not isinstance(scheme, RoPE):
         raise ValueError(f"Self-Extend regroups RoPE positions; this model has {model.config.pos_encoding!r} positions")
+    if scheme.no_self_extend:
+        raise ValueError(f"Self-Extend cannot run on this {model.config.pos_encoding} model: {scheme.no_self_extend}")
     if length_dependent(scheme.scaling):
         raise ValueError(f"Self-Extend keeps the model's frequencies, but {scheme.scaling['rope_type']!r} changes them "
                          "with the length: use a fixed scaling or none")
@@ -656,6 +659,63 @@ class RoPENoPE(RoPE):
         return None if layer in self.nope else super().attend(q, k, v, q_pos, k_pos, layer)
 
 
+class XPos(RoPE):
+    """xPos (Sun et al. 2022, "A Length-Extrapolatable Transformer"): RoPE whose pair i of the query at position m is
+    also scaled by zeta_i^(m / gamma) and of the key at n by zeta_i^(-n / gamma), zeta_i = (2i + 0.4 d) / (1.4 d) for
+    the d rotated dims, gamma = scale_base (512, the paper's). A score q·k then carries zeta_i^((m - n) / gamma): an
+    exponential decay with the distance, per frequency, the faster the lower the pair. Causal only, as its authors
+    note (a future key would grow instead).
+
+    The scales count from position 0, the paper's formula, so cached keys keep theirs and decoding equals the full
+    forward. That bounds the length: the key scale zeta_0^(-n / gamma) must stay inside fp32's range, so max_len is
+    where it reaches 2^120 (34k tokens at gamma 512), and a longer input is refused in one line. (x-transformers
+    and torchscale count from the middle of each call instead: the same scores, but keys cached under one center
+    are wrong under the next.) The rotation is RoPE's, with its layouts and partial rotary; the scales multiply
+    cos and sin, formed in float64 as RoPE's angles.
+    """
+
+    options = {"scale_base": 512}  # gamma
+    rope_types = ()
+    no_scaling = ("no RoPE scaling is defined for xPos: its decay zeta^((m - n) / gamma) is part of the model, and the "
+                  "rope scalings stretch the rotation alone; it runs past its training length as it is")
+    no_export = "transformers has no architecture with xPos's decay on the queries and keys"
+    no_self_extend = "it regroups the rotation's positions but not xPos's decay"
+    FP32_RANGE = 120 * math.log(2)  # the largest log-scale kept: 2^120, with room below fp32's 2^128 for q and k
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scale_base = self.option_values(config)["scale_base"]
+        d = self.rot_dim
+        self.register_buffer("zeta", (torch.arange(0, d, 2, dtype=torch.float64) + 0.4 * d) / (1.4 * d),
+                             persistent=False)  # (d / 2,)
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        gamma = cls.option_values(config)["scale_base"]
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
+            raise ValueError(f"bad pos_options value {gamma!r} for 'scale_base' of xpos: expected a number > 0")
+
+    @property
+    def max_len(self):
+        return int(self.scale_base * self.FP32_RANGE / -math.log(self.zeta[0].item()))
+
+    def too_long(self, seq_len):
+        return (f"sequence of {seq_len} tokens is longer than xPos runs ({self.max_len}): its key scale "
+                f"zeta^(-n / {self.scale_base}) leaves fp32's range there; train with a larger scale_base to run longer")
+
+    def scales(self, pos):
+        """zeta^(pos / gamma), (..., T, d / 2) in fp32 from float64 exponents."""
+        return torch.exp(pos.to(torch.float64)[..., None] / self.scale_base * self.zeta.log()).float()
+
+    def rotate(self, q, k, pos, layer):
+        cos, sin, scale = self.cos[pos], self.sin[pos], self.scales(pos)  # (T, d / 2) or (B, T, d / 2)
+        if pos.dim() == 2:
+            cos, sin, scale = cos[:, None], sin[:, None], scale[:, None]  # (B, 1, T, d / 2): the same for every head
+        q = apply_rope(q, cos * scale, sin * scale, self.layout)
+        return q, apply_rope(k, cos / scale, sin / scale, self.layout)
+
+
 def layout_permutation(head_dim, rot_dim, to_layout):
     """Index list p with W_new = W_old[p] (per head) converting q/k rows between the two RoPE pairings."""
     to_half = list(range(0, rot_dim, 2)) + list(range(1, rot_dim, 2))  # interleaved -> half
@@ -680,4 +740,4 @@ def permute_rope_layout(state_dict, config, to_layout):
 
 
 SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE,
-           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple, "fire": FIRE}
+           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple, "fire": FIRE, "xpos": XPos}

@@ -1,6 +1,7 @@
-"""Learned distance biases from the length-generalization papers: Kerple (Chi et al. 2022) and FIRE (Li et al. 2023).
-No maintained package implements them, so each bias is checked against its paper's formula written out here, on
-hand-computed cases. The registry tests (test_model, test_kv_cache, test_train, test_explain, ...) run them too;
+"""The schemes the length-generalization papers compare against: Kerple (Chi et al. 2022), FIRE (Li et al. 2023),
+xPos (Sun et al. 2022). Kerple and FIRE are in no maintained package, so each bias is checked against its paper's
+formula written out here, on hand-computed cases; xPos against x-transformers' rotary-with-xpos functions (a
+test-only reference). The registry tests (test_model, test_kv_cache, test_train, test_explain, ...) run them too;
 the blocked attention against the whole bias, with gradients, is in test_long_context."""
 
 import math
@@ -16,7 +17,7 @@ import extend_context
 import model as model_module
 from model import GPT
 from posenc import attention
-from posenc.positions import FIRE, Kerple, inverse_softplus
+from posenc.positions import FIRE, Kerple, RoPE, XPos, inverse_softplus, set_self_extend
 from scripts import export_gguf, export_hf
 
 BLOCK = 32  # tiny_config's training length
@@ -181,13 +182,98 @@ def test_fire_options_are_checked_in_one_line():
             tiny_config(pos_encoding="fire", pos_options=options)
 
 
+# ----------------------------------------------------------------------------- xpos
+
+def xpos(T, scale_base=512, **overrides):
+    """An xPos scheme with tables for T positions: interleaved pairs and half the head rotated, as x-transformers'."""
+    config = tiny_config(pos_encoding="xpos", rope_layout="interleaved", rotary_fraction=0.5,
+                         pos_options={"scale_base": scale_base}, **overrides)
+    scheme = XPos(config)
+    scheme.prepare(T, torch.device("cpu"))
+    return scheme
+
+
+def scheme_config(scheme):
+    """The config of a plain RoPE with the scheme's rotation (its layout and rotated fraction)."""
+    return tiny_config(pos_encoding="rope", rope_layout=scheme.layout, rotary_fraction=0.5)
+
+
+# Ours against x-transformers' RotaryEmbedding(use_xpos=True) and apply_rotary_pos_emb (query scale, key scale^-1),
+# run in float64: the causal scores q·k of random q, k (entries N(0, 1), 8 dims a head, 4 rotated; scores up to ~20)
+# agree to 2.2e-6 (gamma 512) and 1.7e-6 (gamma 32) over 300 positions; the tolerance, 1e-5, is fp32 rounding of
+# our rotation and scales (2^-24 relative on each of q and k) with room. x-transformers counts the scale from the
+# middle of the sequence, we from 0: q·k is the same, which is the point of comparing scores.
+@pytest.mark.parametrize("scale_base", [512, 32])
+def test_xpos_scores_equal_x_transformers(scale_base):
+    xt = pytest.importorskip("x_transformers.x_transformers")
+    T = 300
+    scheme = xpos(T, scale_base)
+    q, k, pos = torch.randn(2, 4, T, 8), torch.randn(2, 4, T, 8), torch.arange(T)
+    rq, rk = scheme.rotate(q, k, pos, 0)
+    ours = rq @ rk.transpose(-2, -1)  # (B, nh, T, T)
+    rotary = xt.RotaryEmbedding(scheme.rot_dim, use_xpos=True, scale_base=scale_base).double()
+    freqs, scale = rotary(pos)
+    theirs = xt.apply_rotary_pos_emb(q.double(), freqs, scale) @ xt.apply_rotary_pos_emb(k.double(), freqs, scale ** -1
+                                                                                         ).transpose(-2, -1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert_close(ours.double()[..., causal], theirs[..., causal], atol=1e-5, rtol=0)
+    plain = RoPE(scheme_config(scheme))
+    plain.prepare(T, torch.device("cpu"))
+    pq, pk = plain.rotate(q, k, pos, 0)
+    rope_scores = pq @ pk.transpose(-2, -1)
+    assert not torch.allclose(rope_scores.double()[..., causal], theirs[..., causal], atol=1e-2)  # the decay shows
+
+
+def test_xpos_score_depends_only_on_distance_and_is_ropes_times_the_papers_decay():
+    """Shifted by 20000 positions, the scores of random q, k are the same (fp32 scales: 1e-4); and with q and k
+    nonzero in one rotated pair i only, the score is plain RoPE's times zeta_i^((m - n) / gamma), zeta_i =
+    (2i + 0.4 d) / (1.4 d) (the paper's, written out here; d = 4 rotated dims, gamma = 512)."""
+    scheme = xpos(20300)
+    plain = RoPE(scheme_config(scheme))
+    plain.prepare(300, torch.device("cpu"))
+    q, k, pos = torch.randn(1, 4, 300, 8), torch.randn(1, 4, 300, 8), torch.arange(300)
+
+    def scores(s, q, k, p):
+        rq, rk = s.rotate(q, k, p, 0)
+        return (rq @ rk.transpose(-2, -1)).tril()
+
+    assert_close(scores(scheme, q, k, pos + 20000), scores(scheme, q, k, pos), atol=1e-4, rtol=1e-4)
+    d = 4
+    for i in range(d // 2):  # interleaved: pair i is dims 2i, 2i + 1
+        one_pair = torch.zeros(8)
+        one_pair[2 * i:2 * i + 2] = 1.0
+        qi, ki = q * one_pair, k * one_pair
+        zeta = (2 * i + 0.4 * d) / (1.4 * d)
+        distance = (pos[:, None] - pos[None, :]).clamp(min=0).double()
+        assert_close(scores(scheme, qi, ki, pos).double(), scores(plain, qi, ki, pos).double() * zeta ** (distance / 512),
+                     atol=1e-5, rtol=1e-5)
+
+
+def test_xpos_refuses_past_fp32s_range_in_one_line():
+    scheme = XPos(tiny_config(pos_encoding="xpos"))
+    assert 33_000 < scheme.max_len < 35_000  # 512 * 120 ln 2 / ln(1.4 / 0.4)
+    with pytest.raises(ValueError, match=r"longer than xPos runs \(\d+\): its key scale .* larger scale_base") as err:
+        scheme.check_length(scheme.max_len + 1)
+    assert "\n" not in str(err.value)
+    scheme.prepare(scheme.max_len, torch.device("cpu"))
+    far = torch.tensor([0, scheme.max_len - 1])
+    rq, rk = scheme.rotate(torch.ones(1, 1, 2, 32), torch.ones(1, 1, 2, 32), far, 0)
+    assert torch.isfinite(rq).all() and torch.isfinite(rk).all() and (rq[..., 1, :].abs() > 0).any()
+
+
+def test_xpos_refuses_self_extend_in_one_line(tiny):
+    with pytest.raises(ValueError, match="Self-Extend cannot run on this xpos model: .*not xPos's decay"):
+        set_self_extend(tiny(pos_encoding="xpos"), 8, 2)
+
+
 # ----------------------------------------------------------------------------- refusals, in one line each
 
 def scaling(rope_type):
     return {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": BLOCK}
 
 
-@pytest.mark.parametrize("scheme, words", [("kerple", "Kerple needs no scaling"), ("fire", "FIRE needs no scaling")])
+@pytest.mark.parametrize("scheme, words", [("kerple", "Kerple needs no scaling"), ("fire", "FIRE needs no scaling"),
+                                           ("xpos", "no RoPE scaling is defined for xPos")])
 def test_scaling_export_and_bad_options_are_refused_in_one_line(scheme, words):
     with pytest.raises(ValueError, match=f"cannot use rope_scaling 'linear': {words}"):
         tiny_config(pos_encoding=scheme, rope_scaling=scaling("linear"))
