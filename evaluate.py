@@ -7,9 +7,9 @@
     python evaluate.py --ckpt=out/cpu_alibi/ckpt.pt --tasks=ppl --ppl_mode=nonoverlapping  # Press et al.'s windows
 
 For one or more checkpoints, on held-out documents of a prepared corpus, runs the tasks of posenc/eval_tasks.py (loss by
-position, perplexity in sliding or non-overlapping windows, short-context loss, passkey, recall) and writes <out_dir>/results.json
-(every number), summary.md (tables) and PNG plots (if matplotlib is installed). With --resume, a model whose
-checkpoint and settings are unchanged since the last run is not evaluated again.
+position, perplexity in sliding or non-overlapping windows, short-context loss, passkey, recall) and writes
+<out_dir>/results.json (every number), summary.md (tables) and PNG plots (if matplotlib is installed). With
+--resume, a model whose checkpoint and settings are unchanged since the last run is not evaluated again.
 """
 
 import json
@@ -71,8 +71,8 @@ class EvalConfig:
                               "fractions in [0, 1], e.g. 0,0.5,1")
         check_self_extend_flag(self.self_extend)
         if self.ppl_mode == "nonoverlapping" and self.stride:
-            raise ConfigError(f"stride={self.stride} slides the windows, but ppl_mode=nonoverlapping sets the stride to "
-                              "the window: give one of them")
+            raise ConfigError(f"stride={self.stride} slides the windows, but ppl_mode=nonoverlapping sets the stride "
+                              "to the window: give one of them")
         unknown = set(self.tasks) - set(TASKS)
         if unknown or not self.tasks:
             raise ConfigError(f"bad value {','.join(self.tasks)!r} for config key 'tasks': choose from {', '.join(TASKS)}")

@@ -65,10 +65,10 @@ def default_stride(window):
 # (PI, YaRN, LongRoPE evaluate so); non-overlapping cuts each document into windows of W, so a token sees 0 to W - 1
 # tokens of context (Press et al. 2021's tables; a higher perplexity at the same W). Compare with a paper in its mode.
 PPL_MODES = {  # mode -> (the title of its tables, how its windows are scored)
-    "sliding": ("Sliding-window perplexity", "windows of W tokens slid by S (by default min(256, W/2)), only the last S "
-                "targets of each window scored"),
-    "nonoverlapping": ("Non-overlapping-window perplexity", "windows of W tokens that do not overlap (stride S = W), every "
-                       "target of each window scored, as in Press et al.'s tables"),
+    "sliding": ("Sliding-window perplexity", "windows of W tokens slid by S (by default min(256, W/2)), only the "
+                "last S targets of each window scored"),
+    "nonoverlapping": ("Non-overlapping-window perplexity", "windows of W tokens that do not overlap (stride S = W), "
+                       "every target of each window scored, as in Press et al.'s tables"),
 }
 
 

@@ -127,8 +127,9 @@ def results_markdown(results):
         strides = {e["window"]: e.get("stride", default_stride(e["window"])) for e in first}
         title, how = PPL_MODES[ppl_mode_of(first)]
         out += ["", f"## {title}", "",
-                f"{how.capitalize()}: every window size scores the same {n.get('n_tokens', '?')} tokens "
-                f"of {n.get('n_docs', '?')} documents." + (f" Mean ± std across {n_seeds} seeds." if n_seeds > 1 else ""),
+                f"{how[0].upper() + how[1:]}: every window size scores the same {n.get('n_tokens', '?')} tokens "
+                f"of {n.get('n_docs', '?')} documents."
+                + (f" Mean ± std across {n_seeds} seeds." if n_seeds > 1 else ""),
                 ""]
         names, note = whole_window(models, ks)
         rows = [[name] + [_cell(e, lambda e: _pm(e, "ppl", 2, n_seeds, spread=None)) for e in models[k]["ppl"]]

@@ -19,9 +19,9 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
-bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias), fire (Li et al. 2023, FIRE's MLP of the interpolated
-distance), xpos (Sun et al. 2022, RoPE with an exponential decay). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
-proportional, direct, abf) is in posenc/rope_scaling.py.
+bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias), fire (Li et al. 2023, an MLP of
+the interpolated distance), xpos (Sun et al. 2022, RoPE with an exponential decay). RoPE scaling (linear = Position
+Interpolation, ntk, dynamic, yarn, llama3, longrope, proportional, direct, abf) is in posenc/rope_scaling.py.
 """
 
 import math
@@ -348,7 +348,8 @@ class Kerple(SharedBias):
         super().check_config(config)
         kernel = cls.option_values(config)["kernel"]
         if kernel not in cls.KERNELS:
-            raise ValueError(f"bad pos_options value {kernel!r} for 'kernel' of kerple: choose {' or '.join(cls.KERNELS)}")
+            raise ValueError(f"bad pos_options value {kernel!r} for 'kernel' of kerple: choose "
+                             f"{' or '.join(cls.KERNELS)}")
 
     def coefficients(self):
         """(r1, r2), each (nh,) in fp32 and > 0."""
@@ -409,8 +410,10 @@ class FIRE(PositionScheme):
         o = self.option_values(config)
         self.shared = o["shared"]
         n = 1 if self.shared else config.n_layer
-        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(1, o["hidden"]), nn.ReLU(), nn.Linear(o["hidden"], config.n_head))
-                                  for _ in range(n))
+        hidden = o["hidden"]
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, config.n_head))
+                                  for _ in range(n))  # f of each layer, or of all
+
         threshold = float(o["threshold"] or config.block_size)
         self.raw_c = nn.Parameter(inverse_softplus(torch.ones(n)))  # (layers,)
         self.raw_threshold = nn.Parameter(inverse_softplus(torch.full((n,), threshold)))
@@ -702,7 +705,8 @@ class XPos(RoPE):
 
     def too_long(self, seq_len):
         return (f"sequence of {seq_len} tokens is longer than xPos runs ({self.max_len}): its key scale "
-                f"zeta^(-n / {self.scale_base}) leaves fp32's range there; train with a larger scale_base to run longer")
+                f"zeta^(-n / {self.scale_base}) leaves fp32's range there; train with a larger scale_base to run "
+                "longer")
 
     def scales(self, pos):
         """zeta^(pos / gamma), (..., T, d / 2) in fp32 from float64 exponents."""

@@ -245,8 +245,8 @@ def test_xpos_score_depends_only_on_distance_and_is_ropes_times_the_papers_decay
         qi, ki = q * one_pair, k * one_pair
         zeta = (2 * i + 0.4 * d) / (1.4 * d)
         distance = (pos[:, None] - pos[None, :]).clamp(min=0).double()
-        assert_close(scores(scheme, qi, ki, pos).double(), scores(plain, qi, ki, pos).double() * zeta ** (distance / 512),
-                     atol=1e-5, rtol=1e-5)
+        by_the_paper = scores(plain, qi, ki, pos).double() * zeta ** (distance / 512)
+        assert_close(scores(scheme, qi, ki, pos).double(), by_the_paper, atol=1e-5, rtol=1e-5)
 
 
 def test_xpos_refuses_past_fp32s_range_in_one_line():
