@@ -4,11 +4,12 @@
     python evaluate.py --ckpt=out/cpu_rope/ckpt.pt --rope_scaling='{"rope_type": "dynamic", "factor": 4,
         "original_max_position_embeddings": 256}' --tasks=ppl,passkey      # a training-free scaling
     python evaluate.py --ckpt=out/cpu_rope/ckpt.pt --self_extend=64,5      # Self-Extend: W=64, G=5, training-free
+    python evaluate.py --ckpt=out/cpu_alibi/ckpt.pt --tasks=ppl --ppl_mode=nonoverlapping  # Press et al.'s windows
 
 For one or more checkpoints, on held-out documents of a prepared corpus, runs the tasks of posenc/eval_tasks.py (loss by
-position, sliding-window perplexity, short-context loss, passkey, recall) and writes <out_dir>/results.json
-(every number), summary.md (tables) and PNG plots (if matplotlib is installed). With --resume, a model whose
-checkpoint and settings are unchanged since the last run is not evaluated again.
+position, perplexity in sliding or non-overlapping windows, short-context loss, passkey, recall) and writes
+<out_dir>/results.json (every number), summary.md (tables) and PNG plots (if matplotlib is installed). With
+--resume, a model whose checkpoint and settings are unchanged since the last run is not evaluated again.
 """
 
 import json
@@ -47,6 +48,8 @@ class EvalConfig:
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key sits, as a fraction of the filler
     short_windows: int = 64  # windows of the base length for the short-context loss
     stride: int = 0  # sliding-window stride of ppl; 0: min(256, W / 2) as the papers; larger than W: W (no overlap)
+    ppl_mode: Literal["sliding", "nonoverlapping"] = "sliding"  # ppl's windows (eval_tasks.PPL_MODES); nonoverlapping:
+    #                                                             Press et al.'s, stride W
     recall_trials: int = 16  # probes per distance
     span_len: int = 16  # recall: tokens in the repeated span
     recall_kind: Literal["random", "text"] = "random"  # span of random tokens (only copying predicts it) or text
@@ -67,6 +70,9 @@ class EvalConfig:
             raise ConfigError(f"bad value {self.passkey_depths!r} for config key 'passkey_depths': expected "
                               "fractions in [0, 1], e.g. 0,0.5,1")
         check_self_extend_flag(self.self_extend)
+        if self.ppl_mode == "nonoverlapping" and self.stride:
+            raise ConfigError(f"stride={self.stride} slides the windows, but ppl_mode=nonoverlapping sets the stride "
+                              "to the window: give one of them")
         unknown = set(self.tasks) - set(TASKS)
         if unknown or not self.tasks:
             raise ConfigError(f"bad value {','.join(self.tasks)!r} for config key 'tasks': choose from {', '.join(TASKS)}")
@@ -75,8 +81,10 @@ class EvalConfig:
         """What a result depends on besides the checkpoint: a change means evaluating again."""
         keep = ("max_len", "data_dir", "tasks", "n_docs", "passkey_trials", "recall_trials", "span_len", "seed",
                 "recall_kind", "dtype", "passkey_depths", "stride", "short_windows")
-        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len,
-                                                                         "format": RESULTS_FORMAT}))
+        # ppl_mode only when not the default, so results from before the mode existed are still reused
+        mode = {"ppl_mode": self.ppl_mode} if self.ppl_mode != "sliding" else {}
+        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | mode | {"base_len": base_len,
+                                                                                "format": RESULTS_FORMAT}))
 
 
 def load_models(models, labels=(), device="cpu", rope_scaling=None, self_extend=()):
@@ -124,7 +132,7 @@ def eval_data(cfg: EvalConfig, base_len: int) -> tuple[EvalData, str]:
                     tokenizer=tokenizer, max_len=cfg.max_len, base_len=base_len, lengths=lengths, distances=distances,
                     prefix_len=prefix, span_len=cfg.span_len, batch_size=cfg.batch_size,
                     passkey_trials=cfg.passkey_trials, recall_trials=cfg.recall_trials, recall_kind=cfg.recall_kind,
-                    seed=cfg.seed, passkey_depths=cfg.passkey_depths, stride=cfg.stride,
+                    seed=cfg.seed, passkey_depths=cfg.passkey_depths, stride=cfg.stride, ppl_mode=cfg.ppl_mode,
                     short_windows=cfg.short_windows)
     return data, note
 

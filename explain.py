@@ -90,7 +90,8 @@ def frequencies_of(model, scaling="own", seq_len=None):
 def scalings_for(model, trained_len, max_len):
     """label -> rope_scaling of every registered method applied to the model's training length (the training-
     free view), for a RoPE model that has no scaling of its own."""
-    if not isinstance(model.transformer.pos, RoPE) or model.config.rope_scaling:
+    scheme = model.transformer.pos
+    if not isinstance(scheme, RoPE) or not scheme.rope_types or model.config.rope_scaling:  # xPos takes no scaling
         return {}
     factor = max_len / trained_len
     return {ROPE_SCALING[m].label: scaling_dict(m, factor, trained_len) for m in ROPE_SCALING}

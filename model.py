@@ -43,7 +43,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linears and LayerNorms: GPT-2 had them; a bit better and faster without
-    pos_encoding: str = "rope"  # positions.SCHEMES: learned | sinusoidal | alibi | rope | none | rope_nope | t5
+    pos_encoding: str = "rope"  # a key of positions.SCHEMES (docs/schemes.md describes each)
     pos_options: dict | None = None  # the scheme's own settings, e.g. {"nope_interval": 2} (its `options`)
     rope_theta: float = 10000.0  # RoPE base
     rope_layout: Literal["half", "interleaved"] = "half"  # half: GPT-NeoX / Hugging Face; interleaved: Meta / GPT-J

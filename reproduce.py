@@ -6,6 +6,8 @@
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
     python reproduce.py --schemes=+rope_nope,t5  # the five schemes and these two (--schemes=rope,alibi: only those)
+    python reproduce.py --nonoverlapping=true  # also perplexity in non-overlapping windows, Press et al.'s mode,
+                                               # which the comparison with the papers then uses
     python reproduce.py --rescues=all    # also the direct fine-tune (the control), ABF, PoSE, DroPE, Self-Extend
                                          # and searched LongRoPE (training-free and fine-tuned), and a rescue
                                          # table comparing every rescue (or --rescues=pose,abf)
@@ -41,13 +43,15 @@ from posenc.config import ConfigError, at_least, check_fields, parse
 from posenc.data import load_meta
 from posenc.jobs import Job, run_jobs
 from posenc.papers import RESCUE, nearest
-from posenc.plots import plot_headline, plot_rescues, seeds, whole_window
+from posenc.eval_tasks import PPL_MODES
+from posenc.plots import plot_headline, plot_rescues, ppl_mode_of, seeds, whole_window
 from posenc.positions import SCHEMES
 from posenc.rope_scaling import ROPE_SCALING, scaling_dict
 from posenc.run_folder import holds_run, write_atomic
 from posenc.run_stats import compute, differs, merge_seeds
 
 ROOT = Path(__file__).resolve().parent
+NONOVERLAPPING = "eval_nonoverlapping"  # the folder of the ppl task in non-overlapping windows (--nonoverlapping)
 DEFAULT_SCHEMES = ("learned", "sinusoidal", "alibi", "rope", "none")  # trained unless --schemes says otherwise
 EXTENDED = "rope"  # the scheme whose context is extended
 
@@ -71,6 +75,7 @@ class ReproduceConfig:
     extend_steps: int = 0  # fine-tuning steps of the extensions; 0: the scale's
     extend: dict | None = None  # extend_context.py keys over the scale's, e.g. {"compile": false}
     eval: dict | None = None  # evaluate.py keys over the scale's, e.g. {"n_docs": 2, "passkey_trials": 1}
+    nonoverlapping: bool = False  # also ppl in non-overlapping windows (eval_nonoverlapping/), beside the sliding ones
 
     def __post_init__(self):
         check_fields(self)
@@ -322,10 +327,16 @@ def why(run_dir):
     return out
 
 
-def write_experiment_report(scale, run_dir, stages, command, results, wall=None, rescues=()):
-    """report.md: what ran, on what, with how much compute and time, then the evaluation's tables and plots."""
+def write_experiment_report(scale, run_dir, stages, command, results, wall=None, rescues=(), nonoverlapping=None):
+    """report.md: what ran, on what, with how much compute and time, then the evaluation's tables and plots.
+    nonoverlapping: the merged results of the ppl task in non-overlapping windows, if it ran: its table joins the
+    report, and the comparison with the papers uses it (their mode)."""
     run_dir = Path(run_dir)
-    summary = (run_dir / "eval" / "summary.md").read_text()
+    summary = (run_dir / "eval" / "summary.md").read_text().replace("](", "](eval/")  # its plots, from here
+    if nonoverlapping:  # its table (titled by the mode) and plot just before the sliding-window ones
+        table = (run_dir / NONOVERLAPPING / "summary.md").read_text().split("\n## ", 1)[1]
+        block, sliding = "\n## " + table.replace("](", f"]({NONOVERLAPPING}/"), "\n## " + PPL_MODES["sliding"][0]
+        summary = summary.replace(sliding, block + sliding, 1) if sliding in summary else summary + block
     meta = load_meta(scale.data_dir)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     total = sum(s["seconds"] for s in stages.done.values())
@@ -355,10 +366,10 @@ def write_experiment_report(scale, run_dir, stages, command, results, wall=None,
         "",
         *(rescue_table(results, scale, stages, rescues) if rescues else []),
         *(rescue_figure(results, scale, run_dir, rescues) if rescues else []),
-        *beside_the_papers(results, scale, train_tokens), "",
+        *beside_the_papers(nonoverlapping or results, scale, train_tokens), "",
         *observations(results), "",
         *why(run_dir), "",
-        summary.replace("](", "](eval/").replace("# Long-context evaluation", "## Evaluation", 1),
+        summary.replace("# Long-context evaluation", "## Evaluation", 1),
     ]
     (run_dir / "report.md").write_text("\n".join(lines))
     print(f"wrote {run_dir / 'report.md'}")
@@ -480,8 +491,9 @@ def beside_the_papers(results, scale, tokens):
     what the extended scheme trained on."""
     params = results["models"][EXTENDED]["params"]
     ks = sorted({k for label in results["models"] for k in ratios(results, label)} - {1})
+    mode = ppl_mode_of(results["models"][EXTENDED]["ppl"])
     out = ["## Beside the papers", "",
-           "Perplexity at k·L over perplexity at L. Ours: sliding windows (stride min(256, W/2)) on "
+           f"Perplexity at k·L over perplexity at L. Ours: {PPL_MODES[mode][1]}, on "
            f"{results['documents']['source']}; Press et al.: non-overlapping windows on WikiText-103, at their "
            "evaluation length nearest to k·L (that multiple of their L in brackets; — : not in their tables).", "",
            "| scheme | " + " | ".join(f"ours {k}L | paper" for k in ks) + " |", "|---|" + "---|---|" * len(ks)]
@@ -507,8 +519,11 @@ def beside_the_papers(results, scale, tokens):
             + "; ".join(f"{who}: {what}" for who, what in RESCUE) + ".", "",
             "Our shape against theirs, scheme by scheme: " + "; ".join(differences) + ".", "",
             f"Where we differ: our models have {params / 1e6:.1f}M parameters trained on {tokens / 1e6:.1f}M tokens "
-            f"({tokens / params:.1f} per parameter), not 247M on WikiText-103 or 7B LLaMAs; our windows slide "
-            "(every scored token sees at least W − S of context) where Press et al.'s do not; and our fine-tunes "
+            f"({tokens / params:.1f} per parameter), not 247M on WikiText-103 or 7B LLaMAs; "
+            + ("our windows slide (every scored token sees at least W − S of context) where Press et al.'s do not "
+               "(--nonoverlapping=true measures in theirs); " if mode == "sliding" else
+               "our windows, as Press et al.'s, do not overlap; ")
+            + "and our fine-tunes "
             f"run {scale.extend_steps} steps at {scale.factor}L, where PI and YaRN train hundreds of steps on "
             "billions of tokens. The shapes, not the values, are what carry over."]
     return out
@@ -625,9 +640,9 @@ def search_stage(scale, seed_folder):
 
 
 def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, reference="",
-        schemes=DEFAULT_SCHEMES, rescues=()):
-    """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers, schemes: see
-    ReproduceConfig (the tests run in this process, workers=1); rescues: names in RESCUES."""
+        schemes=DEFAULT_SCHEMES, rescues=(), nonoverlapping=False):
+    """Every stage of the experiment at one scale, for each seed; finished stages are skipped. workers, schemes,
+    nonoverlapping: see ReproduceConfig (the tests run in this process, workers=1); rescues: names in RESCUES."""
     t0, run_dir = time.time(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir)
@@ -655,6 +670,11 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
         models = models_to_evaluate(scale, seed_dir(run_dir, s), schemes, rescues)
         stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
                    lambda c=eval_cfg, m=models: evaluate.run_tasks(m, c) and None)
+        if nonoverlapping:  # the ppl task alone, in Press et al.'s mode, on the same documents
+            c = dataclasses.replace(eval_cfg, tasks=("ppl",), ppl_mode="nonoverlapping", stride=0,
+                                    out_dir=str(seed_dir(run_dir, s) / NONOVERLAPPING))
+            stages.run(f"non-overlapping perplexity (seed {s})" + (f" with {', '.join(added)}" if added else ""),
+                       lambda c=c, m=models: evaluate.run_tasks(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
             n_docs = min(explain.ExplainConfig.n_docs, scale.eval.get("n_docs", explain.ExplainConfig.n_docs))
             cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len, n_docs=n_docs,
@@ -663,7 +683,12 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
     per_seed = [json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list]
     results = merge_seeds(one_reference(per_seed, reference or tuned_label(FINE_TUNED[0])))
     evaluate.write_results(results, run_dir / "eval")
-    write_experiment_report(scale, run_dir, stages, command, results, time.time() - t0, rescues)
+    disjoint = None
+    if nonoverlapping:
+        disjoint = merge_seeds([json.loads((seed_dir(run_dir, s) / NONOVERLAPPING / "results.json").read_text())
+                                for s in seed_list])
+        evaluate.write_results(disjoint, run_dir / NONOVERLAPPING)
+    write_experiment_report(scale, run_dir, stages, command, results, time.time() - t0, rescues, disjoint)
     return run_dir / "report.md"
 
 
@@ -681,7 +706,7 @@ def main(argv=None):
     cfg = parse(ReproduceConfig, argv, doc=__doc__)
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
     return run(scale_of(cfg), Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
-               cfg.reference, cfg.schemes, cfg.rescues)
+               cfg.reference, cfg.schemes, cfg.rescues, cfg.nonoverlapping)
 
 
 if __name__ == "__main__":

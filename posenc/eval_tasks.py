@@ -3,9 +3,8 @@
   position  loss by token position up to max_len, in log-spaced buckets with a boundary at the training
             length, on documents at least max_len long. Learned positions stop at their table ("cannot run"),
             sinusoidal and RoPE rise past it, ALiBi stays flat, a rescued RoPE stays low.
-  ppl       sliding-window perplexity at L, 2L, 4L, 8L (Press et al. 2021; PI; YaRN): windows of W tokens with
-            stride S; only the last S targets of each window are scored (the first window scores all), so
-            every token is scored once, with >= W - S tokens of context.
+  ppl       perplexity at L, 2L, 4L, 8L in one of PPL_MODES: sliding windows (the default; PI, YaRN) or
+            non-overlapping ones (Press et al. 2021's tables). Either way every token is scored once.
   short     loss on windows of the base length: what extension costs at short context.
   passkey   passkey retrieval (Mohtashami & Jaggi 2023, Landmark Attention; used by PI and YaRN): the
             standard prompt, greedy decoding, accuracy by context length and depth of the key.
@@ -60,6 +59,22 @@ def training_length(model):
 def default_stride(window):
     """Sliding-window stride: 256 as in the papers, at most half the window."""
     return min(256, max(1, window // 2))
+
+
+# The ppl task's modes -> what a table says about them. Sliding scores each token with >= W - S tokens of context
+# (PI, YaRN, LongRoPE evaluate so); non-overlapping cuts each document into windows of W, so a token sees 0 to W - 1
+# tokens of context (Press et al. 2021's tables; a higher perplexity at the same W). Compare with a paper in its mode.
+PPL_MODES = {  # mode -> (the title of its tables, how its windows are scored)
+    "sliding": ("Sliding-window perplexity", "windows of W tokens slid by S (by default min(256, W/2)), only the "
+                "last S targets of each window scored"),
+    "nonoverlapping": ("Non-overlapping-window perplexity", "windows of W tokens that do not overlap (stride S = W), "
+                       "every target of each window scored, as in Press et al.'s tables"),
+}
+
+
+def ppl_mode(stride, window):
+    """The mode a stride gives at a window: a stride of the whole window leaves no overlap."""
+    return "nonoverlapping" if stride >= window else "sliding"
 
 
 @torch.no_grad()
@@ -158,7 +173,7 @@ def sliding_window_ppl(model, docs, window, stride=None, batch_size=1):
     document (Press et al.), every target scored once. Returns ppl, loss, and the token count it rests on."""
     docs = [docs] if isinstance(docs, np.ndarray) and docs.ndim == 1 else docs
     stride = stride or default_stride(window)
-    out = {"window": window, "stride": stride}
+    out = {"window": window, "stride": stride, "mode": ppl_mode(stride, window)}
     n, reason = runnable_len(model, window)
     if reason:
         return out | {"cannot_run": reason}
@@ -374,6 +389,7 @@ class EvalData:
     seed: int
     passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     stride: int = 0  # sliding-window stride; 0: default_stride(W)
+    ppl_mode: str = "sliding"  # a key of PPL_MODES
     short_windows: int = 64
 
 
@@ -383,7 +399,9 @@ def run_position(model, d):
 
 
 def run_ppl(model, d):  # about the same tokens per forward at every window
-    return [sliding_window_ppl(model, d.docs, w, min(d.stride, w) or None, batch_size=max(1, d.batch_size * d.max_len // w))
+    def stride(w):
+        return w if d.ppl_mode == "nonoverlapping" else min(d.stride, w) or None
+    return [sliding_window_ppl(model, d.docs, w, stride(w), batch_size=max(1, d.batch_size * d.max_len // w))
             for w in d.lengths]
 
 

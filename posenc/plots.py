@@ -10,7 +10,7 @@ cannot run a length (learned positions past their table) shows "cannot run", nev
 
 from pathlib import Path
 
-from posenc.eval_tasks import PASSKEY_NEW_TOKENS, default_stride
+from posenc.eval_tasks import PASSKEY_NEW_TOKENS, PPL_MODES, default_stride
 from posenc.rope_scaling import length_dependent
 
 CANNOT = "cannot run"
@@ -123,15 +123,18 @@ def results_markdown(results):
         ks = have("ppl")
         wins = [e["window"] for e in models[ks[0]]["ppl"]]
         n = next((e for k in ks for e in models[k]["ppl"] if "n_tokens" in e), {})
-        out += ["", "## Sliding-window perplexity", "",
-                f"Windows of W tokens, stride S = min(256, W/2), only the last S targets of each window scored "
-                f"(Press et al.): every window size scores the same {n.get('n_tokens', '?')} tokens of "
-                f"{n.get('n_docs', '?')} documents." + (f" Mean ± std across {n_seeds} seeds." if n_seeds > 1 else ""),
+        first = models[ks[0]]["ppl"]
+        strides = {e["window"]: e.get("stride", default_stride(e["window"])) for e in first}
+        title, how = PPL_MODES[ppl_mode_of(first)]
+        out += ["", f"## {title}", "",
+                f"{how[0].upper() + how[1:]}: every window size scores the same {n.get('n_tokens', '?')} tokens "
+                f"of {n.get('n_docs', '?')} documents."
+                + (f" Mean ± std across {n_seeds} seeds." if n_seeds > 1 else ""),
                 ""]
         names, note = whole_window(models, ks)
         rows = [[name] + [_cell(e, lambda e: _pm(e, "ppl", 2, n_seeds, spread=None)) for e in models[k]["ppl"]]
                 for name, k in zip(names, ks)]
-        out += [_table(["model"] + [f"W={w} ({_multiple(w, L)}, S={default_stride(w)})" for w in wins], rows)]
+        out += [_table(["model"] + [f"W={w} ({_multiple(w, L)}, S={strides[w]})" for w in wins], rows)]
         out += note
         out += _reasons(results, "ppl", lambda p: p)
 
@@ -263,6 +266,12 @@ def _plot_position(plt, results, ks):
     return fig
 
 
+def ppl_mode_of(entries):
+    """The mode of a model's ppl entries: sliding if any window slides (a --stride of W or more leaves the shortest
+    windows without overlap; the header's S per window tells which), and sliding for results from before the modes."""
+    return "sliding" if any(e.get("mode", "sliding") == "sliding" for e in entries) else "nonoverlapping"
+
+
 def _plot_ppl(plt, results, ks):
     fig, ax = plt.subplots(figsize=(6, 4))
     _lines(ax, results, ks, "ppl", lambda p: p, lambda e: e["window"], lambda e: e["ppl"])
@@ -272,7 +281,8 @@ def _plot_ppl(plt, results, ks):
             _band(ax, [e["window"] for e in ok], [e["ppl"] for e in ok], [e.get("ppl_sd") or 0.0 for e in ok],
                   line.get_color())
     _wall(ax, results, "window: training length")
-    ax.set(xlabel="window (tokens)", ylabel="perplexity (log scale)", yscale="log", title="Sliding-window perplexity")
+    ax.set(xlabel="window (tokens)", ylabel="perplexity (log scale)", yscale="log",
+           title=PPL_MODES[ppl_mode_of(results["models"][ks[0]]["ppl"])][0])
     from matplotlib.ticker import FuncFormatter
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
     ax.yaxis.set_major_formatter(plain)

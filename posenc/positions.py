@@ -2,8 +2,8 @@
 
 A scheme acts in exactly one of three places, and the model calls every hook unconditionally:
   embed(pos)                         -> (T, C) added to the token embeddings    learned, sinusoidal
-  rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope
-  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5
+  rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope, xpos
+  attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5, kerple, fire
 plus `score_mod(layer)`, the FlexAttention form of the same bias, so a GPU never builds a T x T tensor.
 The hooks see the layer index, so a per-layer scheme (NoPE on some layers, another theta on local layers)
 is one class too.
@@ -19,14 +19,16 @@ A scheme also owns its facts, which the rest of the code asks instead of branchi
 Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press et al. 2021, "Train
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
-bias, Raffel et al. 2020). RoPE scaling (linear = Position Interpolation, ntk, dynamic, yarn, llama3, longrope,
-proportional, direct, abf) is in posenc/rope_scaling.py.
+bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias), fire (Li et al. 2023, an MLP of
+the interpolated distance), xpos (Sun et al. 2022, RoPE with an exponential decay). RoPE scaling (linear = Position
+Interpolation, ntk, dynamic, yarn, llama3, longrope, proportional, direct, abf) is in posenc/rope_scaling.py.
 """
 
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from posenc.attention import attention_by_distance, block_rows, consecutive
 from posenc.rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
@@ -318,6 +320,140 @@ class T5Bias(SharedBias):
         return self._score_mod
 
 
+def inverse_softplus(y):
+    """x with softplus(x) = y (y > 0): the raw value a positive parameter starts from."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+class Kerple(SharedBias):
+    """KERPLE (Chi et al. 2022, "Kernelized Relative Positional Embedding for Length Extrapolation"), causal: the
+    logarithmic kernel bias -r1 * log(1 + r2 * (i - j)) of query i for key j, or with kernel "power" the power one
+    -r1 * (i - j)^r2 (0 < r2 <= 2), r1 and r2 learned per head and shared by every layer (the paper's choice).
+
+    Positivity comes from the parametrization, r = softplus(raw) (r2 of the power kernel: 2 * sigmoid(raw)), not
+    from the paper code's clamp after each optimizer step: a clamp is a hook on the training loop, and softplus
+    keeps a gradient everywhere. Initial values as the paper's code draws them: r1 ~ U(0, 2), r2 ~ U(0, 1), both
+    kept >= 0.01. The bias depends on the distance alone (the CPU blocks' view masks apply in eval); it learns and
+    is never constant past a band, so with gradients each block's bias is built and recomputed in backward
+    (posenc/attention.py: checkpointed_blocks), in memory linear in T.
+    """
+
+    options = {"kernel": "log"}  # "log" (the paper's best) or "power"
+    no_scaling = ("Kerple needs no scaling: its bias is a function of the distance, learned to run at any length as "
+                  "it is")
+    no_export = "transformers has no architecture with Kerple's learned kernel bias"
+    KERNELS = ("log", "power")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kernel = self.option_values(config)["kernel"]
+        r1 = (torch.rand(config.n_head) * 2).clamp(min=0.01)
+        r2 = torch.rand(config.n_head).clamp(min=0.01)
+        self.raw_r1 = nn.Parameter(inverse_softplus(r1))  # (nh,)
+        self.raw_r2 = nn.Parameter(inverse_softplus(r2) if self.kernel == "log" else torch.logit(r2 / 2))
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        kernel = cls.option_values(config)["kernel"]
+        if kernel not in cls.KERNELS:
+            raise ValueError(f"bad pos_options value {kernel!r} for 'kernel' of kerple: choose "
+                             f"{' or '.join(cls.KERNELS)}")
+
+    def coefficients(self):
+        """(r1, r2), each (nh,) in fp32 and > 0."""
+        r1 = F.softplus(self.raw_r1.float())
+        r2 = F.softplus(self.raw_r2.float()) if self.kernel == "log" else 2 * torch.sigmoid(self.raw_r2.float())
+        return r1, r2
+
+    def kernel_bias(self, distance, r1, r2):
+        """The bias at distances >= 0, r1 and r2 broadcast against them."""
+        if self.kernel == "log":
+            return -r1 * torch.log1p(r2 * distance)
+        return -r1 * distance.pow(r2)
+
+    def bias(self, q_pos, k_pos):
+        distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()  # (Tq, Tk); future keys are masked
+        r1, r2 = self.coefficients()
+        return self.kernel_bias(distance, r1[:, None, None], r2[:, None, None])  # (nh, Tq, Tk)
+
+    def score_mod(self, layer):
+        # One function per parameter and device (a new function would recompile FlexAttention); it reads the
+        # parameters themselves, so gradients reach them.
+        if getattr(self._score_mod, "raw", None) is not self.raw_r1 or self._score_mod.device != self.raw_r1.device:
+            scheme = self
+
+            def kerple(score, b, h, q_idx, kv_idx):
+                r1, r2 = scheme.coefficients()
+                return score + scheme.kernel_bias((q_idx - kv_idx).clamp(min=0).float(), r1[h], r2[h])
+
+            kerple.raw, kerple.device = self.raw_r1, self.raw_r1.device
+            self._score_mod = kerple
+        return self._score_mod
+
+
+class FIRE(PositionScheme):
+    """FIRE (Li et al. 2023, "Functional Interpolation for Relative Positions Improves Long Context Transformers"):
+    the logit bias of query i for key j <= i is f(psi(i - j) / psi(max(L, i))), psi(x) = log(c * x + 1), with f a small
+    MLP (1 -> hidden, ReLU, -> one output per head) and c, L > 0 learned. Dividing by psi(max(L, i)) is the paper's
+    progressive interpolation: past the threshold L every query sees its distances mapped into [0, 1], the range it
+    was trained on. Positions count from 0.
+
+    Each layer has its own f, c and L (the paper's FIRE); {"shared": true} gives one for all layers (its layerwise
+    sharing). c and L are kept positive by softplus, as Kerple's coefficients; L starts at the training length
+    (`threshold` to choose), c at 1. f's Linears start as every Linear of the model (N(0, 0.02), zero biases), so at
+    init the bias is near zero. It is computed in fp32, outside autocast, whatever the model's dtype.
+
+    The bias depends on i as well as on i - j, so the CPU blocks build it explicitly per block of queries, and with
+    gradients each block's bias is recomputed in backward (posenc/attention.py: checkpointed_blocks); memory stays
+    linear in T. It has no score_mod: on a GPU it takes the same blocks, in fp32.
+    """
+
+    options = {"hidden": 32, "shared": False, "threshold": None}  # the paper's MLP width; threshold None: block_size
+    no_scaling = ("FIRE needs no scaling: its progressive interpolation already maps every distance of a longer "
+                  "sequence into the range it was trained on")
+    no_export = "transformers has no architecture with FIRE's learned MLP bias"
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = self.option_values(config)
+        self.shared = o["shared"]
+        n = 1 if self.shared else config.n_layer
+        hidden = o["hidden"]
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, config.n_head))
+                                  for _ in range(n))  # f of each layer, or of all
+
+        threshold = float(o["threshold"] or config.block_size)
+        self.raw_c = nn.Parameter(inverse_softplus(torch.ones(n)))  # (layers,)
+        self.raw_threshold = nn.Parameter(inverse_softplus(torch.full((n,), threshold)))
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        o = cls.option_values(config)
+        for key, ok, expected in (
+                ("hidden", isinstance(o["hidden"], int) and o["hidden"] >= 1, "an integer >= 1"),
+                ("shared", isinstance(o["shared"], bool), "true or false"),
+                ("threshold", o["threshold"] is None or isinstance(o["threshold"], (int, float)) and o["threshold"] > 0,
+                 "a number > 0, or null for the training length")):
+            if not ok or (key != "shared" and isinstance(o[key], bool)):
+                raise ValueError(f"bad pos_options value {o[key]!r} for {key!r} of fire: expected {expected}")
+
+    def interpolated(self, q_pos, k_pos, layer):
+        """psi(i - j) / psi(max(L, i)), (Tq, Tk) in fp32: the MLP's input."""
+        m = 0 if self.shared else layer
+        c, threshold = F.softplus(self.raw_c[m].float()), F.softplus(self.raw_threshold[m].float())
+        distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()  # future keys are masked
+        return torch.log1p(c * distance) / torch.log1p(c * torch.maximum(q_pos.float(), threshold))[:, None]
+
+    def attn_bias(self, q_pos, k_pos, layer):
+        with torch.autocast(q_pos.device.type, enabled=False):
+            x = self.interpolated(q_pos, k_pos, layer)[..., None]  # (Tq, Tk, 1)
+            first, _, last = self.mlps[0 if self.shared else layer]
+            hidden = F.relu(F.linear(x, first.weight.float(), first.bias.float()))  # (Tq, Tk, hidden)
+            return F.linear(hidden, last.weight.float(), last.bias.float()).permute(2, 0, 1)  # (nh, Tq, Tk)
+
+
 class RoPE(PositionScheme):
     """Rotary position embedding (RoFormer) with partial rotary, both pairings and optional scaling.
 
@@ -379,6 +515,7 @@ class RoPE(PositionScheme):
         return apply_rope(q, cos, sin, self.layout), apply_rope(k, cos, sin, self.layout)
 
     self_extend = None  # (window, group) once set_self_extend is called: an inference option, not a trained one
+    no_self_extend = None  # why Self-Extend cannot run on this rotary scheme; None: it can
 
     def attend(self, q, k, v, q_pos, k_pos, layer):
         if self.self_extend is None:
@@ -421,6 +558,8 @@ def set_self_extend(model, window, group):
     scheme = model.transformer.pos
     if not isinstance(scheme, RoPE):
         raise ValueError(f"Self-Extend regroups RoPE positions; this model has {model.config.pos_encoding!r} positions")
+    if scheme.no_self_extend:
+        raise ValueError(f"Self-Extend cannot run on this {model.config.pos_encoding} model: {scheme.no_self_extend}")
     if length_dependent(scheme.scaling):
         raise ValueError(f"Self-Extend keeps the model's frequencies, but {scheme.scaling['rope_type']!r} changes them "
                          "with the length: use a fixed scaling or none")
@@ -532,6 +671,64 @@ class RoPENoPE(RoPE):
         return None if layer in self.nope else super().attend(q, k, v, q_pos, k_pos, layer)
 
 
+class XPos(RoPE):
+    """xPos (Sun et al. 2022, "A Length-Extrapolatable Transformer"): RoPE whose pair i of the query at position m is
+    also scaled by zeta_i^(m / gamma) and of the key at n by zeta_i^(-n / gamma), zeta_i = (2i + 0.4 d) / (1.4 d) for
+    the d rotated dims, gamma = scale_base (512, the paper's). A score q·k then carries zeta_i^((m - n) / gamma): an
+    exponential decay with the distance, per frequency, the faster the lower the pair. Causal only, as its authors
+    note (a future key would grow instead).
+
+    The scales count from position 0, the paper's formula, so cached keys keep theirs and decoding equals the full
+    forward. That bounds the length: the key scale zeta_0^(-n / gamma) must stay inside fp32's range, so max_len is
+    where it reaches 2^120 (34k tokens at gamma 512), and a longer input is refused in one line. (x-transformers
+    and torchscale count from the middle of each call instead: the same scores, but keys cached under one center
+    are wrong under the next.) The rotation is RoPE's, with its layouts and partial rotary; the scales multiply
+    cos and sin, formed in float64 as RoPE's angles.
+    """
+
+    options = {"scale_base": 512}  # gamma
+    rope_types = ()
+    no_scaling = ("no RoPE scaling is defined for xPos: its decay zeta^((m - n) / gamma) is part of the model, and the "
+                  "rope scalings stretch the rotation alone; it runs past its training length as it is")
+    no_export = "transformers has no architecture with xPos's decay on the queries and keys"
+    no_self_extend = "it regroups the rotation's positions but not xPos's decay"
+    FP32_RANGE = 120 * math.log(2)  # the largest log-scale kept: 2^120, with room below fp32's 2^128 for q and k
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scale_base = self.option_values(config)["scale_base"]
+        d = self.rot_dim
+        self.register_buffer("zeta", (torch.arange(0, d, 2, dtype=torch.float64) + 0.4 * d) / (1.4 * d),
+                             persistent=False)  # (d / 2,)
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        gamma = cls.option_values(config)["scale_base"]
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
+            raise ValueError(f"bad pos_options value {gamma!r} for 'scale_base' of xpos: expected a number > 0")
+
+    @property
+    def max_len(self):
+        return int(self.scale_base * self.FP32_RANGE / -math.log(self.zeta[0].item()))
+
+    def too_long(self, seq_len):
+        return (f"sequence of {seq_len} tokens is longer than xPos runs ({self.max_len}): its key scale "
+                f"zeta^(-n / {self.scale_base}) leaves fp32's range there; train with a larger scale_base to run "
+                "longer")
+
+    def scales(self, pos):
+        """zeta^(pos / gamma), (..., T, d / 2) in fp32 from float64 exponents."""
+        return torch.exp(pos.to(torch.float64)[..., None] / self.scale_base * self.zeta.log()).float()
+
+    def rotate(self, q, k, pos, layer):
+        cos, sin, scale = self.cos[pos], self.sin[pos], self.scales(pos)  # (T, d / 2) or (B, T, d / 2)
+        if pos.dim() == 2:
+            cos, sin, scale = cos[:, None], sin[:, None], scale[:, None]  # (B, 1, T, d / 2): the same for every head
+        q = apply_rope(q, cos * scale, sin * scale, self.layout)
+        return q, apply_rope(k, cos / scale, sin / scale, self.layout)
+
+
 def layout_permutation(head_dim, rot_dim, to_layout):
     """Index list p with W_new = W_old[p] (per head) converting q/k rows between the two RoPE pairings."""
     to_half = list(range(0, rot_dim, 2)) + list(range(1, rot_dim, 2))  # interleaved -> half
@@ -556,4 +753,4 @@ def permute_rope_layout(state_dict, config, to_layout):
 
 
 SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE,
-           "rope_nope": RoPENoPE, "t5": T5Bias}
+           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple, "fire": FIRE, "xpos": XPos}

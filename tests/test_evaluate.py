@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXPORT_LEN, random_export_model, tiny_config
+from conftest import EXPORT_LEN, random_export_model, randomized, tiny_config
 from torch.testing import assert_close
 
 import evaluate
@@ -122,6 +122,44 @@ def test_sliding_window_ppl_counts_and_plain_loss():
     assert whole["n_tokens"] == 29 and whole["loss"] == pytest.approx(plain, rel=1e-5)
     assert whole["ppl"] == pytest.approx(math.exp(plain), rel=1e-5)
     assert ev.sliding_window_ppl(model, docs, 32)["stride"] == 16  # default: min(256, window // 2)
+
+
+def test_nonoverlapping_ppl_is_the_mean_loss_of_disjoint_windows():
+    """Press et al.'s mode: each document cut into windows of W inputs that do not overlap, every target scored, so a
+    window's first token has no context. Computed here by hand, window by window, against the task's number."""
+    model, docs = randomized(tiny("alibi")), random_docs(2, 90)  # attention sharp enough that context matters
+    out = ev.sliding_window_ppl(model, docs, 32, stride=32, batch_size=2)
+    assert out["mode"] == "nonoverlapping" and out["n_tokens"] == sum(len(d) - 1 for d in docs)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for d in docs:
+            for b in range(0, len(d) - 1, 32):  # inputs d[b:b + 32] predict d[b + 1:b + 33]
+                x, y = d[b:min(b + 32, len(d) - 1)], d[b + 1:min(b + 33, len(d))]
+                total += model(torch.tensor(x[None]), torch.tensor(y[None]))[1].item() * len(y)
+                count += len(y)
+    assert out["loss"] == pytest.approx(total / count, rel=1e-5)
+    sliding = ev.sliding_window_ppl(model, docs, 32)
+    assert sliding["mode"] == "sliding" and sliding["loss"] != pytest.approx(out["loss"], rel=1e-3)
+
+
+def test_ppl_mode_is_a_setting_recorded_in_results_and_named_in_the_table(corpus, tmp_path):
+    model = tiny("alibi", vocab_size=50304)
+    tables = {}
+    for mode in ("sliding", "nonoverlapping"):
+        cfg = EvalConfig(data_dir=str(corpus), max_len=64, out_dir=str(tmp_path / mode), n_docs=2, tasks=("ppl",),
+                         ppl_mode=mode)
+        res = evaluate.run_tasks({"alibi": model}, cfg)
+        entries = res["models"]["alibi"]["ppl"]
+        assert [e["mode"] for e in entries] == [mode] * 2
+        assert [e["stride"] for e in entries] == ([16, 32] if mode == "sliding" else [32, 64])
+        assert res["settings"].get("ppl_mode", "sliding") == mode  # the default is left out: older results reused
+        tables[mode] = (tmp_path / mode / "summary.md").read_text()
+    assert "## Sliding-window perplexity" in tables["sliding"] and "W=64 (2L, S=32)" in tables["sliding"]
+    assert "## Non-overlapping-window perplexity" in tables["nonoverlapping"]
+    assert "W=64 (2L, S=64)" in tables["nonoverlapping"] and "Sliding" not in tables["nonoverlapping"]
+    with pytest.raises(SystemExit) as e:
+        cli(evaluate.main, ["--ckpt=x.pt", "--ppl_mode=nonoverlapping", "--stride=8"])
+    assert "stride=8 slides the windows, but ppl_mode=nonoverlapping" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_short_context_loss_is_the_mean_over_its_windows():

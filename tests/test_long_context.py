@@ -25,11 +25,12 @@ def full_bias_attention(q, k, v, bias_fn, q_pos, k_pos, *args, **kwargs):
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
-T5_OPTIONS = {"num_buckets": 8, "max_distance": 20}  # the last bucket (every distance >= 20) within 64 tokens
+OPTIONS = {"t5": {"num_buckets": 8, "max_distance": 20},  # the last bucket (every distance >= 20) within 64 tokens
+           "fire": {"threshold": 16}}  # queries past FIRE's threshold within 64 tokens
 
 
 def config(scheme):
-    return tiny_config(pos_encoding=scheme, block_size=64, pos_options=T5_OPTIONS if scheme == "t5" else None)
+    return tiny_config(pos_encoding=scheme, block_size=64, pos_options=OPTIONS.get(scheme))
 
 
 def small_blocks(rows):
@@ -40,7 +41,7 @@ def small_blocks(rows):
 
 # fp32 throughout: the blocked kernels sum in another order than the reference (per block, flash tiles), which moves
 # the last bits: 1e-5 relative on logits of size ~1, 1e-4 relative on gradients (sums over 64 x 64 pairs).
-@pytest.mark.parametrize("scheme", ["alibi", "t5"])
+@pytest.mark.parametrize("scheme", ["alibi", "t5", "kerple", "fire"])
 def test_blocked_attention_equals_the_whole_bias_in_logits_and_gradients(scheme):
     model = randomized(GPT(config(scheme)))
     idx, targets = torch.randint(0, 128, (2, 2, 64)).unbind(0)
@@ -59,6 +60,8 @@ def test_blocked_attention_equals_the_whole_bias_in_logits_and_gradients(scheme)
     assert grads.keys() == ref_grads.keys()
     if scheme == "t5":
         assert ref_grads["transformer.pos.table"].abs().min() > 0  # every bucket learns: the far one too
+    if scheme in ("kerple", "fire"):  # every parameter of the bias learns
+        assert all(ref_grads[n].abs().sum() > 0 for n, _ in model.named_parameters() if ".pos." in n)
     for name in grads:
         assert_close(grads[name], ref_grads[name], atol=1e-7, rtol=1e-4, msg=name)
 
@@ -77,7 +80,7 @@ def test_t5_table_gradient_in_band_blocks_equals_the_whole_bias(band_rows):
     assert_close(*grads, atol=1e-7, rtol=1e-4)  # as above: sums in another order
 
 
-@pytest.mark.parametrize("scheme", ["alibi", "t5"])
+@pytest.mark.parametrize("scheme", ["alibi", "t5", "kerple", "fire"])
 def test_blocked_attention_with_a_kv_cache_equals_the_whole_bias(scheme):
     model = randomized(GPT(config(scheme))).eval()
     idx = torch.randint(0, 128, (2, 64))

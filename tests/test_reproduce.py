@@ -196,6 +196,28 @@ def test_an_interrupted_reproduction_resumes_to_the_same_results(tiny_scale, tmp
     assert evaluation(run_dir) == evaluation(tmp_path / "reference")
 
 
+def test_nonoverlapping_perplexity_joins_the_report_and_the_papers_comparison(tiny_scale, tmp_path):
+    """--nonoverlapping=true: one more stage per seed (the ppl task alone, Press et al.'s windows), merged over seeds
+    in eval_nonoverlapping/; its table, titled by the mode, is in the report beside the sliding one, and the
+    comparison with the papers uses it."""
+    run_dir = tmp_path / "run"
+    report = reproduce.run(tiny_scale, run_dir, nonoverlapping=True).read_text()
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert "non-overlapping perplexity (seed 1337)" in stages
+    disjoint = json.loads((run_dir / reproduce.NONOVERLAPPING / "results.json").read_text())
+    sliding = json.loads((run_dir / "eval" / "results.json").read_text())
+    for results, mode in ((disjoint, "nonoverlapping"), (sliding, "sliding")):
+        assert {e["mode"] for m in results["models"].values() for e in m["ppl"]} == {mode}
+    tables = report.split("## Non-overlapping-window perplexity")[1]
+    disjoint_table, sliding_table = tables.split("## Sliding-window perplexity")
+    assert "(eval_nonoverlapping/ppl.png)" in disjoint_table and "W=32 (2L, S=32)" in disjoint_table
+    assert "(eval/ppl.png)" in sliding_table and "W=32 (2L, S=16)" in sliding_table
+    papers = report.split("## Beside the papers")[1].split("\n## ")[0]
+    assert "Ours: windows of W tokens that do not overlap" in papers and "do not overlap;" in papers
+    rope = {e["window"]: e["ppl"] for e in disjoint["models"]["rope"]["ppl"]}
+    assert f"{rope[32] / rope[16]:.2f}" in papers  # the ratio at 2L is the non-overlapping one
+
+
 def test_schemes_add_to_the_default_five_or_replace_them(tmp_path):
     from posenc.config import parse
     five = ("learned", "sinusoidal", "alibi", "rope", "none")
