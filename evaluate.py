@@ -42,6 +42,8 @@ class EvalConfig:
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast where native (runtime.resolve_dtype)
     n_docs: int = EVAL_DOCS  # long documents for the position and ppl tasks
+    train_docs: bool = False  # top up from train when val has fewer than n_docs long enough: scores documents a
+    #                           model may have trained on, so only when asked (default: refused in one line)
     batch_size: int = 1  # documents per forward at max_len (shorter windows get more)
     passkey_trials: int = 5  # per length and depth
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key sits, as a fraction of the filler
@@ -73,8 +75,8 @@ class EvalConfig:
 
     def settings(self, base_len):
         """What a result depends on besides the checkpoint: a change means evaluating again."""
-        keep = ("max_len", "data_dir", "tasks", "n_docs", "passkey_trials", "recall_trials", "span_len", "seed",
-                "recall_kind", "dtype", "passkey_depths", "stride", "short_windows")
+        keep = ("max_len", "data_dir", "tasks", "n_docs", "train_docs", "passkey_trials", "recall_trials", "span_len",
+                "seed", "recall_kind", "dtype", "passkey_depths", "stride", "short_windows")
         return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len,
                                                                          "format": RESULTS_FORMAT}))
 
@@ -115,7 +117,7 @@ def eval_data(cfg: EvalConfig, base_len: int) -> tuple[EvalData, str]:
             raise ValueError(str(e)) from None
     docs, note = ([], "")
     if {"position", "ppl"} & set(cfg.tasks):
-        docs, note = held_out_documents(cfg.data_dir, cfg.max_len + 1, cfg.n_docs)
+        docs, note = held_out_documents(cfg.data_dir, cfg.max_len + 1, cfg.n_docs, cfg.train_docs)
     lengths = [base_len * k for k in (1, 2, 4, 8) if base_len * k <= cfg.max_len]
     prefix = min(32, base_len // 4)
     distances = [n - prefix - cfg.span_len for n in (base_len // 4, base_len // 2, *lengths)
@@ -148,7 +150,8 @@ def run_tasks(models, cfg: EvalConfig):
     data, note = eval_data(cfg, base_len)
     settings = cfg.settings(base_len)
     results = {"max_len": cfg.max_len, "base_len": base_len, "data_dir": str(cfg.data_dir), "tasks": list(cfg.tasks),
-               "documents": {"n_docs": len(data.docs), "doc_len": cfg.max_len + 1, "source": note}, "models": {},
+               "documents": {"n_docs": len(data.docs), "doc_len": cfg.max_len + 1, "source": note,
+                             "train_docs": cfg.train_docs}, "models": {},
                "settings": settings, "complete": False}
     owner = claim(cfg.out_dir, cfg.resume, cfg.overwrite, what="evaluation") if cfg.out_dir else nullcontext()
     with owner:

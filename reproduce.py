@@ -656,8 +656,8 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
         stages.run(f"evaluate (seed {s})" + (f" with {', '.join(added)}" if added else ""),
                    lambda c=eval_cfg, m=models: evaluate.run_tasks(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
-            n_docs = min(explain.ExplainConfig.n_docs, scale.eval.get("n_docs", explain.ExplainConfig.n_docs))
-            cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len, n_docs=n_docs,
+            cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=eval_cfg.max_len, train_docs=eval_cfg.train_docs,
+                                        n_docs=min(explain.ExplainConfig.n_docs, eval_cfg.n_docs),
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
             stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
     per_seed = [json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list]

@@ -18,7 +18,7 @@ from posenc.data import BatchSampler
 def tiny_scale(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(12):  # documents longer than the evaluation length (8 x 16 = 128 tokens)
+    for i in range(17):  # documents longer than the evaluation length (8 x 16 = 128 tokens); 2 in val (doc8, doc16)
         (corpus / f"doc{i}.txt").write_text(" ".join(f"w{(i * 7 + j) % 50}" for j in range(300)))
     model = {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "batch_size": 4, "max_iters": 3,
              "eval_interval": 3, "eval_iters": 1, "ckpt_interval": 3, "log_interval": 1, "warmup_iters": 1}
