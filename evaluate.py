@@ -27,6 +27,7 @@ from posenc.positions import check_self_extend_flag, set_self_extend
 from posenc.run_folder import claim, clear, write_atomic
 from posenc.runtime import autocast, resolve_device, resolve_dtype
 
+DOCUMENT_TASKS = ("position", "ppl")  # the tasks scored on held-out long documents (n_docs of max_len + 1 tokens)
 RESULTS_FORMAT = 2  # bump when what a task records changes: earlier results are then not reused (2: doc_means)
 
 
@@ -116,7 +117,7 @@ def eval_data(cfg: EvalConfig, base_len: int) -> tuple[EvalData, str]:
         except RuntimeError as e:
             raise ValueError(str(e)) from None
     docs, note = ([], "")
-    if {"position", "ppl"} & set(cfg.tasks):
+    if set(DOCUMENT_TASKS) & set(cfg.tasks):
         docs, note = held_out_documents(cfg.data_dir, cfg.max_len + 1, cfg.n_docs, cfg.train_docs)
     lengths = [base_len * k for k in (1, 2, 4, 8) if base_len * k <= cfg.max_len]
     prefix = min(32, base_len // 4)

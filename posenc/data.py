@@ -154,6 +154,11 @@ class BatchSampler:
 EVAL_DOCS = 16  # evaluate.py's default count of long documents (the position and ppl tasks)
 
 
+def n_long_documents(data_dir, split: str, min_len: int) -> int:
+    """How many of the split's documents have at least min_len tokens (from meta.json: no tokens are read)."""
+    return sum(length >= min_len for _, length, _ in load_meta(data_dir)["docs"][split])
+
+
 def spread(docs: list, k: int) -> list:
     """k of docs, evenly spaced over them in file order (all of them when k = len(docs))."""
     return [docs[i * len(docs) // k] for i in range(k)]
