@@ -701,6 +701,14 @@ def one_reference(per_seed, reference):
     return per_seed
 
 
+def data_stage(scale):
+    """The corpus's token counts by split, prepared from scale.source first unless data_dir already holds meta.json:
+    a prepared corpus (the user's own, or an earlier run's) is used as it is, never prepared over."""
+    if (Path(scale.data_dir) / "meta.json").exists():
+        return load_meta(scale.data_dir)["tokens"]
+    return prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"]
+
+
 def search_stage(scale, seed_folder):
     """The searched LongRoPE extension of the seed's RoPE model, training-free (posenc/longrope_search.py)."""
     ext = extend_context.ExtendConfig(ckpt=str(seed_folder / EXTENDED / "ckpt.pt"), method="longrope",
@@ -719,7 +727,7 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
     stages = Stages(run_dir)
     if not (Path(scale.data_dir) / "meta.json").exists():
         stages.done.pop("data", None)
-    stages.run("data", lambda: prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
+    stages.run("data", lambda: data_stage(scale))
     check_corpus(scale)  # before any training: the evaluation at the end must have its documents
     seed_list = [train.TrainConfig.seed + i for i in range(seeds)]
     # In each seed the extended scheme trains first and its fine-tunes come next in the queue: with several

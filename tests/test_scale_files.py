@@ -137,3 +137,13 @@ def test_an_evaluation_longer_than_the_held_out_documents_is_refused_before_trai
     with pytest.raises(ValueError, match="has 2 held-out"):
         reproduce.check_corpus(reproduce.load_scale(toy, {"eval_factor": 8, "eval": {"n_docs": 3}}))
     reproduce.check_corpus(reproduce.load_scale(toy, {"eval": {"train_docs": True}}))  # asked for: allowed
+
+
+def test_a_prepared_corpus_is_used_as_it_is(toy, tmp_path):
+    """--data_dir=<a prepared corpus> in a new run folder: the data stage reads it, it never prepares the scale's
+    source over it (here a source that does not exist, so preparing would fail)."""
+    tokens = reproduce.data_stage(reproduce.load_scale(toy))  # prepared once, from the toy's text
+    meta = (tmp_path / "data" / "meta.json").read_text()
+    elsewhere = reproduce.load_scale(toy, {"source": str(tmp_path / "nowhere")})
+    assert reproduce.data_stage(elsewhere) == tokens == json.loads(meta)["tokens"]
+    assert (tmp_path / "data" / "meta.json").read_text() == meta
