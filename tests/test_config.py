@@ -131,7 +131,7 @@ def test_dict_round_trip():
         from_dict(TrainConfig, {**d, "batch_siz": 1})
 
 
-TRAIN_CONFIGS = sorted(set((ROOT / "configs").glob("*.toml")) - set(reproduce.presets().values()))  # not the scales
+TRAIN_CONFIGS = sorted(set((ROOT / "configs").glob("*.toml")) - set(reproduce.presets().values()))  # no scales
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
