@@ -76,10 +76,12 @@ class EvalConfig:
 
     def settings(self, base_len):
         """What a result depends on besides the checkpoint: a change means evaluating again."""
-        keep = ("max_len", "data_dir", "tasks", "n_docs", "train_docs", "passkey_trials", "recall_trials", "span_len",
-                "seed", "recall_kind", "dtype", "passkey_depths", "stride", "short_windows")
-        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | {"base_len": base_len,
-                                                                         "format": RESULTS_FORMAT}))
+        keep = ("max_len", "data_dir", "tasks", "n_docs", "passkey_trials", "recall_trials", "span_len", "seed",
+                "recall_kind", "dtype", "passkey_depths", "stride", "short_windows")
+        # train_docs only when set, so results from before the flag existed (val documents alone) are still reused
+        train_docs = {"train_docs": True} if self.train_docs else {}
+        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | train_docs | {"base_len": base_len,
+                                                                                      "format": RESULTS_FORMAT}))
 
 
 def load_models(models, labels=(), device="cpu", rope_scaling=None, self_extend=()):

@@ -350,6 +350,7 @@ def test_training_documents_are_scored_only_when_asked(corpus, tmp_path):
         evaluate.run_tasks(models, cfg)
     res = evaluate.run_tasks(models, dataclasses.replace(cfg, train_docs=True))
     assert res["documents"]["train_docs"] and res["settings"]["train_docs"] and "TRAIN" in res["documents"]["source"]
+    assert "train_docs" not in cfg.settings(32)  # off: the settings of results from before the flag, reused
 
 
 def test_resume_reuses_only_unchanged_checkpoints_with_the_same_settings(corpus, tmp_path, monkeypatch):
