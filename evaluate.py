@@ -28,6 +28,7 @@ from posenc.positions import check_self_extend_flag, set_self_extend
 from posenc.run_folder import claim, clear, write_atomic
 from posenc.runtime import autocast, resolve_device, resolve_dtype
 
+DOCUMENT_TASKS = ("position", "ppl")  # the tasks scored on held-out long documents (n_docs of max_len + 1 tokens)
 RESULTS_FORMAT = 2  # bump when what a task records changes: earlier results are then not reused (2: doc_means)
 
 
@@ -43,6 +44,8 @@ class EvalConfig:
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast where native (runtime.resolve_dtype)
     n_docs: int = EVAL_DOCS  # long documents for the position and ppl tasks
+    train_docs: bool = False  # top up from train when val has fewer than n_docs long enough: scores documents a
+    #                           model may have trained on, so only when asked (default: refused in one line)
     batch_size: int = 1  # documents per forward at max_len (shorter windows get more)
     passkey_trials: int = 5  # per length and depth
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key sits, as a fraction of the filler
@@ -81,10 +84,11 @@ class EvalConfig:
         """What a result depends on besides the checkpoint: a change means evaluating again."""
         keep = ("max_len", "data_dir", "tasks", "n_docs", "passkey_trials", "recall_trials", "span_len", "seed",
                 "recall_kind", "dtype", "passkey_depths", "stride", "short_windows")
-        # ppl_mode only when not the default, so results from before the mode existed are still reused
+        # ppl_mode and train_docs only when not the default, so results from before they existed are still reused
         mode = {"ppl_mode": self.ppl_mode} if self.ppl_mode != "sliding" else {}
-        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | mode | {"base_len": base_len,
-                                                                                "format": RESULTS_FORMAT}))
+        train_docs = {"train_docs": True} if self.train_docs else {}
+        return json.loads(json.dumps({k: getattr(self, k) for k in keep} | mode | train_docs
+                                     | {"base_len": base_len, "format": RESULTS_FORMAT}))
 
 
 def load_models(models, labels=(), device="cpu", rope_scaling=None, self_extend=()):
@@ -122,8 +126,8 @@ def eval_data(cfg: EvalConfig, base_len: int) -> tuple[EvalData, str]:
         except RuntimeError as e:
             raise ValueError(str(e)) from None
     docs, note = ([], "")
-    if {"position", "ppl"} & set(cfg.tasks):
-        docs, note = held_out_documents(cfg.data_dir, cfg.max_len + 1, cfg.n_docs)
+    if set(DOCUMENT_TASKS) & set(cfg.tasks):
+        docs, note = held_out_documents(cfg.data_dir, cfg.max_len + 1, cfg.n_docs, cfg.train_docs)
     lengths = [base_len * k for k in (1, 2, 4, 8) if base_len * k <= cfg.max_len]
     prefix = min(32, base_len // 4)
     distances = [n - prefix - cfg.span_len for n in (base_len // 4, base_len // 2, *lengths)
@@ -156,7 +160,8 @@ def run_tasks(models, cfg: EvalConfig):
     data, note = eval_data(cfg, base_len)
     settings = cfg.settings(base_len)
     results = {"max_len": cfg.max_len, "base_len": base_len, "data_dir": str(cfg.data_dir), "tasks": list(cfg.tasks),
-               "documents": {"n_docs": len(data.docs), "doc_len": cfg.max_len + 1, "source": note}, "models": {},
+               "documents": {"n_docs": len(data.docs), "doc_len": cfg.max_len + 1, "source": note,
+                             "train_docs": cfg.train_docs}, "models": {},
                "settings": settings, "complete": False}
     owner = claim(cfg.out_dir, cfg.resume, cfg.overwrite, what="evaluation") if cfg.out_dir else nullcontext()
     with owner:

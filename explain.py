@@ -45,6 +45,7 @@ class ExplainConfig:
     rope_scaling: dict | None = None  # use this scaling instead of the checkpoint's (training-free), {}: none
     data_dir: str = ""  # documents for section 3; "": the checkpoint's data
     n_docs: int = 4  # held-out documents of max_len + 1 tokens for section 3
+    train_docs: bool = False  # as evaluate.py's: top up from train when val has too few (not held out)
     out_dir: str = ""  # "": <checkpoint's folder>/explain
     overwrite: bool = False  # replace an earlier explanation in out_dir
     device: str = "auto"
@@ -222,7 +223,7 @@ def explain(cfg: ExplainConfig) -> Path:
                 result["decay"][label] = decay_bound(inv, distances)
         if hasattr(scheme, "slopes"):
             result["alibi_slopes"] = scheme.slopes.tolist()
-        docs, note = held_out_documents(data_dir, max_len + 1, cfg.n_docs)
+        docs, note = held_out_documents(data_dir, max_len + 1, cfg.n_docs, cfg.train_docs)
         result["documents"] = note
         result["attention"] = attention_analysis(model, docs, L, max_len, max(1, L // 4))
         write_atomic(out_dir / "explain.json", json.dumps(result, indent=1))

@@ -36,7 +36,7 @@ from model import GPT
 from posenc.checkpoint import FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint
 from posenc.cli import cli
 from posenc.config import ConfigError, apply, at_least, check_fields, from_dict, parse, to_dict
-from posenc.data import load_meta
+from posenc.data import load_meta, n_long_documents
 from posenc.rope_scaling import ROPE_SCALING, abf_base, length_dependent, original_length, scaling_dict
 from posenc.run_folder import claim, clear, write_atomic
 
@@ -118,12 +118,6 @@ def drope_config(model_cfg, path):
     return dataclasses.replace(model_cfg, pos_encoding="none", rope_scaling=None, block_size=base_len)
 
 
-def count_long_docs(data_dir, min_len):
-    """(documents of the train split with >= min_len tokens, all documents), from meta.json."""
-    docs = load_meta(data_dir)["docs"]["train"]
-    return sum(length >= min_len for _, length, _ in docs), len(docs)
-
-
 def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
     """Scale a checkpoint's RoPE to a longer context and fine-tune it for ext.steps (0: training-free).
     overrides: train or model keys, as a dict of values or a list of --key=value flags.
@@ -196,7 +190,8 @@ def extend(ext: ExtendConfig, overrides: dict | list | None = None) -> str:
             log(f"note: {ext.method} scaling changes with the length and is meant to be training-free; fine-tuning "
                 "trains at the target length's frequencies, which shorter inputs will not use")
         if "min_doc_len" not in names and seq_len == target_len and ext.method != DROPE:
-            n_long, n_docs = count_long_docs(cfg.data_dir, target_len + 1)
+            n_long = n_long_documents(cfg.data_dir, "train", target_len + 1)
+            n_docs = len(load_meta(cfg.data_dir)["docs"]["train"])
             log(f"{cfg.data_dir}: {n_long} of {n_docs} training documents have >= {target_len + 1} tokens")
             if n_long < MIN_LONG_DOCS:
                 log(f"too few long documents (< {MIN_LONG_DOCS}): fine-tuning on windows over concatenated documents")

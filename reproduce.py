@@ -3,6 +3,7 @@
     python reproduce.py                  # CPU scale: base 256 -> x4 and x8, under 30 minutes on 2 cores, offline
     python reproduce.py --scale cpu-quick  # the same, shorter, for smoke runs: a soft shape, not the wall
     python reproduce.py --scale gpu      # GPU scale: base 4096 -> 16k and 32k, the ~30M model on one GPU
+    python reproduce.py my_scale.toml --data_dir=data/mine  # a scale of your own, on your corpus (docs/reproduce.md)
     python reproduce.py --seeds=3        # every model trained with 3 seeds: mean ± std, and which differences
                                          # exceed the seed spread
     python reproduce.py --schemes=+rope_nope,t5  # the five schemes and these two (--schemes=rope,alibi: only those)
@@ -11,6 +12,10 @@
     python reproduce.py --rescues=all    # also the direct fine-tune (the control), ABF, PoSE, DroPE, Self-Extend
                                          # and searched LongRoPE (training-free and fine-tuned), and a rescue
                                          # table comparing every rescue (or --rescues=pose,abf)
+
+A scale (lengths, corpus, steps, the train config and the evaluation) is a TOML file of Scale's keys: each
+preset is a file configs/reproduce_<name>.toml that --scale <name> runs. The file is checked whole before
+anything runs, and the corpus against the evaluation's lengths before any training.
 
 Stages: prepare data -> train every position scheme at the base length -> extend RoPE (PI and YaRN
 fine-tuned; PI, NTK, dynamic NTK and YaRN training-free) -> evaluate everything past the base length ->
@@ -39,8 +44,8 @@ import extend_context
 import train
 from data.prepare import prepare
 from posenc.cli import cli
-from posenc.config import ConfigError, at_least, check_fields, parse
-from posenc.data import load_meta
+from posenc.config import ConfigError, apply, at_least, check_fields, from_dict, parse, read_toml
+from posenc.data import load_meta, n_long_documents
 from posenc.jobs import Job, run_jobs
 from posenc.papers import RESCUE, nearest
 from posenc.eval_tasks import PPL_MODES
@@ -58,9 +63,9 @@ EXTENDED = "rope"  # the scheme whose context is extended
 
 @dataclass
 class ReproduceConfig:
-    scale: Literal["cpu", "cpu-quick", "gpu"] = "cpu"  # cpu: base 256, ~30 min on 2 cores (cpu-quick: ~5, a soft
-    #                                                   shape); gpu: base 4096, one GPU
-    out_dir: str = ""  # "": runs/<scale>
+    scale: str = "cpu"  # a preset (configs/reproduce_<name>.toml) or a scale file's path, also as the first argument
+    #                     cpu: base 256, ~30 min on 2 cores (cpu-quick: ~5, a soft shape); gpu: base 4096, one GPU
+    out_dir: str = ""  # "": runs/<scale> (a file's: runs/<its name>)
     seeds: int = 1  # train every model with seeds 1337, 1338, ...: the tables give mean ± std over them
     workers: int = 0  # training runs at once (posenc.jobs); 0: one per visible GPU, or 2 on a CPU, 1: in this process
     reference: str = ""  # loss by position is also shown minus this model's; "": the first fine-tuned one
@@ -79,6 +84,7 @@ class ReproduceConfig:
 
     def __post_init__(self):
         check_fields(self)
+        scale_file(self.scale)  # an unknown preset fails here, in one line
         at_least(self, 1, "seeds")
         at_least(self, 0, "workers", "vocab_size", "extend_steps")
         self.rescues = tuple(RESCUES) if self.rescues == ("all",) else self.rescues
@@ -102,38 +108,118 @@ def wall_schemes(given):
 
 @dataclass(frozen=True)
 class Scale:
-    """Everything that differs between the two scales; the code is the same."""
+    """Everything that differs between scales; the code is the same. A scale is a TOML file of these keys
+    (configs/reproduce_<name>.toml, or the user's: load_scale), checked whole when made."""
     config: str  # configs/<config>.toml, trained once per scheme with --pos_encoding
     data_dir: str  # prepared from `source` (data/prepare.py) unless it already holds meta.json
-    vocab_size: int | None  # compact vocabulary (data/prepare.py --vocab_size), None = GPT-2's 50257
-    base_len: int
+    base_len: int  # L, the length every scheme trains at: the config's block_size
+    vocab_size: int | None = None  # compact vocabulary (data/prepare.py --vocab_size); None (left out): GPT-2's 50257
     factor: int = 4  # fine-tuned extensions go to factor * base_len
     eval_factor: int = 8  # evaluation goes to eval_factor * base_len
-    train: dict = field(default_factory=dict)  # overrides of the configs, e.g. max_iters
-    extend_steps: int = 100
-    extend: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)  # evaluate.EvalConfig fields
-    source: str = "stdlib"
+    train: dict = field(default_factory=dict)  # train.py keys over the config, e.g. max_iters
+    extend_steps: int = 100  # fine-tuning steps of each extension
+    extend: dict = field(default_factory=dict)  # extend_context.py keys (and train.py's) of every fine-tune
+    eval: dict = field(default_factory=dict)  # evaluate.EvalConfig keys, e.g. n_docs
+    source: str = "stdlib"  # what data/prepare.py prepares into data_dir: stdlib, pg19, or a folder, file or glob
+
+    def __post_init__(self):
+        check_fields(self)
+        at_least(self, 1, "base_len", "factor", "extend_steps")
+        if self.eval_factor < self.factor:
+            raise ConfigError(f"bad value {self.eval_factor} for config key 'eval_factor': the evaluation must reach "
+                              f"the fine-tuned length, factor = {self.factor}")
+        check_tables(self)
 
 
-CPU_EVAL = dict(n_docs=8, passkey_trials=1, recall_trials=8)
-SCALES = {
-    # 1750 steps (3.6M tokens): trained this long, the model leans on positions, and the
-    # wall past L has the papers' shape. At 350 steps it barely uses them, so an unseen position breaks
-    # little: RoPE rises ~14% by 8L instead of ~50% by 4L. The fine-tunes take 500 steps: after 150, PI's
-    # perplexity at L is still 20% above the base model's (the interpolated positions are not relearned yet).
-    "cpu": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=500,
-                 train={"max_iters": 1750, "eval_interval": 350, "ckpt_interval": 350, "log_interval": 50},
-                 extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4}, eval=CPU_EVAL),
-    # The same pipeline, shorter (5 min on 2 cores), for smoke runs: a soft shape (RoPE ~+6% by 4L).
-    "cpu-quick": Scale("cpu", "data/stdlib4k", 4096, 256, extend_steps=150,
-                       train={"max_iters": 250, "eval_interval": 125, "ckpt_interval": 125, "log_interval": 50},
-                       extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4},
-                       eval=CPU_EVAL | {"n_docs": 4}),
-    "gpu": Scale("gpu30m", "data/stdlib", None, 4096, extend_steps=100,
-                 extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
-                 eval=dict(n_docs=8, passkey_trials=2, recall_trials=8)),
+SET_BY_REPRODUCE = {  # keys a scale's tables may not hold: each stage gets them from the scale's own keys or flags
+    "train": ("pos_encoding", "seed", "out_dir", "data_dir", "vocab_size", "resume"),
+    "extend": ("ckpt", "method", "factor", "target_len", "steps", "out_dir", "resume"),
+    "eval": ("ckpt", "labels", "data_dir", "max_len", "base_len", "out_dir", "reference", "resume"),
 }
+
+
+def as_flags(table):
+    """A table of a scale (train.py or extend_context.py keys) as --key=value flags; values as JSON (true, 0.001)."""
+    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in table.items()]
+
+
+def check_tables(scale):
+    """One line (ConfigError) for a key of the train, extend or eval table that its script does not take, a bad
+    value, a key each stage sets itself, or a base_len that is not the length the train config trains at."""
+    for table, keys in SET_BY_REPRODUCE.items():
+        taken = [k for k in getattr(scale, table) if k in keys]
+        if taken:
+            raise ConfigError(f"{table}.{taken[0]} is set by reproduce.py for each stage, from the scale's own keys "
+                              "(data_dir, vocab_size, base_len, factor, extend_steps, eval_factor) or its flags")
+    config = ROOT / "configs" / f"{scale.config}.toml"
+    if not config.is_file():
+        names = [p.stem for p in sorted(config.parent.glob("*.toml")) if p not in presets().values()]
+        raise ConfigError(f"bad value {scale.config!r} for config key 'config': no configs/{scale.config}.toml; "
+                          f"choose a train config, {', '.join(names)}")
+    try:
+        table = "train"
+        trained = train.load_config([str(config), *as_flags(scale.train)])
+        table = "extend"
+        _, rest = parse(extend_context.ExtendConfig, as_flags(scale.extend), passthrough=train.TrainConfig)
+        parse(train.TrainConfig, rest)
+        table = "eval"
+        apply(evaluate.EvalConfig(), scale.eval)
+    except ConfigError as e:
+        raise ConfigError(f"in the {table} table: {e}") from None
+    if trained.model.block_size != scale.base_len:
+        raise ConfigError(f"base_len = {scale.base_len}, but configs/{scale.config}.toml with the train table trains "
+                          f"at block_size = {trained.model.block_size}: make them equal")
+
+
+def check_corpus(scale):
+    """One line (ConfigError) before any training if the corpus's val split holds fewer documents of
+    eval_factor * base_len + 1 tokens than the evaluation scores (its n_docs), unless eval.train_docs tops them up."""
+    cfg = evaluate.EvalConfig(**scale.eval)
+    if cfg.train_docs or not set(evaluate.DOCUMENT_TASKS) & set(cfg.tasks):
+        return
+    min_len = scale.eval_factor * scale.base_len + 1
+    n_val = n_long_documents(scale.data_dir, "val", min_len)
+    if n_val < cfg.n_docs:
+        raise ConfigError(f"{scale.data_dir} has {n_val} held-out (val) documents of >= {min_len} tokens, and the "
+                          f"evaluation to eval_factor x base_len = {min_len - 1} scores eval.n_docs = {cfg.n_docs}: "
+                          "lower eval.n_docs or eval_factor, use a corpus with more long documents, or set "
+                          "eval.train_docs = true to top them up from train (not held out)")
+
+
+def presets():
+    """name -> file of every preset scale: configs/reproduce_<name>.toml, "_" in the file's name "-" in the scale's
+    (reproduce_cpu_quick.toml is --scale cpu-quick)."""
+    return {p.stem.removeprefix("reproduce_").replace("_", "-"): p
+            for p in sorted((ROOT / "configs").glob("reproduce_*.toml"))}
+
+
+def scale_file(scale):
+    """The file a --scale names: a path ending in .toml as given, else the preset of that name."""
+    if scale.endswith(".toml"):
+        return Path(scale)
+    if scale not in presets():
+        raise ConfigError(f"bad value {scale!r} for config key 'scale': choose {', '.join(presets())} (the files "
+                          "configs/reproduce_<name>.toml), or give a scale file's path")
+    return presets()[scale]
+
+
+def load_scale(path, overrides=None):
+    """The Scale of a TOML file, with overrides (Scale keys; the train, extend and eval tables merged key by key)
+    over its keys; ConfigError, one line naming the file, for a missing, unknown or bad key."""
+    keys = read_toml(str(path), Scale)  # a missing file or bad TOML: its own line
+    for key, value in (overrides or {}).items():
+        keys[key] = (keys[key] | value) if isinstance(value, dict) and isinstance(keys.get(key), dict) else value
+    try:
+        required = [f.name for f in dataclasses.fields(Scale)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in keys]
+        if missing:
+            raise ConfigError(f"missing key '{missing[0]}': a scale sets at least {', '.join(required)}")
+        return from_dict(Scale, keys)
+    except ConfigError as e:
+        raise ConfigError(f"scale {path}: {e}") from None
+
+
 TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn")  # rope_types evaluated with no fine-tuning
 FINE_TUNED = ("linear", "yarn")  # rope_types fine-tuned at factor * base_len
 HEADLINE_TRAINING_FREE = ("dynamic", "yarn")  # the training-free rows in the headline figure (all are in the tables)
@@ -219,7 +305,7 @@ def seed_dir(run_dir, seed):
 def train_stage(scale, scheme, seed, run_dir):
     out_dir = seed_dir(run_dir, seed) / scheme
     argv = [str(ROOT / "configs" / f"{scale.config}.toml"), f"--pos_encoding={scheme}", f"--seed={seed}",
-            f"--out_dir={out_dir}", f"--data_dir={scale.data_dir}", *(f"--{k}={v}" for k, v in scale.train.items())]
+            f"--out_dir={out_dir}", f"--data_dir={scale.data_dir}", *as_flags(scale.train)]
     if scale.vocab_size:
         argv.append(f"--vocab_size={scale.vocab_size}")
     if holds_run(out_dir):
@@ -235,7 +321,7 @@ def train_name(scheme, seed):
 def fine_tune_stage(scale, method, seed, run_dir):
     base, out_dir = seed_dir(run_dir, seed) / EXTENDED, seed_dir(run_dir, seed) / f"{EXTENDED}_{method}_ft"
     argv = [f"--ckpt={base / 'ckpt.pt'}", f"--method={method}", f"--factor={scale.factor}",
-            f"--steps={scale.extend_steps}", f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
+            f"--steps={scale.extend_steps}", f"--out_dir={out_dir}", *as_flags(scale.extend)]
     if holds_run(out_dir):
         argv.append("--resume=true")
     return Job(f"fine-tune {EXTENDED} with {ROPE_SCALING[method].label} (seed {seed})", [(extend_context.main, argv)],
@@ -253,7 +339,7 @@ def rescue_stage(scale, name, seed, run_dir):
     base, out_dir = seed_dir(run_dir, seed) / EXTENDED, seed_dir(run_dir, seed) / rescue_folder(name)
     factor = () if name == "drope" else (f"--factor={scale.factor}",)  # DroPE recalibrates at L
     argv = [f"--ckpt={base / 'ckpt.pt'}", *RESCUES[name].flags, *factor, f"--steps={scale.extend_steps}",
-            f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in scale.extend.items())]
+            f"--out_dir={out_dir}", *as_flags(scale.extend)]
     if holds_run(out_dir):
         argv.append("--resume=true")
     return Job(rescue_name(name, seed), [(extend_context.main, argv)], after=(train_name(EXTENDED, seed),),
@@ -630,6 +716,14 @@ def one_reference(per_seed, reference):
     return per_seed
 
 
+def data_stage(scale):
+    """The corpus's token counts by split, prepared from scale.source first unless data_dir already holds meta.json:
+    a prepared corpus (the user's own, or an earlier run's) is used as it is, never prepared over."""
+    if (Path(scale.data_dir) / "meta.json").exists():
+        return load_meta(scale.data_dir)["tokens"]
+    return prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"]
+
+
 def search_stage(scale, seed_folder):
     """The searched LongRoPE extension of the seed's RoPE model, training-free (posenc/longrope_search.py)."""
     ext = extend_context.ExtendConfig(ckpt=str(seed_folder / EXTENDED / "ckpt.pt"), method="longrope",
@@ -648,7 +742,8 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
     stages = Stages(run_dir)
     if not (Path(scale.data_dir) / "meta.json").exists():
         stages.done.pop("data", None)
-    stages.run("data", lambda: prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"])
+    stages.run("data", lambda: data_stage(scale))
+    check_corpus(scale)  # before any training: the evaluation at the end must have its documents
     seed_list = [train.TrainConfig.seed + i for i in range(seeds)]
     # In each seed the extended scheme trains first and its fine-tunes come next in the queue: with several
     # workers they start as soon as it is done, beside the other schemes' training.
@@ -676,8 +771,8 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
             stages.run(f"non-overlapping perplexity (seed {s})" + (f" with {', '.join(added)}" if added else ""),
                        lambda c=c, m=models: evaluate.run_tasks(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
-            n_docs = min(explain.ExplainConfig.n_docs, scale.eval.get("n_docs", explain.ExplainConfig.n_docs))
-            cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=scale.eval_factor * scale.base_len, n_docs=n_docs,
+            cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=eval_cfg.max_len, train_docs=eval_cfg.train_docs,
+                                        n_docs=min(explain.ExplainConfig.n_docs, eval_cfg.n_docs),
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
             stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
     per_seed = [json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list]
@@ -693,19 +788,17 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
 
 
 def scale_of(cfg):
-    """The scale named by cfg.scale with cfg's overrides over it."""
-    scale = SCALES[cfg.scale]
-    return dataclasses.replace(
-        scale, data_dir=cfg.data_dir or scale.data_dir, source=cfg.source or scale.source,
-        vocab_size=cfg.vocab_size or scale.vocab_size, train=scale.train | (cfg.train or {}),
-        extend_steps=cfg.extend_steps or scale.extend_steps, extend=scale.extend | (cfg.extend or {}),
-        eval=scale.eval | (cfg.eval or {}))
+    """The scale cfg.scale names (a preset or a file) with cfg's overrides over it."""
+    given = {"data_dir": cfg.data_dir, "source": cfg.source, "vocab_size": cfg.vocab_size, "train": cfg.train,
+             "extend_steps": cfg.extend_steps, "extend": cfg.extend, "eval": cfg.eval}
+    return load_scale(scale_file(cfg.scale), {k: v for k, v in given.items() if v})  # "", 0, None: the scale's
 
 
 def main(argv=None):
-    cfg = parse(ReproduceConfig, argv, doc=__doc__)
+    cfg = parse(ReproduceConfig, argv, doc=__doc__, file_key="scale")  # `reproduce.py my.toml`: --scale=my.toml
     command = " ".join(["python reproduce.py", *(argv if argv is not None else [])])
-    return run(scale_of(cfg), Path(cfg.out_dir or f"runs/{cfg.scale}"), command, cfg.seeds, cfg.workers,
+    name = Path(cfg.scale).stem if cfg.scale.endswith(".toml") else cfg.scale
+    return run(scale_of(cfg), Path(cfg.out_dir or f"runs/{name}"), command, cfg.seeds, cfg.workers,
                cfg.reference, cfg.schemes, cfg.rescues, cfg.nonoverlapping)
 
 

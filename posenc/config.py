@@ -255,10 +255,12 @@ def key_types(cls) -> dict[str, object]:
     return out
 
 
-def parse(cls, argv: list[str] | None = None, defaults=None, passthrough=None, doc: str | None = None):
+def parse(cls, argv: list[str] | None = None, defaults=None, passthrough=None, doc: str | None = None,
+          file_key: str | None = None):
     """Defaults (cls() or `defaults`), then a TOML file (positional or --config=), then flags.
     passthrough: another config class whose keys are accepted here by name and returned unparsed, as
     `(cfg, ["--key=value", ...])`, for a second parse against defaults known only later (extend_context).
+    file_key: the file is not cls's keys but this key's value, read by the script itself (reproduce.py's scale).
     -h / --help prints every key with its default and comment, then exits."""
     argv = sys.argv[1:] if argv is None else list(argv)
     types_ = key_types(cls) | (key_types(passthrough) if passthrough else {})
@@ -269,7 +271,11 @@ def parse(cls, argv: list[str] | None = None, defaults=None, passthrough=None, d
     if len(files) > 1:
         raise ConfigError(f"give one config file, not {len(files)}: {' '.join(files)}")
     cfg = defaults if defaults is not None else cls()
-    if files:
+    if files and file_key:
+        if file_key in flags:
+            raise ConfigError(f"give a config file or --{file_key}, not both")
+        flags = {file_key: files[0], **flags}
+    elif files:
         cfg = apply(cfg, read_toml(files[0], cls))
     own, rest = {}, []
     for key, value in flags.items():

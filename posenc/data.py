@@ -154,16 +154,31 @@ class BatchSampler:
 EVAL_DOCS = 16  # evaluate.py's default count of long documents (the position and ppl tasks)
 
 
-def held_out_documents(data_dir, min_len, n_docs):
-    """Up to n_docs documents of >= min_len tokens, spread over val; topped up from train when val has too
-    few (and the note says so)."""
+def n_long_documents(data_dir, split: str, min_len: int) -> int:
+    """How many of the split's documents have at least min_len tokens (from meta.json: no tokens are read)."""
+    return sum(length >= min_len for _, length, _ in load_meta(data_dir)["docs"][split])
+
+
+def spread(docs: list, k: int) -> list:
+    """k of docs, evenly spaced over them in file order (all of them when k = len(docs))."""
+    return [docs[i * len(docs) // k] for i in range(k)]
+
+
+def held_out_documents(data_dir, min_len, n_docs, train_docs=False):
+    """(n_docs documents of >= min_len tokens spread over val, a note on where they came from). When val has
+    fewer: a one-line ValueError, or with train_docs, train documents top them up and the note says so (they are
+    not held out: a model trained on this corpus may have seen them)."""
     val = long_documents(data_dir, "val", min_len)
-    pick = lambda docs, k: [docs[i * len(docs) // k] for i in range(k)] if k else []  # noqa: E731
-    docs, note = pick(val, min(n_docs, len(val))), f"{min(n_docs, len(val))} val documents of >= {min_len} tokens"
+    if len(val) < n_docs and not train_docs:
+        raise ValueError(f"{data_dir} has {len(val)} held-out (val) documents of >= {min_len} tokens, fewer than "
+                         f"--n_docs={n_docs}: lower --n_docs or --max_len, or give --train_docs=true to top them up "
+                         "with training documents (not held out)")
+    docs = spread(val, min(n_docs, len(val)))
+    note = f"{len(docs)} val documents of >= {min_len} tokens"
     if len(docs) < n_docs:
         train = long_documents(data_dir, "train", min_len)
         k = min(n_docs - len(docs), len(train))
-        docs += pick(train, k)
+        docs += spread(train, k)
         note += f" + {k} TRAIN documents (not held out: val has only {len(val)} that long)"
     if not docs:
         raise ValueError(f"no documents of >= {min_len} tokens in {data_dir}: lower --max_len or prepare a "

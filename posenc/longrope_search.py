@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from posenc.checkpoint import model_from_checkpoint
-from posenc.data import EVAL_DOCS, held_out_documents, long_documents
+from posenc.data import EVAL_DOCS, long_documents, spread
 from posenc.positions import RoPE
 from posenc.rope_scaling import ROPE_SCALING, rope_frequencies, scaling_dict
 from posenc.runtime import resolve_device
@@ -114,8 +114,8 @@ def search_documents(data_dir, min_len, n_docs):
     """(n_docs val documents of >= min_len tokens, a note on them): spread over those that evaluate.py does not pick
     by default at this length, so that the search does not see the documents its result is reported on; where val
     has no others, evaluate.py's own (and the note says so)."""
-    reported = held_out_documents(data_dir, min_len, EVAL_DOCS)[0]
     val = long_documents(data_dir, "val", min_len)
+    reported = spread(val, min(EVAL_DOCS, len(val)))  # evaluate.py's pick from val (posenc.data.held_out_documents)
     others = [doc for doc in val if not any(len(doc) == len(r) and np.array_equal(doc, r) for r in reported)]
     note = f"val documents of >= {min_len} tokens that evaluate.py does not report on"
     if not others:
@@ -124,8 +124,7 @@ def search_documents(data_dir, min_len, n_docs):
     if not others:
         raise ValueError(f"no val documents of >= {min_len} tokens in {data_dir} for the factor search: lower the "
                          "target length")
-    k = min(n_docs, len(others))
-    return [others[i * len(others) // k] for i in range(k)], note
+    return spread(others, min(n_docs, len(others))), note
 
 
 def search_checkpoint(ckpt, data_dir, target_len, factor, original_len, budget, n_docs, seed=0, device="auto",

@@ -155,7 +155,8 @@ def main(argv=None):
         gate = "ours" if model.config.activation == "gelu_tanh" else "ggml"  # the reference llama.cpp must meet
         gates.add(gate)
         L = original_length(model.config.rope_scaling, model.config.block_size)
-        doc = held_out_documents(args.data_dir, 4 * L + DECODE, 1)[0][0].astype(np.int64)
+        # the same document for both implementations: a comparison, not a score, so a train one serves as well
+        doc = held_out_documents(args.data_dir, 4 * L + DECODE, 1, train_docs=True)[0][0].astype(np.int64)
         refs = references(model, doc, L)
         for dtype in DTYPES:
             path = export_gguf.export(ckpt, out / f"{Path(ckpt).parent.name}_{dtype}.gguf", dtype, overwrite=True)

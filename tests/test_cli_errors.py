@@ -73,7 +73,8 @@ CASES = [  # (script, arguments with {run} and {root} filled in, what the one li
     (evaluate, ["--tasks=position,wall"], "config key 'tasks': choose from position, ppl"),
     (evaluate, ["--data_dir={root}/data8k"], "was trained on another vocabulary"),
     (evaluate, ["--out_dir={run}"], "holds an earlier evaluation"),
-    (reproduce, ["--scale", "tpu"], "config key 'scale': expected cpu, cpu-quick or gpu"),
+    (evaluate, ["--n_docs=4"], "has 3 held-out (val) documents of >= 65 tokens, fewer than --n_docs=4"),
+    (reproduce, ["--scale", "tpu"], "config key 'scale': choose cpu, cpu-quick, gpu"),
     (reproduce, ["--scal=gpu"], "unknown config key 'scal' (did you mean 'scale'?)"),
     (reproduce, ["--seeds=0"], "config key 'seeds': expected a number >= 1"),
     (sweep, ["--pos_encoding=rope,rotary"], "unknown pos_encoding 'rotary'"),
@@ -92,7 +93,8 @@ COMMON = {  # what each script needs besides the bad value
     train: ["--data_dir={root}/data", "--out_dir={run}", *TINY],
     extend_context: ["--ckpt={run}/ckpt.pt", "--method=linear", "--out_dir={root}/ext"],
     sample: ["--ckpt={run}/ckpt.pt", "--prompt=hi"],
-    evaluate: ["--ckpt={run}/ckpt.pt", "--data_dir={root}/data", "--max_len=64", "--out_dir={root}/eval"],
+    evaluate: ["--ckpt={run}/ckpt.pt", "--data_dir={root}/data", "--max_len=64", "--n_docs=2",  # val holds 3
+               "--out_dir={root}/eval"],
     sweep: ["--data_dir={root}/data", "--sweep_dir={root}/sweep", *TINY],
 }
 

@@ -1,4 +1,5 @@
 """evaluate.py on tiny random models (CPU): bucketing, sliding windows, passkey prompts, recall probes, the wall."""
+import dataclasses
 import json
 import math
 import random
@@ -15,7 +16,7 @@ from evaluate import EvalConfig
 from model import GPT
 from posenc import eval_tasks as ev
 from posenc.cli import cli
-from posenc.data import held_out_documents
+from posenc.data import held_out_documents, long_documents
 from posenc.tokenizer import get_tokenizer
 
 
@@ -335,8 +336,6 @@ def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
     assert [e["window"] for e in res["models"]["rope"]["ppl"]] == [32, 64, 128]
     assert "cannot_run" in res["models"]["learned"]["ppl"][1] and "ppl" in res["models"]["rope"]["ppl"][2]
     assert res["documents"]["n_docs"] == 3 and "TRAIN" not in res["documents"]["source"]
-    docs, note = held_out_documents(corpus, 129, 20)  # more than val holds: topped up from train, and said
-    assert "TRAIN" in note and len(docs) > len(held_out_documents(corpus, 129, 3)[0])
     md = (tmp_path / "summary.md").read_text()
     for heading in ("Loss by position", "Sliding-window perplexity", "Short-context loss", "Passkey", "recall"):
         assert heading in md
@@ -351,7 +350,6 @@ def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
 
 
 def test_cli_runs_a_checkpoint_and_fails_in_one_line(corpus, tmp_path, capsys):
-    import dataclasses
     model = tiny("alibi", vocab_size=50304)
     ckpt = tmp_path / "alibi" / "ckpt.pt"
     ckpt.parent.mkdir()
@@ -373,8 +371,27 @@ def test_cli_runs_a_checkpoint_and_fails_in_one_line(corpus, tmp_path, capsys):
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_training_documents_are_scored_only_when_asked(corpus, tmp_path):
+    """Val has fewer long documents than asked: refused in one line that says how many it has and how to go on;
+    with train_docs the train documents top them up, the note says so and the results record the flag."""
+    val = long_documents(corpus, "val", 65)
+    with pytest.raises(ValueError) as e:
+        held_out_documents(corpus, 65, len(val) + 1)
+    assert "\n" not in str(e.value) and f"has {len(val)} held-out (val) documents of >= 65 tokens" in str(e.value)
+    assert "--train_docs=true" in str(e.value) and "--n_docs" in str(e.value)
+    docs, note = held_out_documents(corpus, 65, len(val) + 1, train_docs=True)
+    assert len(docs) == len(val) + 1 and all(np.array_equal(d, v) for d, v in zip(docs, val))
+    assert not any(np.array_equal(docs[-1], v) for v in val) and "+ 1 TRAIN documents (not held out" in note
+    models = {"rope": tiny("rope", vocab_size=50304)}
+    cfg = EvalConfig(data_dir=str(corpus), max_len=64, out_dir="", tasks=("ppl",), n_docs=len(val) + 1)
+    with pytest.raises(ValueError, match="--train_docs=true"):
+        evaluate.run_tasks(models, cfg)
+    res = evaluate.run_tasks(models, dataclasses.replace(cfg, train_docs=True))
+    assert res["documents"]["train_docs"] and res["settings"]["train_docs"] and "TRAIN" in res["documents"]["source"]
+    assert "train_docs" not in cfg.settings(32)  # off: the settings of results from before the flag, reused
+
+
 def test_resume_reuses_only_unchanged_checkpoints_with_the_same_settings(corpus, tmp_path, monkeypatch):
-    import dataclasses
     paths = {}
     for scheme in ("alibi", "rope"):
         model = tiny(scheme, vocab_size=50304)

@@ -18,12 +18,12 @@ from posenc.data import BatchSampler
 def tiny_scale(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(12):  # documents longer than the evaluation length (8 x 16 = 128 tokens)
+    for i in range(17):  # documents longer than the evaluation length (8 x 16 = 128 tokens); 2 in val (doc8, doc16)
         (corpus / f"doc{i}.txt").write_text(" ".join(f"w{(i * 7 + j) % 50}" for j in range(300)))
     model = {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "batch_size": 4, "max_iters": 3,
              "eval_interval": 3, "eval_iters": 1, "ckpt_interval": 3, "log_interval": 1, "warmup_iters": 1}
-    return reproduce.Scale("cpu", str(tmp_path / "data"), 256, 16, train=model, extend_steps=2,
-                           extend={"eval_interval": 2, "eval_iters": 1}, source=str(corpus),
+    return reproduce.Scale(config="cpu", data_dir=str(tmp_path / "data"), vocab_size=256, base_len=16, train=model,
+                           extend_steps=2, extend={"eval_interval": 2, "eval_iters": 1}, source=str(corpus),
                            eval=dict(n_docs=2, passkey_trials=1, recall_trials=1, tasks=("position", "ppl", "short")))
 
 
@@ -225,7 +225,7 @@ def test_schemes_add_to_the_default_five_or_replace_them(tmp_path):
     added = parse(reproduce.ReproduceConfig, ["--schemes=+rope_nope,t5"]).schemes
     assert added == (*reproduce.DEFAULT_SCHEMES, "rope_nope", "t5")
     assert parse(reproduce.ReproduceConfig, ["--schemes=rope,alibi"]).schemes == ("rope", "alibi")
-    models = reproduce.models_to_evaluate(reproduce.SCALES["cpu"], tmp_path, added)
+    models = reproduce.models_to_evaluate(reproduce.load_scale(reproduce.presets()["cpu"]), tmp_path, added)
     assert models["t5"] == str(tmp_path / "t5" / "ckpt.pt") and "rope_nope" in models
     for flag, words in [("--schemes=+rotary", "bad value 'rotary' for config key 'schemes'"),
                         ("--schemes=alibi", "must include rope")]:
