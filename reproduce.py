@@ -42,7 +42,7 @@ import evaluate
 import explain
 import extend_context
 import train
-from data.prepare import prepare
+from data.prepare import DOCUMENT_UNITS, prepare
 from posenc.cli import cli
 from posenc.config import ConfigError, apply, at_least, check_fields, from_dict, parse, read_toml
 from posenc.data import load_meta, n_long_documents
@@ -75,6 +75,7 @@ class ReproduceConfig:
     # Overrides of the scale's settings (tests/test_rehearsal.py runs the GPU scale's lengths with them on a CPU):
     data_dir: str = ""  # "": the scale's; prepared from `source` unless it holds meta.json
     source: str = ""  # "": the scale's corpus (stdlib); or a folder of text files (data/prepare.py)
+    documents: str = ""  # "": the scale's; files or folders, what one document of `source` is (data/prepare.py)
     vocab_size: int = 0  # compact vocabulary of the data (data/prepare.py); 0: the scale's
     train: dict | None = None  # train.py keys over the scale's config, e.g. {"n_layer": 2, "max_iters": 100}
     extend_steps: int = 0  # fine-tuning steps of the extensions; 0: the scale's
@@ -121,10 +122,15 @@ class Scale:
     extend: dict = field(default_factory=dict)  # extend_context.py keys (and train.py's) of every fine-tune
     eval: dict = field(default_factory=dict)  # evaluate.EvalConfig keys, e.g. n_docs
     source: str = "stdlib"  # what data/prepare.py prepares into data_dir: stdlib, pg19, or a folder, file or glob
+    documents: str = "files"  # one document per file, or per folder (data/prepare.py's folder_documents)
+    explain_docs: int = 4  # held-out documents explain.py reads (at most eval's n_docs): each is a max_len forward
 
     def __post_init__(self):
         check_fields(self)
-        at_least(self, 1, "base_len", "factor", "extend_steps")
+        at_least(self, 1, "base_len", "factor", "extend_steps", "explain_docs")
+        if self.documents not in DOCUMENT_UNITS:
+            raise ConfigError(f"bad value {self.documents!r} for config key 'documents': choose "
+                              f"{' or '.join(DOCUMENT_UNITS)}")
         if self.eval_factor < self.factor:
             raise ConfigError(f"bad value {self.eval_factor} for config key 'eval_factor': the evaluation must reach "
                               f"the fine-tuned length, factor = {self.factor}")
@@ -721,7 +727,7 @@ def data_stage(scale):
     a prepared corpus (the user's own, or an earlier run's) is used as it is, never prepared over."""
     if (Path(scale.data_dir) / "meta.json").exists():
         return load_meta(scale.data_dir)["tokens"]
-    return prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size)["tokens"]
+    return prepare(scale.source, scale.data_dir, vocab_size=scale.vocab_size, documents=scale.documents)["tokens"]
 
 
 def search_stage(scale, seed_folder):
@@ -772,7 +778,7 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
                        lambda c=c, m=models: evaluate.run_tasks(m, c) and None)
         for label, ckpt in explained(run_dir, s).items():
             cfg = explain.ExplainConfig(ckpt=str(ckpt), max_len=eval_cfg.max_len, train_docs=eval_cfg.train_docs,
-                                        n_docs=min(explain.ExplainConfig.n_docs, eval_cfg.n_docs),
+                                        n_docs=min(scale.explain_docs, eval_cfg.n_docs),
                                         out_dir=str(explain_dir(run_dir, s, label)), overwrite=True)
             stages.run(f"explain {label} (seed {s})", lambda c=cfg: explain.explain(c) and None)
     per_seed = [json.loads((seed_dir(run_dir, s) / "eval" / "results.json").read_text()) for s in seed_list]
@@ -789,7 +795,8 @@ def run(scale, run_dir, command="python reproduce.py", seeds=1, workers=1, refer
 
 def scale_of(cfg):
     """The scale cfg.scale names (a preset or a file) with cfg's overrides over it."""
-    given = {"data_dir": cfg.data_dir, "source": cfg.source, "vocab_size": cfg.vocab_size, "train": cfg.train,
+    given = {"data_dir": cfg.data_dir, "source": cfg.source, "documents": cfg.documents,
+             "vocab_size": cfg.vocab_size, "train": cfg.train,
              "extend_steps": cfg.extend_steps, "extend": cfg.extend, "eval": cfg.eval}
     return load_scale(scale_file(cfg.scale), {k: v for k, v in given.items() if v})  # "", 0, None: the scale's
 

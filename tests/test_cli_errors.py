@@ -74,7 +74,7 @@ CASES = [  # (script, arguments with {run} and {root} filled in, what the one li
     (evaluate, ["--data_dir={root}/data8k"], "was trained on another vocabulary"),
     (evaluate, ["--out_dir={run}"], "holds an earlier evaluation"),
     (evaluate, ["--n_docs=4"], "has 3 held-out (val) documents of >= 65 tokens, fewer than --n_docs=4"),
-    (reproduce, ["--scale", "tpu"], "config key 'scale': choose cpu, cpu-quick, gpu"),
+    (reproduce, ["--scale", "tpu"], "config key 'scale': choose cpu, cpu4k, cpu-quick, gpu"),
     (reproduce, ["--scal=gpu"], "unknown config key 'scal' (did you mean 'scale'?)"),
     (reproduce, ["--seeds=0"], "config key 'seeds': expected a number >= 1"),
     (sweep, ["--pos_encoding=rope,rotary"], "unknown pos_encoding 'rotary'"),

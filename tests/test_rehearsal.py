@@ -63,6 +63,7 @@ def test_the_gpu_scale_runs_on_a_cpu_at_its_true_lengths(tmp_path):
                   "short_windows": 8}
     run_dir = tmp_path / "run"
     argv = ["--scale=gpu", f"--out_dir={run_dir}", f"--data_dir={tmp_path / 'data'}", f"--source={corpus}",
+            "--documents=files",  # its documents are made long already; the scale's folder packing would join them
             "--vocab_size=512", "--schemes=+rope_nope,t5", "--rescues=self_extend", "--workers=1",
             f"--train={json.dumps(smallest)}", "--extend_steps=1",
             '--extend={"compile": false, "eval_interval": 1, "eval_iters": 1}', f"--eval={json.dumps(evaluation)}"]

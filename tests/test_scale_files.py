@@ -10,7 +10,8 @@ from conftest import error_line
 import reproduce
 from reproduce import Scale
 
-# The presets as they were in reproduce.py's SCALES dict before they became files (commit 4402f08).
+# The presets as they were in reproduce.py's SCALES dict before they became files (commit 4402f08); the GPU
+# scale has since moved to the folder corpus, for its 32k held-out documents.
 CPU_EVAL = dict(n_docs=8, passkey_trials=1, recall_trials=8)
 BEFORE = {
     "cpu": Scale(config="cpu", data_dir="data/stdlib4k", vocab_size=4096, base_len=256, extend_steps=500,
@@ -20,7 +21,8 @@ BEFORE = {
                        train={"max_iters": 250, "eval_interval": 125, "ckpt_interval": 125, "log_interval": 50},
                        extend={"learning_rate": 1e-3, "eval_interval": 75, "eval_iters": 4},
                        eval=CPU_EVAL | {"n_docs": 4}),
-    "gpu": Scale(config="gpu30m", data_dir="data/stdlib", vocab_size=None, base_len=4096, extend_steps=100,
+    "gpu": Scale(config="gpu30m", data_dir="data/stdlib-folders", documents="folders", vocab_size=None,
+                 base_len=4096, extend_steps=100,
                  extend={"learning_rate": 2e-4, "eval_interval": 50, "eval_iters": 4, "compile": True},
                  eval=dict(n_docs=8, passkey_trials=2, recall_trials=8)),
 }
@@ -104,8 +106,11 @@ def test_a_users_file_runs_with_flags_over_it(toy, tmp_path, monkeypatch):
     (("base_len = 16\n", ""), "missing key 'base_len': a scale sets at least config, data_dir, base_len"),
     (("base_len = 16", "base_len = 32"), "base_len = 32, but configs/cpu.toml with the train table trains at "
                                          "block_size = 16"),
-    (('config = "cpu"', 'config = "cpu30m"'), "no configs/cpu30m.toml; choose a train config, cpu, gpt2_124m"),
+    (('config = "cpu"', 'config = "cpu30m"'), "no configs/cpu30m.toml; choose a train config, cpu, cpu4k, gpt2_124m"),
     (("extend_steps = 2", "extend_steps = 2\neval_factor = 2"), "the evaluation must reach the fine-tuned length"),
+    (("extend_steps = 2", 'extend_steps = 2\ndocuments = "packages"'), "bad value 'packages' for config key "
+                                                                       "'documents': choose files or folders"),
+    (("extend_steps = 2", "extend_steps = 2\nexplain_docs = 0"), "explain_docs"),
     (("max_iters = 3", "max_iter = 3"), "in the train table: unknown config key 'max_iter' (did you mean "
                                         "'max_iters'?)"),
     (("n_docs = 2", "n_doc = 2"), "in the eval table: unknown config key 'n_doc' (did you mean 'n_docs'?)"),
@@ -147,3 +152,12 @@ def test_a_prepared_corpus_is_used_as_it_is(toy, tmp_path):
     elsewhere = reproduce.load_scale(toy, {"source": str(tmp_path / "nowhere")})
     assert reproduce.data_stage(elsewhere) == tokens == json.loads(meta)["tokens"]
     assert (tmp_path / "data" / "meta.json").read_text() == meta
+
+
+def test_a_scale_prepares_its_corpus_with_its_documents(toy, tmp_path):
+    """documents = "folders": the data stage packs a folder's files into documents (data/prepare.py), so the 17
+    files of ~600 tokens become documents of several files each."""
+    reproduce.data_stage(reproduce.load_scale(toy, {"documents": "folders"}))
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["source"]["documents"] == "folders"
+    assert sum(meta["n_docs"].values()) == 1  # 17 x ~600 tokens is one pack of at most 64k tokens
