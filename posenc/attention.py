@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from posenc.runtime import trim_freed_memory
+
 # Elements (B x nh x queries x keys) of a block that is materialized (explicit masks, probabilities, the math
 # kernel): 2^22 fp32 = 16 MiB each. A block whose mask is a view holds no such tensor and takes more queries,
 # VIEW_ELEMENTS: measured on 2 cores (ALiBi, 4 heads, bf16, 8k and 32k tokens), blocks of 128 queries ran ~3x slower
@@ -34,6 +36,7 @@ VIEW_ELEMENTS = 2 ** 25
 # rows x (rows + band - 1) pairs to use rows x band of them: measured at 4k (T5's band 128, 4 heads, 1 thread,
 # the machine shared), 64-128 rows took 13-25 ms a layer, 512 rows 35 ms, the earlier scatter by distance 55-68.
 BAND_ROWS = 128
+TRIM_BLOCKS = 16  # probed_attention hands freed memory back to the system after this many blocks (runtime.trim_freed_memory)
 
 
 def block_rows(B, nh, Tq, Tk, elements=None):
@@ -274,7 +277,9 @@ def probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe, elements=None):
     block; the output is made from those probabilities, so what the probe sees is exactly what the forward used."""
     qf = q.float() * (1 / math.sqrt(q.size(-1)))  # the scale folded into q once, not into every score
     kf, vf, out = k.float().contiguous(), v.float().contiguous(), []
-    for s, e, n in blocks(q, k, q_pos, k_pos, elements):
+    for i, (s, e, n) in enumerate(blocks(q, k, q_pos, k_pos, elements)):
+        if i % TRIM_BLOCKS == TRIM_BLOCKS - 1 and q.device.type == "cpu":
+            trim_freed_memory()  # the blocks' freed tensors, of ever new sizes, would stay on the heap as holes
         qp, kp = q_pos[s:e], k_pos[:n]
         scores = qf[..., s:e, :] @ kf[..., :n, :].transpose(-2, -1)  # (B, nh, rows, n)
         bias = bias_fn(qp, kp) if bias_fn is not None else None

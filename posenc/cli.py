@@ -4,8 +4,6 @@ import signal
 import sys
 import threading
 
-from posenc.runtime import return_freed_memory
-
 
 class TrainingError(RuntimeError):
     """A run that could not finish what it was asked (a diverged loss, a checkpoint that could not be saved, a
@@ -28,7 +26,6 @@ def _raise_interrupted(signum, frame):
 def cli(main, argv=None, errors=(ValueError, OSError, RuntimeError)):
     """Run a script's main(argv): a ConfigError or any of `errors` is one line `error: ...` and exit 1; an
     interrupt (Ctrl-C, or SIGTERM, which raises Interrupted here) is one line and exit 130 or 143."""
-    return_freed_memory()  # every stage: long-context blocks would otherwise leave the heap full of holes
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
