@@ -190,7 +190,7 @@ def test_reproduce_command_line(capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(["--help"])
     assert e.value.code == 0 and "--scale=cpu" in capsys.readouterr().out
-    for argv, message in [(["--scale", "tpu"], "config key 'scale': choose cpu, cpu-quick, gpu"),
+    for argv, message in [(["--scale", "tpu"], "config key 'scale': choose cpu, cpu4k, cpu-quick, gpu"),
                           (["--scal=gpu"], "unknown config key 'scal' (did you mean 'scale'?)"),
                           (["--scale"], "--scale needs a value")]:
         with pytest.raises(SystemExit) as e:
