@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from posenc.attention import biased_attention, probed_attention
+from posenc.attention import biased_attention, decode_attention, probed_attention
 from posenc.config import at_least, check_fields
 from posenc.positions import SCHEMES
 
@@ -83,10 +83,16 @@ class KVCache:
         self.pos = 0  # tokens already in the cache
         self.key = None  # the position scheme's cache_key when the cache was filled
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, at=None):
+        """Write k, v (B, nh, T, hs) after the cached ones; return every key and value so far. at: the static
+        step's position tensor (GPT.decode_step): one token written there in place, and the whole cache returned."""
         if self.k is None:  # the keys' own dtype (bf16 under autocast): attention takes q, k, v in one dtype
             dtype = self.dtype or k.dtype
             self.k, self.v = (torch.zeros(self.shape, device=self.device, dtype=dtype) for _ in range(2))
+        if at is not None:
+            self.k[layer].index_copy_(2, at, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, at, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -102,14 +108,17 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout, self.backend = config.n_head, config.dropout, config.attn_backend
         self.probe = None  # set by record_attention: called with (layer, probabilities, q_pos, k_pos) in eval
 
-    def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0):
+    def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0, static=False):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = scheme.rotate(q, k, q_pos, layer)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs): every key so far
-        y = self.attend(q, k, v, scheme, q_pos, k_pos, layer)
+        if kv_cache is not None:  # (B, nh, Tk, hs): every key so far, or every slot of the static step
+            k, v = kv_cache.update(layer, k, v, at=q_pos if static else None)
+        if static:
+            y = decode_attention(q, k, v, scheme.attn_bias(q_pos, k_pos, layer), q_pos, k_pos)
+        else:
+            y = self.attend(q, k, v, scheme, q_pos, k_pos, layer)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -189,8 +198,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), scheme, q_pos, k_pos, kv_cache, layer)
+    def forward(self, x, scheme, q_pos, k_pos, kv_cache=None, layer=0, static=False):
+        x = x + self.attn(self.ln_1(x), scheme, q_pos, k_pos, kv_cache, layer, static)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -259,6 +268,26 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x).float(), None
         return None, chunked_cross_entropy(x, self.lm_head.weight, targets, reduction)
+
+    @torch.no_grad()
+    def decode_step(self, tok, pos, kv_cache):
+        """fp32 logits (B, vocab) of one new token per sequence, tok (B, 1), at position pos (a (1,) long tensor)
+        through a filled kv_cache: the same as forward(tok, kv_cache=kv_cache) (tests/test_kv_cache.py), but every
+        shape is the same at every step: attention reads the cache's max_len slots with the ones past pos masked,
+        and the token is written at pos in place. So torch.compile compiles it once (static shapes, as gpt-fast's
+        decoding), with no per-token Python left. The caller checks the length, keeps kv_cache.pos and builds the
+        tables up front (posenc/generation.py); a scheme whose positions change meaning with the length, or that
+        attends itself, takes forward instead (generation.why_not_static)."""
+        scheme = self.transformer.pos
+        k_pos = torch.arange(kv_cache.max_len, device=tok.device)
+        kv_cache.tokens.index_copy_(1, pos, tok)
+        x = self.transformer.wte(tok)  # (B, 1, C)
+        pe = scheme.embed(pos)
+        if pe is not None:
+            x = x + pe.to(x.dtype)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, scheme, pos, k_pos, kv_cache, layer, static=True)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1].float()
 
     def make_kv_cache(self, batch_size, max_len, dtype=None):
         """A cache for batch_size sequences of up to max_len tokens, in `dtype` or else the keys' own (autocast's)."""

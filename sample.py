@@ -40,7 +40,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"  # auto: cuda, else mps, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: bool = False  # torch.compile the model (pays off for long generations)
+    compile: bool = False  # torch.compile the one-token decode step: compiled once (static shapes), then faster
     rope_scaling: dict | None = None  # run with this rope_scaling instead of the checkpoint's ({}: none)
     self_extend: tuple[int, ...] = ()  # W,G: Self-Extend (training-free): exact positions within W, grouped past it
 
@@ -82,9 +82,11 @@ def load(cfg):
     model, ckpt = model_from_checkpoint(cfg.ckpt, device, override_scaling=cfg.rope_scaling)
     if cfg.self_extend:
         set_self_extend(model, *cfg.self_extend)
-    model = to_inference_dtype(model, resolve_dtype(cfg.dtype, device)[0])
+    dtype, why = resolve_dtype(cfg.dtype, device)
+    print(f"{device}, {dtype} weights ({why}; --dtype to choose)", file=sys.stderr)
+    model = to_inference_dtype(model, dtype)
     tokenizer = tokenizer_for((ckpt.get("data") or {}).get("vocab"))  # the vocabulary it was trained on
-    return (torch.compile(model, dynamic=True) if cfg.compile else model), tokenizer, device
+    return model, tokenizer, device
 
 
 def main(argv=None):
@@ -104,7 +106,7 @@ def main(argv=None):
             sys.stdout.flush()
 
         generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                 generator=generator, on_token=stream)
+                 generator=generator, on_token=stream, compile=cfg.compile)
         sys.stdout.write(utf8.decode(b"", final=True) + ("\n---------------\n" if i + 1 < cfg.num_samples else "\n"))
     dt = time.perf_counter() - t0
     print(f"{n_new} tokens in {dt:.2f} s: {n_new / dt:.1f} tokens/s (prompt {prompt.size(1)} tokens, {device})",

@@ -271,6 +271,20 @@ def _block(q, k, v, q_pos, k_pos, bias_fn, dropout):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], dropout_p=dropout)
 
 
+def decode_attention(q, k, v, bias, q_pos, k_pos):
+    """One query per sequence, q (B, nh, 1, hs), over a whole static cache k, v (B, nh, max_len, hs): the keys past
+    q_pos (slots not yet written) are masked, so the shapes never change (model.GPT.decode_step). bias: the
+    scheme's (nh, 1, max_len) or None. The mask stays fp32 on the CPU (its flash kernel takes it with bf16 q: an
+    ALiBi bias of -100 is off by 0.25 in bf16); a GPU kernel takes q's dtype, so with a bias q, k, v go to fp32."""
+    mask = causal_mask(None if bias is None else lambda *_: bias, q_pos, k_pos, q.device)[None]  # (1, nh|1, 1, Tk)
+    if q.device.type != "cpu" and q.dtype != mask.dtype:
+        if bias is None:
+            mask = mask.to(q.dtype)  # 0 and -inf: exact in any dtype
+        else:
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe, elements=None):
     """Attention with its probabilities formed explicitly, a block of queries at a time, in fp32: q·k / √hs + the
     bias, causal by absolute position. probe(probs (B, nh, rows, keys), q_pos (rows,), k_pos (keys,)) sees each

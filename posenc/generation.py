@@ -31,12 +31,34 @@ def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
 
 
+def why_not_static(model):
+    """Why model.decode_step (static shapes, compiled once) cannot decode this model, or None when it can."""
+    scheme = model.transformer.pos
+    if scheme.cache_key(1) is not None:
+        return "its positions change meaning with the length (dynamic NTK, LongRoPE): the cache is recomputed"
+    if getattr(scheme, "self_extend", None) is not None:
+        return "Self-Extend attends with its own kernel"
+    return None
+
+
+def decode_step_of(model, compile=False):
+    """model.decode_step, or its compiled form: made once per model (static shapes, so one compilation per cache
+    length and batch; no graph break costs a token here, so fullgraph is not demanded of every scheme)."""
+    if not compile:
+        return model.decode_step
+    if getattr(model, "_compiled_decode_step", None) is None:
+        model._compiled_decode_step = torch.compile(model.decode_step, dynamic=False)
+    return model._compiled_decode_step
+
+
 @torch.no_grad()
 @sdpa_kernel(DECODE_BACKENDS)
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-             generator=None, stop_token=None, on_token=None):
+             generator=None, stop_token=None, on_token=None, compile=False):
     """Continue idx (B, T) by up to max_new_tokens; returns (B, T + new) with the prompt in front.
 
+    The prompt is prefilled in one forward; each new token then takes model.decode_step, whose shapes never
+    change (compile=True compiles it once), unless why_not_static says otherwise (then forward with the cache).
     use_cache=False recomputes the whole context at every step (the reference path, and the baseline of
     scripts/bench_decode.py). on_token(tok (B, 1)) is called as each token is chosen. Generation stops early
     once every row has produced stop_token.
@@ -51,6 +73,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens: {e}") from None
     cache = model.make_kv_cache(B, total) if use_cache else None
     logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]  # prefill: one forward over the prompt
+    step_fn = decode_step_of(model, compile) if use_cache and why_not_static(model) is None else None
+    if step_fn is not None:
+        model.transformer.pos.prepare(total, idx.device)  # every table the steps will read, built before them
+        pos = torch.tensor([T], device=idx.device)  # the next token's position, counted on the device
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
         tok = next_token(logits, temperature, top_k, top_p, generator)
@@ -61,7 +87,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             done |= tok[:, 0] == stop_token
             if done.all():
                 break
-        if step + 1 < max_new_tokens:  # no forward for a token that will not be used
+        if step + 1 < max_new_tokens and step_fn is not None:  # no forward for a token that will not be used
+            logits = step_fn(tok, pos, cache)
+            pos += 1
+            cache.pos += 1
+        elif step + 1 < max_new_tokens:
             logits = model(tok if use_cache else idx, kv_cache=cache, last_only=True)[0][:, -1]
     return idx
 

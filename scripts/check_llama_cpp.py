@@ -14,11 +14,13 @@ tokens (argmax at every position) equal the reference's, and llama.cpp tokenizes
 The gated reference is `ours` for models trained with activation=gelu_tanh (the GELU llama.cpp computes), and
 ggml-GELU for exact-GELU models, which cannot meet the goal against themselves: llama.cpp has no exact GELU.
 The f16, bf16 and q8_0 rows are reported, not gated: they measure the rounding (q8_0 runs with --no-repack).
-Speed: tokens/s of a 4L-token prefill and of 64 greedy decoding steps after it, ours (torch fp32, KV cache)
-against llama.cpp's on the f32 file, with the same thread count, the best of 3 alternating runs; both compute
-the last position's logits only, as generation does.
+Speed: tokens/s of a 4L-token prefill and of 64 greedy decoding steps after it, ours (generation.generate, the
+decode step compiled, in f32 and in bf16 where the CPU computes it natively) against llama.cpp's on the f32 and
+bf16 files, with the same thread count, the best of 3 alternating runs; both compute the last position's logits
+only, as generation does.
 """
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -30,7 +32,9 @@ import torch
 
 from posenc.checkpoint import model_from_checkpoint
 from posenc.data import held_out_documents
+from posenc.generation import generate, to_inference_dtype
 from posenc.rope_scaling import original_length
+from posenc.runtime import resolve_dtype
 from posenc.tokenizer import get_tokenizer
 from scripts import export_gguf
 
@@ -81,17 +85,14 @@ def compare(refs, path, doc, L, threads, repack=True):
     return rows
 
 
-def ours_timing(model, prompt):
-    """(prefill seconds, decode seconds, tokens) of our model: a KV-cache prefill, then DECODE greedy steps."""
-    with torch.no_grad():
-        cache = model.make_kv_cache(1, len(prompt) + DECODE)
-        t0 = time.perf_counter()
-        logits = model(torch.tensor([prompt]), kv_cache=cache, last_only=True)[0][0, -1]
-        prefill, tokens, t0 = time.perf_counter() - t0, [], time.perf_counter()
-        for _ in range(DECODE):
-            tokens.append(int(logits.argmax()))
-            logits = model(torch.tensor([[tokens[-1]]]), kv_cache=cache, last_only=True)[0][0, -1]
-        return prefill, time.perf_counter() - t0, tokens
+def ours_timing(model, prompt, compile=True):
+    """(prefill seconds, decode seconds, tokens) of our model as sample.py runs it (generation.generate): a KV-cache
+    prefill, then DECODE greedy steps through the static decode step, compiled when `compile`."""
+    stamps = []
+    t0 = time.perf_counter()
+    out = generate(model, torch.tensor([prompt]), DECODE + 1, temperature=0.0, compile=compile,
+                   on_token=lambda tok: stamps.append(time.perf_counter()))  # the first stamp: after the prefill
+    return stamps[0] - t0, stamps[-1] - stamps[0], out[0, len(prompt):len(prompt) + DECODE].tolist()
 
 
 def llama_timing(path, prompt, threads):
@@ -109,15 +110,26 @@ def llama_timing(path, prompt, threads):
         llm.close()
 
 
-def speed(model, path, doc, T, threads, repeats=3):
+def speed(model, paths, doc, T, threads, repeats=3):
     """Tokens/s of a T-token prefill and of DECODE greedy steps after it, ours and llama.cpp's, each the best of
-    `repeats` alternating runs (a shared VM's speed drifts between runs); and whether both decoded the same tokens."""
+    `repeats` alternating runs (a shared VM's speed drifts between runs), and whether all decoded the same tokens.
+    Ours in fp32 and, where the machine computes bf16 natively, with weights cast to bf16 (generation's rule,
+    runtime.resolve_dtype), the decode step compiled; llama.cpp on `paths`: {"f32": its f32 file, "bf16": ...}."""
     prompt = doc[:T].tolist()
-    runs = [(ours_timing(model, prompt), llama_timing(path, prompt, threads)) for _ in range(repeats)]
-    best = lambda side, i: min(r[side][i] for r in runs)  # noqa: E731
-    return {"T": T, "repeats": repeats, "ours_prefill": T / best(0, 0), "llama_prefill": T / best(1, 0),
-            "ours_decode": DECODE / best(0, 1), "llama_decode": DECODE / best(1, 1),
-            "same_decoded_tokens": all(o[2] == t[2] for o, t in runs)}
+    ours = {"f32": model}
+    dtype = resolve_dtype("auto", "cpu")[0]
+    if dtype != "float32":
+        ours["bf16"] = to_inference_dtype(copy.deepcopy(model), dtype)
+    for m in ours.values():  # compiled once per model, before the timed runs
+        ours_timing(m, prompt)
+    runs = [{**{f"ours_{k}": ours_timing(m, prompt) for k, m in ours.items()},
+             **{f"llama_{k}": llama_timing(p, prompt, threads) for k, p in paths.items()}} for _ in range(repeats)]
+    out = {"T": T, "repeats": repeats, "decode_steps": DECODE}
+    for side in runs[0]:
+        out[f"{side}_prefill"] = T / min(r[side][0] for r in runs)
+        out[f"{side}_decode"] = DECODE / min(r[side][1] for r in runs)
+    out["same_decoded_tokens"] = {side: all(r[side][2] == r["llama_f32"][2] for r in runs) for side in runs[0]}
+    return out
 
 
 def tokenization_matches(path, text):
@@ -172,7 +184,8 @@ def main(argv=None):
     text = get_tokenizer().decode(doc[:4 * L].tolist()) + " héllo 🙂 \t\n 1234567 it's"
     tokens_ok = tokenization_matches(first, text)
     ok &= tokens_ok
-    fast = speed(model, first, doc, 4 * L, args.threads)
+    fast = speed(model, {d: first.with_name(first.name.replace("_f32", f"_{d}")) for d in ("f32", "bf16")}, doc,
+                 4 * L, args.threads)
     reference = {"ours": "our model as it is", "ggml": "our model with llama.cpp's GELU (ggml-GELU)"}
     lines = [f"# llama.cpp parity ({version()})", "",
              f"{platform.processor() or platform.machine()}, {args.threads} threads; "
@@ -195,11 +208,19 @@ def main(argv=None):
     lines += ["", f"The issue's goal against our model as it is, f32: max |Δ| <= {args.tol:g} and the same greedy "
               f"tokens at every position: {'met' if exact else 'not met'} (largest "
               f"{max(r['max_d_ours'] for r in f32):.2e})"]
+    sides = [k[:-len("_decode")] for k in fast if k.endswith("_decode")]
     lines += ["", f"llama.cpp tokenizes the document (and a unicode tail) as tiktoken does: {tokens_ok}", "",
-              f"Speed, {first.name}, tokens/s (best of {fast['repeats']}, KV cache on both sides, "
-              f"{args.threads} threads): prefill of {fast['T']} tokens ours {fast['ours_prefill']:.0f}, llama.cpp "
-              f"{fast['llama_prefill']:.0f}; {DECODE} greedy steps after it ours {fast['ours_decode']:.1f}, "
-              f"llama.cpp {fast['llama_decode']:.1f}; same decoded tokens: {fast['same_decoded_tokens']}", "",
+              f"Speed of {first.name.replace('_f32.gguf', '')}, tokens/s: the best of {fast['repeats']}, KV cache on "
+              f"both sides, {args.threads} threads, a prefill of {fast['T']} tokens and {DECODE} greedy steps after "
+              "it; ours through generation.generate with its decode step compiled; same tokens: the greedy tokens "
+              "equal llama.cpp f32's in every run.", "",
+              "| | " + " | ".join(s.replace("_", " ") for s in sides) + " |", "|---" * (len(sides) + 1) + "|",
+              "| prefill | " + " | ".join(f"{fast[s + '_prefill']:.0f}" for s in sides) + " |",
+              "| decode | " + " | ".join(f"{fast[s + '_decode']:.0f}" for s in sides) + " |",
+              "| same tokens | " + " | ".join(str(fast["same_decoded_tokens"][s]) for s in sides) + " |", "",
+              f"Decode, ours in f32 against llama.cpp in f32: {fast['ours_f32_decode'] / fast['llama_f32_decode']:.2f}x"
+              + (f"; ours in bf16 against llama.cpp in bf16: {fast['ours_bf16_decode'] / fast['llama_bf16_decode']:.2f}x"
+                 if "ours_bf16_decode" in fast else ""), "",
               f"passed: {ok} (f32 within {args.tol:g} of {' / '.join(reference[g] for g in sorted(gates))}, the "
               "same greedy tokens at every position, tokenization)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -13,8 +13,8 @@ from conftest import sharpened, tiny_config
 from torch.testing import assert_close
 
 from model import GPT
-from posenc.generation import generate
-from posenc.positions import SCHEMES
+from posenc.generation import decode_step_of, generate, why_not_static
+from posenc.positions import SCHEMES, set_self_extend
 from posenc.rope_scaling import ROPE_SCALING, length_dependent
 
 BLOCK = 32  # training length of the tiny models; sequences below go past it
@@ -59,6 +59,64 @@ def cached_logits(model, idx, prefill):
 def prefix_logits(model, idx):
     """Reference: logits at t from a full forward over idx[:, :t + 1] (no cache)."""
     return torch.stack([model(idx[:, :t + 1], last_only=True)[0][:, -1] for t in range(idx.size(1))], dim=1)
+
+
+@torch.no_grad()
+def static_logits(model, idx, prefill, step=None):
+    """Prefill as cached_logits, then every token through the static step (model.decode_step): (B, T, V)."""
+    B, T = idx.shape
+    step = step or model.decode_step
+    cache = model.make_kv_cache(B, T)
+    out = [model(idx[:, :prefill], kv_cache=cache)[0]]
+    model.transformer.pos.prepare(T, idx.device)
+    for t in range(prefill, T):
+        out.append(step(idx[:, t:t + 1], torch.tensor([t]), cache)[:, None])
+        cache.pos += 1
+    assert torch.equal(cache.tokens, idx)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("case", [c for c in STATIC if why_not_static(tiny(c)) is None])
+def test_static_decode_step_equals_full_forward(case):
+    """Every slot of the cache is read at every step, the unwritten ones masked: the same logits."""
+    model = tiny(case)
+    idx = torch.randint(0, 128, (2, seq_len(model)))
+    with torch.no_grad():
+        full = model(idx)[0]
+    assert_close(static_logits(model, idx, prefill=5), full, **TIGHT)
+
+
+@pytest.mark.parametrize("case", ["rope", "alibi"])
+def test_static_decode_step_in_bf16_equals_the_cached_forward(case):
+    """With weights cast to bf16 (generation's dtype), the static step gives the cached forward's logits: both
+    keep the bias and mask in fp32. Bounds: bf16's rounding of the two paths' different sums, 2 units of bf16 at
+    logits of about 1 (2^-7 each)."""
+    model = tiny(case).to(torch.bfloat16)
+    model.transformer.pos.float()
+    idx = torch.randint(0, 128, (2, seq_len(model)))
+    assert_close(static_logits(model, idx, prefill=5), cached_logits(model, idx, prefill=5).float(),
+                 atol=2 ** -6, rtol=2 ** -7)
+
+
+def test_compiled_decode_step_compiles_once_and_equals_eager():
+    """torch.compile of the static step: one compilation for every token of a generation, the eager logits
+    (fp32: only the order of sums differs, TIGHT)."""
+    torch._dynamo.reset()
+    model = tiny("alibi")
+    idx = torch.randint(0, 128, (2, seq_len(model)))
+    compiled = decode_step_of(model, compile=True)
+    assert decode_step_of(model, compile=True) is compiled  # made once per model
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a second compilation fails the test
+        assert_close(static_logits(model, idx, prefill=5, step=compiled), static_logits(model, idx, prefill=5),
+                     **TIGHT)
+
+
+def test_schemes_that_cannot_take_the_static_step_say_why():
+    assert "change meaning with the length" in why_not_static(tiny("rope-dynamic"))
+    model = tiny("rope")
+    assert why_not_static(model) is None
+    set_self_extend(model, 8, 2)
+    assert "Self-Extend" in why_not_static(model)
 
 
 @pytest.mark.parametrize("case", STATIC)
