@@ -540,7 +540,7 @@ def ppl_cell(e):
 
 
 def ratios(results, label):
-    """{k: sliding-window perplexity at k·L over that at L} of a model, for the windows it can run."""
+    """{k: perplexity at k·L over that at L} of a model (in the evaluation's ppl mode), for the windows it can run."""
     ppl = {e["window"]: e["ppl"] for e in results["models"][label].get("ppl", []) if "ppl" in e}
     L = results["base_len"]
     return {w // L: p / ppl[L] for w, p in ppl.items() if L in ppl and w % L == 0}
@@ -556,8 +556,9 @@ def read_the_figure(results, scale):
     models, L, f = results["models"], results["base_len"], scale.factor
     ks = sorted({k for label in models for k in ratios(results, label)} - {1})
     walls = [f"{k} {_ratio_text(ratios(results, k), ks)}" for k in SCHEMES if k in models]
+    mode = PPL_MODES[ppl_mode_of(models[EXTENDED]["ppl"])][0].split("-window")[0].lower()  # sliding, non-overlapping
     out = [f"**The wall** (left). Perplexity at {' / '.join(f'{k}L' for k in ks)} over perplexity at L = {L} "
-           f"(sliding windows): {'; '.join(walls)}."]
+           f"({mode} windows): {'; '.join(walls)}."]
     base = {e["window"]: e["ppl"] for e in models[EXTENDED]["ppl"] if "ppl" in e}
     short = models[EXTENDED].get("short", {}).get("loss")
     rescued = []
