@@ -270,14 +270,15 @@ class GPT(nn.Module):
         return None, chunked_cross_entropy(x, self.lm_head.weight, targets, reduction)
 
     @torch.no_grad()
-    def decode_step(self, tok, pos, kv_cache):
+    def decode_step(self, tok, pos, kv_cache, head=None):
         """fp32 logits (B, vocab) of one new token per sequence, tok (B, 1), at position pos (a (1,) long tensor)
         through a filled kv_cache: the same as forward(tok, kv_cache=kv_cache) (tests/test_kv_cache.py), but every
         shape is the same at every step: attention reads the cache's max_len slots with the ones past pos masked,
         and the token is written at pos in place. So torch.compile compiles it once (static shapes, as gpt-fast's
         decoding), with no per-token Python left. The caller checks the length, keeps kv_cache.pos and builds the
         tables up front (posenc/generation.py); a scheme whose positions change meaning with the length, or that
-        attends itself, takes forward instead (generation.why_not_static)."""
+        attends itself, takes forward instead (generation.why_not_static). head: lm_head's weight as (C, vocab),
+        contiguous, when the caller has it (generation.decoding_head)."""
         scheme = self.transformer.pos
         k_pos = torch.arange(kv_cache.max_len, device=tok.device)
         kv_cache.tokens.index_copy_(1, pos, tok)
@@ -287,7 +288,8 @@ class GPT(nn.Module):
             x = x + pe.to(x.dtype)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, scheme, pos, k_pos, kv_cache, layer, static=True)
-        return self.lm_head(self.transformer.ln_f(x))[:, -1].float()
+        x = self.transformer.ln_f(x)
+        return (self.lm_head(x) if head is None else x @ head)[:, -1].float()
 
     def make_kv_cache(self, batch_size, max_len, dtype=None):
         """A cache for batch_size sequences of up to max_len tokens, in `dtype` or else the keys' own (autocast's)."""
