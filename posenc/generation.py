@@ -43,7 +43,7 @@ def why_not_static(model):
 
 def decode_step_of(model, compile=False):
     """model.decode_step, or its compiled form: made once per model (static shapes, so one compilation per cache
-    length and batch; no graph break costs a token here, so fullgraph is not demanded of every scheme)."""
+    length and batch). fullgraph is not demanded: a scheme whose bias breaks the graph still decodes, only slower."""
     if not compile:
         return model.decode_step
     if getattr(model, "_compiled_decode_step", None) is None:
