@@ -78,6 +78,7 @@ class KVCache:
         self.shape = (n_layer, batch_size, n_head, max_len, head_size)
         self.k = self.v = None  # allocated by the first update, in its dtype unless `dtype` is given
         self.dtype, self.device = dtype, device
+        self.gates = None  # the scheme's per-token gates (PositionScheme.gates), allocated by the first update_gates
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
         self.pos = 0  # tokens already in the cache
@@ -98,6 +99,14 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def update_gates(self, layer, gates):
+        """Write the new tokens' gates (B, nh, T) after the cached ones, in fp32; return every token's so far."""
+        if self.gates is None:
+            self.gates = torch.zeros(self.shape[:3] + (self.max_len,), device=self.device)
+        end = self.pos + gates.size(-1)
+        self.gates[layer, :, :, self.pos:end] = gates
+        return self.gates[layer, :, :, :end]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -113,22 +122,27 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = scheme.rotate(q, k, q_pos, layer)
+        gates = scheme.gates(x, layer)  # (B, nh, T) or None: what a data-dependent scheme reads of every key
         if kv_cache is not None:  # (B, nh, Tk, hs): every key so far, or every slot of the static step
             k, v = kv_cache.update(layer, k, v, at=q_pos if static else None)
+            if gates is not None:
+                gates = kv_cache.update_gates(layer, gates)
         if static:
             y = decode_attention(q, k, v, scheme.attn_bias(q_pos, k_pos, layer), q_pos, k_pos)
         else:
-            y = self.attend(q, k, v, scheme, q_pos, k_pos, layer)
+            y = self.attend(q, k, v, scheme, q_pos, k_pos, layer, gates)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q, k, v, scheme, q_pos, k_pos, layer):
-        y = scheme.attend(q, k, v, q_pos, k_pos, layer)  # a scheme that attends itself (RoPE with Self-Extend)
+    def attend(self, q, k, v, scheme, q_pos, k_pos, layer, gates=None):
+        probe = None if self.probe is None else functools.partial(self.probe, layer)
+        # a scheme that attends itself (CoPE, the forget gate, RoPE with Self-Extend)
+        y = scheme.attend(q, k, v, q_pos, k_pos, layer, gates, probe)
         if y is not None:
             return y
         bias_fn = functools.partial(scheme.attn_bias, layer=layer)  # (q_pos, k_pos) -> (nh, Tq, Tk) or None
-        if self.probe is not None:
-            return probed_attention(q, k, v, bias_fn, q_pos, k_pos, functools.partial(self.probe, layer))
+        if probe is not None:
+            return probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe)
         dropout = self.dropout if self.training else 0.0
         Tq, Tk = q.size(-2), k.size(-2)
         if k.dtype != q.dtype:  # a KV cache in another dtype than autocast's: every kernel takes one dtype

@@ -8,6 +8,8 @@ the path of every other case: the CPU, decoding with a cache, dropout.
   biased_attention(q, k, v, bias_fn, q_pos, k_pos, dropout)   the output; autograd through it on every device
   probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe)     the same scores in fp32, each block's probabilities
                                                               handed to probe(probs, q_pos, k_pos)
+  explicit_attention(q, k, v, q_pos, k_pos, logits_fn, probe) scores in fp32 that a scheme turns into logits itself
+                                                              (CoPE, the forget gate), checkpointed per block
 
 A bias that depends only on the distance (ALiBi, T5: `relative`) over consecutive positions needs no (block, keys)
 tensor at all: with the keys in reverse order, entry (i, j) of a block's mask is the bias at distance d0 + i + j,
@@ -18,6 +20,7 @@ distances merge. The CPU's flash kernel takes an fp32 mask beside bf16 q (and ru
 bf16 one); on a GPU the blocks are computed in fp32 when a bias is present.
 """
 
+import functools
 import math
 
 import torch
@@ -36,7 +39,7 @@ VIEW_ELEMENTS = 2 ** 25
 # rows x (rows + band - 1) pairs to use rows x band of them: measured at 4k (T5's band 128, 4 heads, 1 thread,
 # the machine shared), 64-128 rows took 13-25 ms a layer, 512 rows 35 ms, the earlier scatter by distance 55-68.
 BAND_ROWS = 128
-TRIM_BLOCKS = 16  # probed_attention hands freed memory back to the system after this many blocks (runtime.trim_freed_memory)
+TRIM_BLOCKS = 16  # explicit_attention hands freed memory back to the system after this many blocks (runtime.trim_freed_memory)
 
 
 def block_rows(B, nh, Tq, Tk, elements=None):
@@ -285,23 +288,44 @@ def decode_attention(q, k, v, bias, q_pos, k_pos):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe, elements=None):
-    """Attention with its probabilities formed explicitly, a block of queries at a time, in fp32: q·k / √hs + the
-    bias, causal by absolute position. probe(probs (B, nh, rows, keys), q_pos (rows,), k_pos (keys,)) sees each
-    block; the output is made from those probabilities, so what the probe sees is exactly what the forward used."""
+def explicit_attention(q, k, v, q_pos, k_pos, logits_fn=None, probe=None, elements=None):
+    """Causal attention with each block's scores formed explicitly, in fp32, a block of queries at a time: scores =
+    q·k / √hs with the future keys (by position) at -inf, then logits_fn(scores, s, e, n), the logits of queries s:e
+    over the first n keys (B, nh, rows, n), for a scheme that forms them from the scores (CoPE counts with them) or
+    from per-token gates (the forget gate); None: the scores themselves. probe(probs (B, nh, rows, n), q_pos (rows,),
+    k_pos (n,)) sees each block's probabilities (explain.py), and the output is made from those very probabilities.
+    With gradients each block is checkpointed: its scores and probabilities exist only while it is computed, in
+    forward and again in backward, so memory grows linearly with the length. (B, nh, Tq, hs) in v's dtype."""
+    grad = torch.is_grad_enabled()
     qf = q.float() * (1 / math.sqrt(q.size(-1)))  # the scale folded into q once, not into every score
     kf, vf, out = k.float().contiguous(), v.float().contiguous(), []
-    for i, (s, e, n) in enumerate(blocks(q, k, q_pos, k_pos, elements)):
-        if i % TRIM_BLOCKS == TRIM_BLOCKS - 1 and q.device.type == "cpu":
-            trim_freed_memory()  # the blocks' freed tensors, of ever new sizes, would stay on the heap as holes
-        qp, kp = q_pos[s:e], k_pos[:n]
-        scores = qf[..., s:e, :] @ kf[..., :n, :].transpose(-2, -1)  # (B, nh, rows, n)
-        bias = bias_fn(qp, kp) if bias_fn is not None else None
-        if bias is not None:
-            scores += bias.float()
-        m = seen_keys(qp[:1], kp)  # keys before m are past for every query of the block: only the rest is masked
-        scores[..., m:].masked_fill_(kp[None, m:] > qp[:, None], -math.inf)
-        probs = scores.softmax(-1)
-        probe(probs, qp, kp)
-        out.append(probs @ vf[..., :n, :])
+    with torch.autocast(q.device.type, enabled=False):  # fp32 scores whatever the model's compute dtype
+        for i, (s, e, n) in enumerate(blocks(q, k, q_pos, k_pos, elements)):
+            if i % TRIM_BLOCKS == TRIM_BLOCKS - 1 and q.device.type == "cpu" and not grad:
+                trim_freed_memory()  # the blocks' freed tensors, of ever new sizes, would stay on the heap as holes
+            logits = None if logits_fn is None else functools.partial(logits_fn, s=s, e=e, n=n)
+            block = functools.partial(_explicit_block, q_pos=q_pos[s:e], k_pos=k_pos[:n], logits_fn=logits,
+                                      probe=probe)
+            args = (qf[..., s:e, :], kf[..., :n, :], vf[..., :n, :])
+            out.append(checkpoint(block, *args, use_reentrant=False) if grad else block(*args))
     return torch.cat(out, dim=-2).to(v.dtype)
+
+
+def _explicit_block(q, k, v, q_pos, k_pos, logits_fn, probe):
+    scores = q @ k.transpose(-2, -1)  # (B, nh, rows, n)
+    m = seen_keys(q_pos[:1], k_pos)  # keys before m are past for every query of the block: only the rest is masked
+    scores[..., m:].masked_fill_(k_pos[None, m:] > q_pos[:, None], -math.inf)
+    probs = (scores if logits_fn is None else logits_fn(scores)).softmax(-1)
+    if probe is not None:
+        probe(probs, q_pos, k_pos)
+    return probs @ v
+
+
+def probed_attention(q, k, v, bias_fn, q_pos, k_pos, probe, elements=None):
+    """Attention with its probabilities formed explicitly (explicit_attention), q·k / √hs + the bias, in fp32, causal
+    by absolute position; probe(probs, q_pos, k_pos) sees each block."""
+    def biased(scores, s, e, n):
+        bias = bias_fn(q_pos[s:e], k_pos[:n]) if bias_fn is not None else None
+        return scores if bias is None else scores + bias.float()
+
+    return explicit_attention(q, k, v, q_pos, k_pos, biased, probe, elements)

@@ -38,6 +38,8 @@ def why_not_static(model):
         return "its positions change meaning with the length (dynamic NTK, LongRoPE): the cache is recomputed"
     if getattr(scheme, "self_extend", None) is not None:
         return "Self-Extend attends with its own kernel"
+    if scheme.attends_itself:
+        return f"{model.config.pos_encoding} forms its attention itself, from the scores of every key"
     return None
 
 

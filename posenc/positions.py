@@ -1,9 +1,11 @@
 """Position schemes: one small class each, one registry (SCHEMES, at the end of this file).
 
-A scheme acts in exactly one of three places, and the model calls every hook unconditionally:
+A scheme acts in exactly one of four places, and the model calls every hook unconditionally:
   embed(pos)                         -> (T, C) added to the token embeddings    learned, sinusoidal
   rotate(q, k, pos, layer)           -> q and k rotated by their positions      rope, rope_nope, xpos
   attn_bias(q_pos, k_pos, layer)     -> (nh, Tq, Tk) additive logit bias        alibi, t5, kerple, fire
+  attend(q, k, v, ..., gates, probe) -> the attention output, formed itself     cope, fox (gates(x, layer): its
+                                                                                per-token input, kept in the cache)
 plus `score_mod(layer)`, the FlexAttention form of the same bias, so a GPU never builds a T x T tensor.
 The hooks see the layer index, so a per-layer scheme (NoPE on some layers, another theta on local layers)
 is one class too.
@@ -20,7 +22,8 @@ Papers: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), ALiBi (Press
 Short, Test Long"), RoPE (Su et al. 2021, RoFormer), none (NoPE: causal masking alone), rope_nope (RoPE with NoPE
 layers: Yang et al. 2025, SmolLM3, Llama 4's iRoPE with its attention temperature), t5 (T5's bucketed relative
 bias, Raffel et al. 2020), kerple (Chi et al. 2022, KERPLE's learned kernel bias), fire (Li et al. 2023, an MLP of
-the interpolated distance), xpos (Sun et al. 2022, RoPE with an exponential decay). RoPE scaling (linear = Position
+the interpolated distance), xpos (Sun et al. 2022, RoPE with an exponential decay), cope (Golovneva et al. 2024,
+contextual positions), fox (Lin et al. 2025, the Forgetting Transformer's data-dependent forget gate). RoPE scaling (linear = Position
 Interpolation, ntk, dynamic, yarn, llama3, longrope, proportional, direct, abf) is in posenc/rope_scaling.py.
 """
 
@@ -30,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from posenc.attention import attention_by_distance, block_rows, consecutive
+from posenc.attention import attention_by_distance, block_rows, consecutive, explicit_attention
 from posenc.rope_scaling import ROPE_SCALING, check_scaling, length_dependent, original_length, rope_frequencies
 
 
@@ -146,9 +149,18 @@ class PositionScheme(nn.Module):
     def score_mod(self, layer):
         return None
 
-    def attend(self, q, k, v, q_pos, k_pos, layer):
-        """The attention output (B, nh, Tq, hs) if this scheme computes attention itself, else None (the
-        model's kernels). Only RoPE with Self-Extend does."""
+    def gates(self, x, layer):
+        """(B, nh, T) fp32 values per token that this scheme's attention reads for every key, from the attention
+        layer's input x (B, T, C): the forget gate's log f. None: it reads none. The KV cache keeps them beside the
+        keys (model.KVCache.update_gates), so a decoded token sees every earlier token's."""
+        return None
+
+    attends_itself = False  # attend always answers (CoPE, the forget gate): no FlexAttention, no static decode step
+
+    def attend(self, q, k, v, q_pos, k_pos, layer, gates=None, probe=None):
+        """The attention output (B, nh, Tq, hs) if this scheme computes attention itself, else None (the model's
+        kernels): CoPE and the forget gate, and RoPE with Self-Extend. gates: every key's (B, nh, Tk), from gates();
+        probe: explain.py's, to be handed each block's probabilities (posenc/attention.py: explicit_attention)."""
         return None
 
 
@@ -517,7 +529,7 @@ class RoPE(PositionScheme):
     self_extend = None  # (window, group) once set_self_extend is called: an inference option, not a trained one
     no_self_extend = None  # why Self-Extend cannot run on this rotary scheme; None: it can
 
-    def attend(self, q, k, v, q_pos, k_pos, layer):
+    def attend(self, q, k, v, q_pos, k_pos, layer, gates=None, probe=None):
         if self.self_extend is None:
             return None
         window, group = self.self_extend
@@ -666,7 +678,7 @@ class RoPENoPE(RoPE):
             q = (q.float() * self.temperature(pos)[:, None]).type_as(q)  # (B, nh, T, hs) times (T, 1)
         return q, k
 
-    def attend(self, q, k, v, q_pos, k_pos, layer):
+    def attend(self, q, k, v, q_pos, k_pos, layer, gates=None, probe=None):
         # Self-Extend regroups rotary positions; a NoPE layer has none, so it attends as it always does.
         return None if layer in self.nope else super().attend(q, k, v, q_pos, k_pos, layer)
 
@@ -729,6 +741,89 @@ class XPos(RoPE):
         return q, apply_rope(k, cos / scale, sin / scale, self.layout)
 
 
+class CoPE(PositionScheme):
+    """CoPE (Golovneva et al. 2024, "Contextual Position Encoding: Learning to Count What's Important"), with no other
+    position scheme: positions that count what the query selects. Query i gates each key j <= i by g_ij =
+    sigmoid(q_i·k_j / √hs), the scaled logit itself, and key j's position is p_ij = g_ij + ... + g_ii, the sum of the
+    gates from j to the query; its logit gets q_i·e[p_ij], with e a learned table of npos_max embeddings per layer
+    (shared by the heads, as the paper's code) read between the integers floor(p_ij) and ceil(p_ij) by linear
+    interpolation, and p_ij clamped to npos_max - 1. The table starts at zero, as the paper's code: at init the
+    model is NoPE.
+
+    The positions depend on q and k, so there is no bias to build: every block of queries forms its scores in fp32
+    and counts with them (posenc/attention.py: explicit_attention), checkpointed when training; memory stays linear
+    in T. Cached decoding is exact: a query's positions need only the keys up to it.
+    """
+
+    options = {"npos_max": 64}  # positions 0..npos_max - 1; farther counts share the last one
+    no_scaling = ("CoPE needs no scaling: its positions count the tokens its gates select, clamped to npos_max - 1, "
+                  "so it runs at any length as it is")
+    no_export = "transformers has no architecture with CoPE's contextual positions"
+    attends_itself = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.npos_max = self.option_values(config)["npos_max"]
+        hs = config.n_embd // config.n_head
+        self.tables = nn.ParameterList(torch.zeros(self.npos_max, hs) for _ in range(config.n_layer))  # e per layer
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        n = cls.option_values(config)["npos_max"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"bad pos_options value {n!r} for 'npos_max' of cope: expected an integer >= 2")
+
+    def attend(self, q, k, v, q_pos, k_pos, layer, gates=None, probe=None):
+        table, qf = self.tables[layer].float(), q.float()  # (npos_max, hs); q unscaled, as the paper's q·e
+
+        def logits(scores, s, e, n):  # scores (B, nh, rows, n): q·k / √hs, -inf on future keys (gate 0)
+            pos = scores.sigmoid().flip(-1).cumsum(-1).flip(-1).clamp(max=self.npos_max - 1)  # p_ij
+            at = qf[..., s:e, :] @ table.T  # (B, nh, rows, npos_max): q_i·e[p] at every integer p
+            low = pos.floor()
+            w = pos - low  # the interpolation weight of ceil(p)
+            return (scores + at.gather(-1, low.long()) * (1 - w) + at.gather(-1, pos.ceil().long()) * w)
+
+        return explicit_attention(q, k, v, q_pos, k_pos, logits, probe)
+
+
+class ForgetGate(PositionScheme):
+    """The Forgetting Transformer's forget gate (Lin et al. 2025, "Forgetting Transformer: Softmax Attention with a
+    Forget Gate"; FoX), with no other position scheme: each head of each layer computes a gate per token from the
+    attention layer's input, f_t = sigmoid(w·x_t + b), and query i's logit for key j <= i gets
+    log f_(j+1) + ... + log f_i = c_i - c_j, c the cumulative sum of log f. A decay that the data sets: ALiBi is the
+    case of a constant f per head. The gate's Linear starts as every Linear of the model (N(0, 0.02), zero bias), the
+    official code's initialization: f is about 1/2 at init.
+
+    The log gates are kept per token (in the KV cache too, as the official code keeps them), and c is summed over
+    every key at each call, in fp32. Each block of queries forms its scores explicitly and adds c_i - c_j
+    (posenc/attention.py: explicit_attention), checkpointed when training: memory stays linear in T.
+    """
+
+    no_scaling = ("the forget gate needs no scaling: its bias is a decay learned from the data, the same rule at any "
+                  "length")
+    no_export = "transformers has no architecture with the Forgetting Transformer's forget gate"
+    attends_itself = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.ModuleList(nn.Linear(config.n_embd, config.n_head) for _ in range(config.n_layer))
+
+    def gates(self, x, layer):
+        g = self.gate[layer]
+        with torch.autocast(x.device.type, enabled=False):
+            return F.logsigmoid(F.linear(x.float(), g.weight.float(), g.bias.float())).transpose(1, 2)  # (B, nh, T)
+
+    def attend(self, q, k, v, q_pos, k_pos, layer, gates=None, probe=None):
+        c = gates.cumsum(-1)  # (B, nh, Tk): c_j, every key's
+        c_q = c[..., c.size(-1) - q.size(-2):]  # the queries are the last Tq tokens
+
+        def logits(scores, s, e, n):
+            return scores + (c_q[..., s:e, None] - c[..., None, :n])
+
+        return explicit_attention(q, k, v, q_pos, k_pos, logits, probe)
+
+
 def layout_permutation(head_dim, rot_dim, to_layout):
     """Index list p with W_new = W_old[p] (per head) converting q/k rows between the two RoPE pairings."""
     to_half = list(range(0, rot_dim, 2)) + list(range(1, rot_dim, 2))  # interleaved -> half
@@ -753,4 +848,5 @@ def permute_rope_layout(state_dict, config, to_layout):
 
 
 SCHEMES = {"learned": Learned, "sinusoidal": Sinusoidal, "alibi": ALiBi, "rope": RoPE, "none": NoPE,
-           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple, "fire": FIRE, "xpos": XPos}
+           "rope_nope": RoPENoPE, "t5": T5Bias, "kerple": Kerple, "fire": FIRE, "xpos": XPos, "cope": CoPE,
+           "fox": ForgetGate}

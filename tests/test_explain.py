@@ -47,6 +47,9 @@ def test_the_share_beyond_L_is_a_count_of_far_keys():
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_the_probe_sees_a_plain_softmax_and_the_forward_is_unchanged(tiny, scheme):
     model = tiny(pos_encoding=scheme)
+    if scheme == "cope":  # its tables start at zero, where it is NoPE
+        with torch.no_grad():
+            [t.normal_() for t in model.transformer.pos.tables]
     idx = torch.randint(0, 128, (2, 24))
     seen = {}
 
@@ -69,13 +72,24 @@ def test_the_probe_sees_a_plain_softmax_and_the_forward_is_unchanged(tiny, schem
     pe = scheme_.embed(pos)
     x = x + pe if pe is not None else x
     block = model.transformer.h[0]
-    q, k, _ = block.attn.c_attn(block.ln_1(x)).split(32, dim=2)
+    h = block.ln_1(x)
+    q, k, _ = block.attn.c_attn(h).split(32, dim=2)
     q, k = (t.view(2, 24, 4, 8).transpose(1, 2) for t in (q, k))  # (B, nh, T, hs)
     q, k = scheme_.rotate(q, k, pos, 0)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+    future = torch.ones(24, 24, dtype=torch.bool).triu(1)
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(future, -math.inf)
     bias = scheme_.attn_bias(pos, pos, 0)
     scores = scores + bias if bias is not None else scores
-    expected = scores.masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), -math.inf).softmax(-1)
+    if scheme == "fox":  # + log f_(j+1) + ... + log f_i, f = sigmoid of the gate's Linear of ln_1(x)
+        log_f = torch.nn.functional.logsigmoid(scheme_.gate[0](h)).transpose(1, 2)  # (B, nh, T)
+        scores = scores + torch.stack([torch.stack([log_f[..., j + 1:i + 1].sum(-1) for j in range(24)], -1)
+                                       for i in range(24)], -2)
+    if scheme == "cope":  # + q_i·e[p_ij], p_ij = sum of sigmoid(scores) from j to i, e read between integers
+        p = torch.stack([scores.sigmoid()[..., j:].sum(-1) for j in range(24)], -1).clamp(max=scheme_.npos_max - 1)
+        at = q @ scheme_.tables[0].T  # (B, nh, T, npos_max)
+        w = p - p.floor()
+        scores = scores + at.gather(-1, p.floor().long()) * (1 - w) + at.gather(-1, p.ceil().long()) * w
+    expected = scores.softmax(-1)
     torch.testing.assert_close(seen[0], expected.detach(), atol=1e-6, rtol=1e-5)
 
 

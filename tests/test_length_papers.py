@@ -273,7 +273,9 @@ def scaling(rope_type):
 
 
 @pytest.mark.parametrize("scheme, words", [("kerple", "Kerple needs no scaling"), ("fire", "FIRE needs no scaling"),
-                                           ("xpos", "no RoPE scaling is defined for xPos")])
+                                           ("xpos", "no RoPE scaling is defined for xPos"),
+                                           ("cope", "CoPE needs no scaling"),
+                                           ("fox", "the forget gate needs no scaling")])
 def test_scaling_export_and_bad_options_are_refused_in_one_line(scheme, words):
     with pytest.raises(ValueError, match=f"cannot use rope_scaling 'linear': {words}"):
         tiny_config(pos_encoding=scheme, rope_scaling=scaling("linear"))
