@@ -251,18 +251,19 @@ def parse_passkey(text):
     return int(m.group()) if m else None
 
 
-def passkey_trial(model, tokenizer, prompt_len, depth, key, max_new_tokens=PASSKEY_NEW_TOKENS, prompt=None):
-    """One prompt (made here unless given): True if the first integer of the greedy continuation (generate) is
-    the key."""
+def passkey_trial(model, tokenizer, prompt_len, depth, key, max_new_tokens=PASSKEY_NEW_TOKENS, prompt=None,
+                  static=True):
+    """One prompt (made here unless given): True if the first integer of the greedy continuation (generate, with
+    its static decode step unless static=False) is the key."""
     from posenc.generation import generate
     prompt = prompt or passkey_prompt(tokenizer, prompt_len, depth, key)
     idx = torch.tensor([prompt], device=device_of(model))
-    out = generate(model, idx, max_new_tokens, temperature=0)[0, idx.size(1):].tolist()
+    out = generate(model, idx, max_new_tokens, temperature=0, static=static)[0, idx.size(1):].tolist()
     return parse_passkey(tokenizer.decode([i for i in out if i < tokenizer.n_vocab])) == key
 
 
 def passkey_accuracy(model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=5, seed=0,
-                     max_new_tokens=PASSKEY_NEW_TOKENS):
+                     max_new_tokens=PASSKEY_NEW_TOKENS, static=True):
     """Passkey accuracy by total length (prompt + max_new_tokens) and depth of the key. Keys (1..50000)
     depend only on (seed, length, depth, trial), so every model sees the same prompts. A length too short for
     the prompt itself is recorded as cannot_run; an error of the model propagates."""
@@ -279,7 +280,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.
             rows.append({"length": n, "cannot_run": f"{str(e).split(',')[0]} + {max_new_tokens} generated"})
             continue
         by_depth = [{"depth": d, "accuracy": sum(passkey_trial(model, tokenizer, n - max_new_tokens, d, k,
-                                                               max_new_tokens, prompt=p)
+                                                               max_new_tokens, prompt=p, static=static)
                                                  for k, p in zip(keys[d], prompts[d])) / trials} for d in depths]
         acc = sum(r["accuracy"] for r in by_depth) / len(by_depth)
         rows.append({"length": n, "accuracy": acc, "by_depth": by_depth, "n_trials": trials * len(depths)})

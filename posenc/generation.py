@@ -68,11 +68,12 @@ def decoding_head(model):
 @torch.no_grad()
 @sdpa_kernel(DECODE_BACKENDS)
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-             generator=None, stop_token=None, on_token=None, compile=False):
+             generator=None, stop_token=None, on_token=None, compile=False, static=True):
     """Continue idx (B, T) by up to max_new_tokens; returns (B, T + new) with the prompt in front.
 
     The prompt is prefilled in one forward; each new token then takes model.decode_step, whose shapes never
-    change (compile=True compiles it once), unless why_not_static says otherwise (then forward with the cache).
+    change (compile=True compiles it once), unless why_not_static says otherwise or static=False (then forward with
+    the cache: the reference the static step is checked against, scripts/check_decoding.py).
     use_cache=False recomputes the whole context at every step (the reference path, and the baseline of
     scripts/bench_decode.py). on_token(tok (B, 1)) is called as each token is chosen. Generation stops early
     once every row has produced stop_token.
@@ -87,7 +88,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens: {e}") from None
     cache = model.make_kv_cache(B, total) if use_cache else None
     logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]  # prefill: one forward over the prompt
-    step_fn = decode_step_of(model, compile) if use_cache and why_not_static(model) is None else None
+    step_fn = decode_step_of(model, compile) if static and use_cache and why_not_static(model) is None else None
     if step_fn is not None:
         model.transformer.pos.prepare(total, idx.device)  # every table the steps will read, built before them
         pos = torch.tensor([T], device=idx.device)  # the next token's position, counted on the device
