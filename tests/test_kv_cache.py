@@ -7,6 +7,8 @@ through the scheme's cache_key and recomputes them from the cached tokens, so th
 depth (Hugging Face's cached dynamic NTK drifts here instead).
 """
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from conftest import sharpened, tiny_config
@@ -117,6 +119,16 @@ def test_schemes_that_cannot_take_the_static_step_say_why():
     assert why_not_static(model) is None
     set_self_extend(model, 8, 2)
     assert "Self-Extend" in why_not_static(model)
+
+
+def test_generate_takes_the_cached_forward_when_asked_and_gives_the_same_tokens():
+    """static=False (the reference of scripts/check_decoding.py) never calls the static step; both paths give the
+    same greedy tokens."""
+    model = tiny("rope")
+    prompt = torch.randint(0, 128, (2, 6))
+    with patch.object(model, "decode_step", side_effect=AssertionError("the static step was taken")):
+        reference = generate(model, prompt, 20, temperature=0, static=False)
+    assert torch.equal(generate(model, prompt, 20, temperature=0), reference)
 
 
 @pytest.mark.parametrize("case", STATIC)
