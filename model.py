@@ -235,6 +235,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.transformer.pos.init_weights()  # a scheme that starts elsewhere than the model's init
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -149,6 +149,10 @@ class PositionScheme(nn.Module):
     def score_mod(self, layer):
         return None
 
+    def init_weights(self):
+        """Called once the model has initialized every Linear (N(0, 0.02), zero bias): a scheme whose parameters
+        start elsewhere sets them here (the forget gate's bias_init)."""
+
     def gates(self, x, layer):
         """(B, nh, T) fp32 values per token that this scheme's attention reads for every key, from the attention
         layer's input x (B, T, C): the forget gate's log f. None: it reads none. The KV cache keeps them beside the
@@ -792,14 +796,16 @@ class ForgetGate(PositionScheme):
     Forget Gate"; FoX), with no other position scheme: each head of each layer computes a gate per token from the
     attention layer's input, f_t = sigmoid(w·x_t + b), and query i's logit for key j <= i gets
     log f_(j+1) + ... + log f_i = c_i - c_j, c the cumulative sum of log f. A decay that the data sets: ALiBi is the
-    case of a constant f per head. The gate's Linear starts as every Linear of the model (N(0, 0.02), zero bias), the
-    official code's initialization: f is about 1/2 at init.
+    case of a constant f per head. The gate's Linear starts as every Linear of the model (N(0, 0.02)) with its bias
+    at bias_init: 0 by default, the official code's initialization (f about 1/2 at init: strong forgetting to start
+    from); x-transformers starts at 5 (f about 0.993, hardly any).
 
     The log gates are kept per token (in the KV cache too, as the official code keeps them), and c is summed over
     every key at each call, in fp32. Each block of queries forms its scores explicitly and adds c_i - c_j
     (posenc/attention.py: explicit_attention), checkpointed when training: memory stays linear in T.
     """
 
+    options = {"bias_init": 0.0}  # the gates' bias at init: f = sigmoid(bias_init) for every token to start
     no_scaling = ("the forget gate needs no scaling: its bias is a decay learned from the data, the same rule at any "
                   "length")
     no_export = "transformers has no architecture with the Forgetting Transformer's forget gate"
@@ -808,6 +814,18 @@ class ForgetGate(PositionScheme):
     def __init__(self, config):
         super().__init__(config)
         self.gate = nn.ModuleList(nn.Linear(config.n_embd, config.n_head) for _ in range(config.n_layer))
+        self.bias_init = float(self.option_values(config)["bias_init"])
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        b = cls.option_values(config)["bias_init"]
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+            raise ValueError(f"bad pos_options value {b!r} for 'bias_init' of fox: expected a number")
+
+    def init_weights(self):
+        for g in self.gate:
+            nn.init.constant_(g.bias, self.bias_init)
 
     def gates(self, x, layer):
         g = self.gate[layer]

@@ -168,6 +168,15 @@ def test_decoding_takes_the_cached_forward_and_says_why_not_the_static_step(sche
     assert torch.equal(out, idx)
 
 
+def test_forget_gate_starts_at_bias_init_after_the_models_own_init():
+    """The model's init zeroes every Linear's bias; bias_init is applied after it: f = sigmoid(bias_init)."""
+    assert all((g.bias == 0).all() for g in GPT(tiny_config(pos_encoding="fox")).transformer.pos.gate)
+    gates = GPT(tiny_config(pos_encoding="fox", pos_options={"bias_init": 5})).transformer.pos.gate
+    assert all((g.bias == 5).all() and g.weight.std() < 0.05 for g in gates)
+    with pytest.raises(ValueError, match="bad pos_options value 'big' for 'bias_init' of fox: expected a number"):
+        tiny_config(pos_encoding="fox", pos_options={"bias_init": "big"})
+
+
 def test_cope_refuses_a_bad_npos_max_in_one_line():
     for bad in (1, 2.5, True, "64"):
         with pytest.raises(ValueError, match=f"bad pos_options value {bad!r} for 'npos_max' of cope"):
