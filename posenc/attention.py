@@ -301,7 +301,7 @@ def explicit_attention(q, k, v, q_pos, k_pos, logits_fn=None, probe=None, elemen
     kf, vf, out = k.float().contiguous(), v.float().contiguous(), []
     with torch.autocast(q.device.type, enabled=False):  # fp32 scores whatever the model's compute dtype
         for i, (s, e, n) in enumerate(blocks(q, k, q_pos, k_pos, elements)):
-            if i % TRIM_BLOCKS == TRIM_BLOCKS - 1 and q.device.type == "cpu" and not grad:
+            if i % TRIM_BLOCKS == TRIM_BLOCKS - 1 and q.device.type == "cpu":
                 trim_freed_memory()  # the blocks' freed tensors, of ever new sizes, would stay on the heap as holes
             logits = None if logits_fn is None else functools.partial(logits_fn, s=s, e=e, n=n)
             block = functools.partial(_explicit_block, q_pos=q_pos[s:e], k_pos=k_pos[:n], logits_fn=logits,
