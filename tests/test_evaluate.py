@@ -458,3 +458,19 @@ def test_length_dependent_scaling_is_scored_with_the_whole_windows_frequencies(r
     assert_close(hf_cached[:L], prefix[:L], atol=1e-4, rtol=0)  # below L: the same frequencies, the same model
     assert (evaluation - prefix).abs().max() > 1e-2 and (evaluation - hf_cached).abs().max() > 1e-2
     assert (hf_cached - prefix)[L:].abs().max() > 1e-2  # past L transformers' stale keys differ from fresh ones too
+
+
+def test_check_decoding_prints_the_static_step_equal_to_the_reference(corpus, tmp_path, capsys):
+    """scripts/check_decoding.py on a checkpoint: one row per mode, and the static fp32 step's greedy tokens are
+    the cached forward's (the bf16 rows are only reported)."""
+    from scripts import check_decoding
+    model = tiny("alibi", vocab_size=50304)
+    ckpt = tmp_path / "alibi" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)},
+                "format_version": 1, "step": 0}, ckpt)
+    check_decoding.main([f"--ckpt={ckpt}", f"--data_dir={corpus}", "--max_len=64", "--passkey_trials=1",
+                         "--recall_trials=2", "--prompts=2", "--new_tokens=6", "--device=cpu"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| alibi |")]
+    assert [r.split(" | ")[1] for r in rows][:2] == ["reference", "static fp32"]
+    assert rows[1].split(" | ")[-2] == "2/2" and rows[1].split(" | ")[3] == rows[0].split(" | ")[3]
