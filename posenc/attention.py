@@ -30,11 +30,15 @@ from torch.utils.checkpoint import checkpoint
 from posenc.runtime import trim_freed_memory
 
 # Elements (B x nh x queries x keys) of a block that is materialized (explicit masks, probabilities, the math
-# kernel): 2^22 fp32 = 16 MiB each. A block whose mask is a view holds no such tensor and takes more queries,
-# VIEW_ELEMENTS: measured on 2 cores (ALiBi, 4 heads, bf16, 8k and 32k tokens), blocks of 128 queries ran ~3x slower
-# than blocks of 1024 (the kernel's cost per call), and 1024 no slower than one call per 4096.
+# kernel): 2^22 fp32 = 16 MiB each.
 BLOCK_ELEMENTS = 2 ** 22
-VIEW_ELEMENTS = 2 ** 25
+# Queries per block whose mask is a view (ALiBi, T5): it holds no (block, keys) tensor, so the count is set for
+# speed at every length, not by memory. Fewer rows waste less of each block's masked upper triangle, but the CPU
+# flash kernel runs small blocks at a higher cost per score. Measured alone on 2 cores (T5, 4 heads, hs 32, bf16,
+# 2 threads), one layer's forward and backward at 4096 with 768, 1024, 1280, 2048 rows: 134, 127, 137, 143 ms
+# (RoPE's causal call 91); a no-grad forward at 32k with 256, 512, 1024, 2048 rows: 3.08, 2.87, 2.28, 2.30 s
+# (RoPE 2.02).
+VIEW_ROWS = 1024
 # Queries per block of band_gradient (fewer when B x nh is large: BLOCK_ELEMENTS bounds it). Its matmuls form
 # rows x (rows + band - 1) pairs to use rows x band of them: measured at 4k (T5's band 128, 4 heads, 1 thread,
 # the machine shared), 64-128 rows took 13-25 ms a layer, 512 rows 35 ms, the earlier scatter by distance 55-68.
@@ -55,10 +59,10 @@ def seen_keys(q_pos, k_pos):
     return int(torch.searchsorted(k_pos, q_pos[-1:], right=True))
 
 
-def blocks(q, k, q_pos, k_pos, elements=None):
-    """(start, end, keys seen) of each block of queries."""
+def blocks(q, k, q_pos, k_pos, elements=None, rows=None):
+    """(start, end, keys seen) of each block of queries: `rows` queries each, or as many as `elements` allow."""
     B, nh, Tq, _ = q.shape
-    rows = block_rows(B, nh, Tq, k.size(-2), elements)
+    rows = rows or block_rows(B, nh, Tq, k.size(-2), elements)
     return [(s, min(s + rows, Tq), seen_keys(q_pos[s:s + rows], k_pos)) for s in range(0, Tq, rows)]
 
 
@@ -93,7 +97,7 @@ class Plan:
     def __init__(self, q, k, bias_fn, q_pos, k_pos, relative):
         self.bias_fn, self.q_pos, self.k_pos, self.Tk = bias_fn, q_pos, k_pos, k.size(-2)
         self.flip = relative and consecutive(q_pos) and consecutive(k_pos)
-        self.parts = blocks(q, k, q_pos, k_pos, VIEW_ELEMENTS if self.flip else None)
+        self.parts = blocks(q, k, q_pos, k_pos, rows=VIEW_ROWS if self.flip else None)
         if self.flip:
             self.q0, self.k0 = int(q_pos[0]), int(k_pos[0])
 

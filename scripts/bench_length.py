@@ -3,11 +3,11 @@ grows linearly?
 
     python -m scripts.bench_length                          # every scheme, 4k-32k: table + docs/bench_length.png
     python -m scripts.bench_length --schemes=rope,alibi --lengths=4096,8192 --figure=""   # a subset, no figure
-    python -m scripts.bench_length --view_elements=4194304 --schemes=alibi   # smaller query blocks
+    python -m scripts.bench_length --view_rows=256 --schemes=alibi   # smaller query blocks
     python -m scripts.bench_length --lengths= --figure=""   # the training step alone
 
-Per scheme: one training step (forward, backward, AdamW) at train_len, batch 1, and one no-grad forward at
-each length. The model is the CPU scale's shape (4 layers, 4 heads, width 128, vocabulary 4096) under the
+Per scheme: one training step (forward, backward, AdamW) at train_len, batch 1, timed in train_rounds processes
+(the median), and one no-grad forward at each length. The model is the CPU scale's shape (4 layers, 4 heads, width 128, vocabulary 4096) under the
 autocast dtype of every stage (posenc.runtime.resolve_dtype: bf16 where the CPU computes it natively). Every case runs in
 its own process, whose peak resident memory (ru_maxrss, the Python interpreter and torch included) is its
 memory: so one case's memory never hides in another's. Measures; asserts nothing.
@@ -43,8 +43,9 @@ class LengthBenchConfig:
     lengths: tuple[int, ...] = (4096, 8192, 16384, 32768)  # no-grad forward at each
     train_len: int = 4096  # one training step at this length (0: none)
     threads: int = 2
+    train_rounds: int = 3  # the training step is timed this many times per scheme, each in its own process
     block_elements: int = 0  # posenc.attention.BLOCK_ELEMENTS (materialized blocks) for this run; 0: its default
-    view_elements: int = 0  # posenc.attention.VIEW_ELEMENTS (blocks whose mask is a view: ALiBi, T5); 0: its default
+    view_rows: int = 0  # posenc.attention.VIEW_ROWS (blocks whose mask is a view: ALiBi, T5); 0: its default
     figure: str = "docs/bench_length.png"  # "": no figure
     out: str = ""  # also write the rows as JSON here
     case: str = ""  # internal: run one case (scheme,kind,T) in this process and print its JSON
@@ -55,7 +56,8 @@ class LengthBenchConfig:
         if min(self.lengths, default=1) < 1 or not (self.lengths or self.train_len):
             raise ValueError(f"bad value {self.lengths!r} for config key 'lengths': expected lengths >= 1 (or only a "
                              "training step: --lengths= --train_len=4096)")
-        at_least(self, 0, "train_len", "block_elements", "view_elements")
+        at_least(self, 0, "train_len", "block_elements", "view_rows")
+        at_least(self, 1, "train_rounds")
         unknown = [s for s in self.schemes if s not in SCHEMES]
         if unknown:
             raise ValueError(f"bad value {','.join(unknown)!r} for config key 'schemes': choose from {', '.join(SCHEMES)}")
@@ -68,7 +70,7 @@ def run_case(scheme, kind, T, cfg):
     import posenc.attention
     torch.set_num_threads(cfg.threads)
     posenc.attention.BLOCK_ELEMENTS = cfg.block_elements or posenc.attention.BLOCK_ELEMENTS
-    posenc.attention.VIEW_ELEMENTS = cfg.view_elements or posenc.attention.VIEW_ELEMENTS
+    posenc.attention.VIEW_ROWS = cfg.view_rows or posenc.attention.VIEW_ROWS
     dtype, _ = resolve_dtype("auto", "cpu")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=T, pos_encoding=scheme, **SHAPE))
@@ -99,13 +101,21 @@ def run_case(scheme, kind, T, cfg):
 def measure(scheme, kind, T, cfg):
     """run_case in a fresh process; a case that fails (out of memory) is {"error": its last line}."""
     argv = [sys.executable, "-m", "scripts.bench_length", f"--case={scheme},{kind},{T}", f"--threads={cfg.threads}",
-            f"--block_elements={cfg.block_elements}", f"--view_elements={cfg.view_elements}"]
+            f"--block_elements={cfg.block_elements}", f"--view_rows={cfg.view_rows}"]
     env = os.environ | {"OMP_NUM_THREADS": str(cfg.threads)}
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
     if p.returncode:
         last = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
         return {"error": last[:120]}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def median_run(runs):
+    """Several measurements of one case: the median time and the largest peak memory; a failure if any failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {"seconds": statistics.median(r["seconds"] for r in runs), "peak_gib": max(r["peak_gib"] for r in runs)}
 
 
 def cell(r):
@@ -170,12 +180,22 @@ def main(argv=None):
         scheme, kind, T = cfg.case.split(",")
         print(json.dumps(run_case(scheme, kind, int(T), cfg)))
         return None
-    rows = {}
+    rows = {scheme: {} for scheme in cfg.schemes}
+    if cfg.train_len:
+        # Rounds over every scheme, not the rounds of one scheme in a row: a process's speed varies (measured
+        # alone: RoPE's step 0.48 s in one process, 0.55 s in the next), and this VM's speed drifts over minutes,
+        # which rounds spread over every scheme alike.
+        runs = {scheme: [] for scheme in cfg.schemes}
+        for _ in range(cfg.train_rounds):
+            for scheme in cfg.schemes:
+                runs[scheme].append(r := measure(scheme, "train", cfg.train_len, cfg))
+                print(f"{scheme} train at {cfg.train_len}: {cell(r)}", file=sys.stderr, flush=True)
+        for scheme in cfg.schemes:
+            rows[scheme][f"train@{cfg.train_len}"] = median_run(runs[scheme])
     for scheme in cfg.schemes:
-        cases = ([("train", cfg.train_len)] if cfg.train_len else []) + [("forward", T) for T in cfg.lengths]
-        for kind, T in cases:
-            rows.setdefault(scheme, {})[f"{kind}@{T}"] = r = measure(scheme, kind, T, cfg)
-            print(f"{scheme} {kind} at {T}: {cell(r)}", file=sys.stderr, flush=True)
+        for T in cfg.lengths:
+            rows[scheme][f"forward@{T}"] = r = measure(scheme, "forward", T, cfg)
+            print(f"{scheme} forward at {T}: {cell(r)}", file=sys.stderr, flush=True)
     lines = [f"Machine: {machine()}.", "", *table(rows, cfg)]
     print("\n".join(lines))
     if cfg.out:

@@ -80,7 +80,7 @@ def test_the_bias_learns_through_blocks_that_keep_memory_linear(scheme):
         return mask
 
     n = 2 * 4 * 5 * 64  # blocks of 5 queries at B = 2, 4 heads, 64 keys
-    with patch.multiple(attention, BLOCK_ELEMENTS=n, VIEW_ELEMENTS=n), patch.object(attention, "causal_mask", spy):
+    with patch.multiple(attention, BLOCK_ELEMENTS=n, VIEW_ROWS=5), patch.object(attention, "causal_mask", spy):
         model(idx, targets)[1].backward()
     assert shapes and max(s[1] for s in shapes) == 5 and all(s[0] == 4 for s in shapes)
     for name, p in model.transformer.pos.named_parameters():

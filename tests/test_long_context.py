@@ -35,8 +35,7 @@ def config(scheme):
 
 def small_blocks(rows):
     """Blocks of `rows` queries at T = 64 with 4 heads, in every blocked path."""
-    n = 4 * rows * 64
-    return patch.multiple(attention, BLOCK_ELEMENTS=n, VIEW_ELEMENTS=n)
+    return patch.multiple(attention, BLOCK_ELEMENTS=4 * rows * 64, VIEW_ROWS=rows)
 
 
 # fp32 throughout: the blocked kernels sum in another order than the reference (per block, flash tiles), which moves
