@@ -110,6 +110,25 @@ def test_alibi_bias_keeps_distances_apart_at_32k_under_bf16_autocast():
     assert abs(y[0, 1, 0, 0].float() - want) < 0.01, f"{y[0, 1, 0, 0].item():.4f} vs {want:.4f}"
 
 
+def test_alibi_view_mask_keeps_distances_apart_at_32k_under_bf16_autocast():
+    """The same contract where the mask is a strided view (consecutive keys, posenc/attention.reversed_keys_mask):
+    101 keys at positions 0..100 seen from 32,000 by the gentlest head, q·k = 0, value 1 on the last key alone.
+    Its weight is softmax of the fp32 biases, 0.01196; with the biases rounded to bf16 (spacing 0.5 there) it
+    would be 0.01326. The tolerance, 1e-4, is bf16's rounding of the output (spacing 2^-14 near 0.012) with room."""
+    scheme = ALiBi(tiny_config(pos_encoding="alibi", n_head=2))
+    q = torch.zeros(1, 2, 1, 8, dtype=torch.bfloat16)
+    k = torch.zeros(1, 2, 101, 8, dtype=torch.bfloat16)
+    v = torch.zeros(1, 2, 101, 8, dtype=torch.bfloat16)
+    v[..., -1, :] = 1.0
+    q_pos, k_pos = torch.tensor([32000]), torch.arange(101)
+    bias_fn = lambda qp, kp: scheme.attn_bias(qp, kp, 0)  # noqa: E731
+    assert attention.Plan(q, k, bias_fn, q_pos, k_pos, relative=True).flip  # the view path
+    with torch.autocast("cpu", torch.bfloat16):
+        y = attention.biased_attention(q, k, v, bias_fn, q_pos, k_pos, relative=True)
+    want = torch.softmax(-(32000 - k_pos.double()) / 256, 0)[-1]
+    assert abs(y[0, 1, 0, 0].double() - want) < 1e-4, f"{y[0, 1, 0, 0].item():.5f} vs {want:.5f}"
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_the_kv_cache_takes_the_autocast_dtype_so_flex_prefill_gets_one_dtype():
     """Evaluation keeps fp32 weights under bf16 autocast: q is bf16, and a cache made in the weights' dtype held k
