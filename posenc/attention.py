@@ -40,8 +40,9 @@ BLOCK_ELEMENTS = 2 ** 22
 # (RoPE 2.02).
 VIEW_ROWS = 1024
 # Queries per block of band_gradient (fewer when B x nh is large: BLOCK_ELEMENTS bounds it). Its matmuls form
-# rows x (rows + band - 1) pairs to use rows x band of them: measured at 4k (T5's band 128, 4 heads, 1 thread,
-# the machine shared), 64-128 rows took 13-25 ms a layer, 512 rows 35 ms, the earlier scatter by distance 55-68.
+# rows x (rows + band - 1) pairs to use rows x band of them: measured alone at 4k (T5's band 128, 4 heads, bf16,
+# 2 threads), 32, 64, 128, 256, 512 rows took 11.3, 8.5, 7.8, 10.0, 18.2 ms a layer (this VM: +-20% between runs);
+# all blocks in one batched matmul, 24 ms (its large fp32 tensors are freshly mapped memory each time).
 BAND_ROWS = 128
 TRIM_BLOCKS = 16  # explicit_attention hands freed memory back to the system after this many blocks (runtime.trim_freed_memory)
 
@@ -195,9 +196,8 @@ def band_gradient(plan, params, q, k, v, out, lse, grad_out):
     offset = plan.q0 - plan.k0  # the key index at query 0's own position
     # The keys and values padded with band - 1 zeros in front, so that every query has band keys to its left:
     # query i's key at distance band - 1 - j is padded row i + offset + j.
-    kp, vp = (F.pad(t.float(), (0, 0, band - 1, 0)) for t in (k, v))
-    qs, go = q.float() * (1 / math.sqrt(hs)), grad_out.float()
-    d_out = (go * out.float()).sum(-1)  # D, (B, nh, Tq)
+    # Each block's slices go to fp32 as it is reached: small tensors that stay in cache, not whole fp32 copies.
+    kp, vp = (F.pad(t, (0, 0, band - 1, 0)) for t in (k, v))
     with torch.no_grad():  # the bias at distances band - 1, ..., 0, the order of a query's band keys
         near_bias = bias_fn(q.new_tensor([band - 1], dtype=torch.long),
                             torch.arange(band, device=q.device))[:, 0].float()  # (nh, band)
@@ -206,15 +206,17 @@ def band_gradient(plan, params, q, k, v, out, lse, grad_out):
     for s in range(0, Tq, rows):
         e = min(s + rows, Tq)
         keys = slice(s + offset, e + offset + band - 1)  # padded keys the block reaches: (e - s) + band - 1
-        scores = qs[..., s:e, :] @ kp[..., keys, :].transpose(-2, -1)  # (B, nh, rows, rows + band - 1)
-        dp = go[..., s:e, :] @ vp[..., keys, :].transpose(-2, -1)
+        go = grad_out[..., s:e, :].float()
+        scores = (q[..., s:e, :].float() * (1 / math.sqrt(hs))) @ kp[..., keys, :].float().transpose(-2, -1)
+        dp = go @ vp[..., keys, :].float().transpose(-2, -1)  # (B, nh, rows, rows + band - 1)
+        d_out = (go * out[..., s:e, :].float()).sum(-1)  # D, (B, nh, rows)
         # Row i's band starts at column i: a view with a row stride one longer than the rows'.
         skew = lambda t: t.as_strided((*t.shape[:3], band), (*t.stride()[:2], t.stride(2) + 1, 1))  # noqa: E731
-        ds = (skew(scores) + near_bias[:, None, :] - lse[..., s:e, None].float()).exp()  # P on the band
-        ds = ds * (skew(dp) - d_out[..., s:e, None])
+        ds = (skew(scores) + near_bias[:, None, :]).sub_(lse[..., s:e, None]).exp_()  # P on the band
+        ds *= skew(dp).sub(d_out[..., None])
         if s + offset < band - 1:  # the first queries' bands start before key 0: those pairs are padding
             key = torch.arange(s, e, device=q.device)[:, None] + offset + torch.arange(band, device=q.device) - band + 1
-            ds = ds * (key >= 0)
+            ds *= key >= 0
         by_band += ds.sum((0, 2))
     near = by_band.flip(1)  # by distance 0, ..., band - 1
     by_distance = torch.cat([near, -near.sum(1, keepdim=True)], dim=1)  # and every distance >= band
