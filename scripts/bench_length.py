@@ -7,10 +7,11 @@ grows linearly?
     python -m scripts.bench_length --lengths= --figure=""   # the training step alone
 
 Per scheme: one training step (forward, backward, AdamW) at train_len, batch 1, timed in train_rounds processes
-(the median), and one no-grad forward at each length. The model is the CPU scale's shape (4 layers, 4 heads, width 128, vocabulary 4096) under the
-autocast dtype of every stage (posenc.runtime.resolve_dtype: bf16 where the CPU computes it natively). Every case runs in
-its own process, whose peak resident memory (ru_maxrss, the Python interpreter and torch included) is its
-memory: so one case's memory never hides in another's. Measures; asserts nothing.
+(the median), and one no-grad forward at each length. The model is the CPU scale's shape (4 layers, 4 heads,
+width 128, vocabulary 4096) under the autocast dtype of every stage (posenc.runtime.resolve_dtype: bf16 where
+the CPU computes it natively). Every case runs in its own process, whose peak resident memory (ru_maxrss, the
+Python interpreter and torch included) is its memory: so one case's memory never hides in another's. Measures;
+asserts nothing.
 """
 
 import json
