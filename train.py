@@ -26,6 +26,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+# Imported before init_process_group on purpose: its functions' `group=` defaults capture the world group
+# current at import. DDP imports it later otherwise, and those defaults would keep the group and its gloo
+# threads alive past destroy_process_group, into interpreter exit, where a thread freeing its last work
+# aborts the process (SIGABRT, about one two-process CPU run in ten; tests/test_ddp.py).
+import torch.distributed.nn  # noqa: F401
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, H100_BF16_PEAK_FLOPS, GPTConfig

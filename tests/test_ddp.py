@@ -34,3 +34,34 @@ def test_two_process_ddp_step_on_cpu(tmp_path):
     assert not any(p.name.startswith("ckpt.pt.tmp") for p in out.iterdir())
     # both ranks keep their own RNG stream (seeded seed + rank)
     assert not (ckpt["ranks"][0]["rng"]["torch"] == ckpt["ranks"][1]["rng"]["torch"]).all()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_ddp_run_joins_the_gloo_threads_before_exit(tmp_path):
+    """A gloo thread still alive when the interpreter exits may free its last work then, and take the GIL
+    from a finalizing interpreter: SIGABRT, exit code 1, about one two-process run in ten. So main() must
+    leave no thread behind: the world group is destroyed, not kept alive by a stray reference."""
+    data = tmp_path / "data"
+    prepare(os.path.join(sysconfig.get_paths()["stdlib"], "email", "*.py"), data, val_fraction=0.2, quiet=True)
+    script = tmp_path / "threads_after_main.py"
+    script.write_text(
+        "import os, sys\n"
+        "import train\n"
+        "def threads():\n"
+        "    return sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
+        "before = threads()\n"
+        "train.main(sys.argv[1:])\n"
+        "print(f'threads rank {os.environ[\"RANK\"]}: before {before} after {threads()}')\n")
+    flags = dict(data_dir=data, out_dir=tmp_path / "run", device="cpu", n_layer=1, n_head=2, n_embd=32,
+                 block_size=32, batch_size=2, max_iters=1, warmup_iters=1, eval_interval=1, eval_iters=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *(f"--{k}={v}" for k, v in flags.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("threads rank")]
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        before, after = line.split(": before ")[1].split(" after ")
+        assert after == before, line  # e.g. 'pt_gloo_runloop' left running
