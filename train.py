@@ -26,10 +26,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-# Imported before init_process_group on purpose: its functions' `group=` defaults capture the world group
-# current at import. DDP imports it later otherwise, and those defaults would keep the group and its gloo
-# threads alive past destroy_process_group, into interpreter exit, where a thread freeing its last work
-# aborts the process (SIGABRT, about one two-process CPU run in ten; tests/test_ddp.py).
+# Imported before init_process_group: its functions' group= defaults keep the world group of import time. If
+# DDP imported it later, they would keep the group's gloo threads alive into exit, where they abort the rank.
 import torch.distributed.nn  # noqa: F401
 from torch.nn.parallel import DistributedDataParallel as DDP
 
