@@ -196,42 +196,97 @@ def plot_all(results, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     tab20 = plt.get_cmap("tab20").colors
-    colors = tab20[0::2] + tab20[1::2]  # 10 distinct colors, then their lighter twins: 20 models, none alike
-    with plt.rc_context({"axes.prop_cycle": plt.cycler(color=colors)}):
-        for task, fn in (("position", _plot_position), ("ppl", _plot_ppl), ("passkey", _plot_passkey),
-                         ("recall", _plot_recall)):
-            ks = [k for k, r in results["models"].items() if task in r]
-            if ks:
-                fig = fn(plt, results, ks)
-                paths.append(out_dir / f"{task}.png")
-                fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-                plt.close(fig)
+    palette = tab20[0::2] + tab20[1::2]  # 10 distinct colors, then their lighter twins: 20 models, none alike
+    colors = {k: palette[i % len(palette)] for i, k in enumerate(results["models"])}  # the same in every panel
+    for task, fn in (("position", _plot_position), ("ppl", _plot_ppl), ("passkey", _plot_passkey),
+                     ("recall", _plot_recall)):
+        ks = [k for k, r in results["models"].items() if task in r]
+        if ks:
+            fig = fn(plt, results, model_groups(results, ks), colors)
+            paths.append(out_dir / f"{task}.png")
+            fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+            plt.close(fig)
     return paths
 
 
-def _wall(ax, results, what="training length"):
-    """The training length L and, if a model was fine-tuned longer, that length, as vertical lines."""
+PANEL_MODELS = 7  # lines per panel past which a reader can no longer tell them apart at a glance
+
+
+def model_groups(results, ks):
+    """The models ks in panels a reader compares at a glance: [(title, models)]. One untitled panel when they
+    fit; else the models as trained, the RoPE scalings applied without training, and the models fine-tuned
+    longer, each of the last two with the unscaled model of its scheme drawn again as the reference, and a group
+    of more than PANEL_MODELS split."""
+    if len(ks) <= PANEL_MODELS:
+        return [("", ks)]
+    models, L = results["models"], results["base_len"]
+    tuned = [k for k in ks if models[k]["block_size"] > L]
+    scaled = [k for k in ks if models[k].get("rope_scaling") and k not in tuned]
+    trained = [k for k in ks if k not in tuned and k not in scaled]
+    lengths = {models[k]["block_size"] for k in tuned}
+    groups = [("as trained", trained, [])]
+    for title, members in (("scaled, no fine-tune", scaled),
+                           (f"fine-tuned at {_multiple(min(lengths), L)}" if len(lengths) == 1 else "fine-tuned longer",
+                            tuned)):
+        schemes = {models[k]["pos_encoding"] for k in members}
+        groups.append((title, members, [k for k in trained if models[k]["pos_encoding"] in schemes]))
+    panels = []
+    for title, members, refs in groups:
+        n = -(-len(members) // max(1, PANEL_MODELS - len(refs)))  # panels, filled evenly
+        size = -(-len(members) // n) if n else 0
+        panels += [(title + (f" ({i + 1}/{n})" if n > 1 else ""), refs + members[i * size:(i + 1) * size])
+                   for i in range(n)]
+    return panels
+
+
+def _grid(plt, groups, n_panels, width, height):
+    """axes[group][panel]: a row per group, its panels side by side; the y axis shared down each column."""
+    fig, axes = plt.subplots(len(groups), n_panels, figsize=(width * n_panels + 2.5, height * len(groups)),
+                             squeeze=False, sharey="col", layout="constrained")
+    return fig, axes
+
+
+def _titled(fig, axes, groups, title, panel_titles=()):
+    """The task's title above the figure, and above each panel its group and, for a task of several panels, what
+    the panel shows. A figure of one panel carries the title alone."""
+    if len(axes) * len(axes[0]) == 1:
+        axes[0][0].set_title(title)
+        return
+    fig.suptitle(title)
+    for (group, _), row in zip(groups, axes):
+        for ax, what in zip(row, panel_titles or [None]):
+            ax.set_title(": ".join(t for t in (group, what) if t), fontsize=10)
+
+
+def _legend(row):
+    row[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the row's lines, not over them
+
+
+def _wall(ax, results, what="training length", labeled=True):
+    """The training length L and, if a model was fine-tuned longer, that length, as vertical lines (in the legend
+    if labeled: once per figure is enough)."""
     L, tuned = results["base_len"], fine_tuned_length(results)
-    ax.axvline(L, color="gray", linestyle="--", linewidth=1, label=f"{what} L = {L}")
+    ax.axvline(L, color="gray", linestyle="--", linewidth=1, label=f"{what} L = {L}" if labeled else None)
     if tuned:
-        ax.axvline(tuned, color="gray", linestyle=":", linewidth=1, label=f"fine-tuned {what} {_multiple(tuned, L)}")
+        ax.axvline(tuned, color="gray", linestyle=":", linewidth=1,
+                   label=f"fine-tuned {what} {_multiple(tuned, L)}" if labeled else None)
 
 
 def _band(ax, xs, ys, sds, color):
     ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)], color=color, alpha=0.2)
 
 
-def _lines(ax, results, ks, task, entries, x, y, logx=True):
+def _lines(ax, results, ks, task, entries, x, y, colors, logx=True):
     """One line per model over its runnable entries; "cannot run" written where the line stops."""
     for i, k in enumerate(ks):
         es = entries(results["models"][k][task])
         ok = [e for e in es if "cannot_run" not in e]
-        line, = ax.plot([x(e) for e in ok], [y(e) for e in ok], marker="o", markersize=3, label=k)
+        ax.plot([x(e) for e in ok], [y(e) for e in ok], marker="o", markersize=3, label=k, color=colors[k])
         if es and "cannot_run" in es[-1] and ok:  # the wall: say where the line stops
-            ax.annotate(f"{k}: {CANNOT} past here →", (x(ok[-1]), y(ok[-1])), color=line.get_color(), fontsize=8,
+            ax.annotate(f"{k}: {CANNOT} past here →", (x(ok[-1]), y(ok[-1])), color=colors[k], fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
         elif not ok:
-            ax.annotate(f"{k}: {CANNOT}", (0.02, 0.95 - 0.06 * i), xycoords="axes fraction", color=line.get_color(),
+            ax.annotate(f"{k}: {CANNOT}", (0.02, 0.95 - 0.06 * i), xycoords="axes fraction", color=colors[k],
                         fontsize=8)
     if logx:
         from matplotlib.ticker import FuncFormatter
@@ -239,30 +294,33 @@ def _lines(ax, results, ks, task, entries, x, y, logx=True):
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 256, not 2^8
 
 
-def _plot_position(plt, results, ks):
+def _plot_position(plt, results, groups, colors):
+    ks = [k for _, g in groups for k in g]
     ref = results.get("reference")
     relative = ref and all("relative" in results["models"][k]["position"] for k in ks)
-    fig, axes = plt.subplots(1, 2 if relative else 1, figsize=(13 if relative else 7, 4.5), squeeze=False)
+    fig, axes = _grid(plt, groups, 2 if relative else 1, 6.5, 4.5)
     center = lambda b: ((b["lo"] + 1) * b["hi"]) ** 0.5  # noqa: E731  geometric middle of the context sizes
     n_seeds, p0 = seeds(results), results["models"][ks[0]]["position"]
     band = f"± std across {n_seeds} seeds" if n_seeds > 1 else "± std error across documents"
-    panels = [(axes[0][0], lambda p: p["buckets"], "loss")]
+    panels = [(lambda p: p["buckets"], "loss", "loss by position")]
     if relative:  # from L/8 on: the first buckets hold a few tokens each, and their noise would set the scale
-        panels.append((axes[0][1], lambda p: [b for b in p["relative"] if b["lo"] >= results["base_len"] // 8],
-                       f"loss − loss of {ref}"))
-    for ax, entries, ylabel in panels:
-        _lines(ax, results, ks, "position", entries, center, lambda b: b["mean"])
-        for k, line in zip(ks, ax.get_lines()):
-            ok = [b for b in entries(results["models"][k]["position"]) if "cannot_run" not in b]
-            sds = [b.get("mean_sd") or 0.0 if n_seeds > 1 else b["std"] / p0["n_docs"] ** 0.5 for b in ok]
-            _band(ax, [center(b) for b in ok], [b["mean"] for b in ok], sds, line.get_color())
-        _wall(ax, results)
-        ax.set(xlabel="token position (context size)", ylabel=f"{ylabel} (band: {band})")
-        ax.legend(fontsize=7)
-    axes[0][0].set_title(f"Loss by position: {p0['n_docs']} documents of ≥ {results['max_len'] + 1} tokens")
-    if relative:
-        axes[0][1].axhline(0, color="black", linewidth=0.5)
-        axes[0][1].set_title(f"Minus the loss of {ref} (from position {results['base_len'] // 8})")
+        start = results["base_len"] // 8
+        panels.append((lambda p: [b for b in p["relative"] if b["lo"] >= start], "loss − the reference's",
+                       f"minus the loss of {ref} (from position {start})"))
+    for (_, members), row in zip(groups, axes):
+        for ax, (entries, ylabel, title) in zip(row, panels):
+            _lines(ax, results, members, "position", entries, center, lambda b: b["mean"], colors)
+            for k in members:
+                ok = [b for b in entries(results["models"][k]["position"]) if "cannot_run" not in b]
+                sds = [b.get("mean_sd") or 0.0 if n_seeds > 1 else b["std"] / p0["n_docs"] ** 0.5 for b in ok]
+                _band(ax, [center(b) for b in ok], [b["mean"] for b in ok], sds, colors[k])
+            _wall(ax, results, labeled=ax is axes[0][-1])
+            if ax is not row[0]:
+                ax.axhline(0, color="black", linewidth=0.5)
+            ax.set(xlabel="token position (context size)", ylabel=ylabel)
+        _legend(row)
+    _titled(fig, axes, groups, f"Loss by position: {p0['n_docs']} documents of ≥ {results['max_len'] + 1} tokens "
+                               f"(bands: {band})", [title for _, _, title in panels])
     return fig
 
 
@@ -272,47 +330,54 @@ def ppl_mode_of(entries):
     return "sliding" if any(e.get("mode", "sliding") == "sliding" for e in entries) else "nonoverlapping"
 
 
-def _plot_ppl(plt, results, ks):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _lines(ax, results, ks, "ppl", lambda p: p, lambda e: e["window"], lambda e: e["ppl"])
-    if seeds(results) > 1:
-        for k, line in zip(ks, ax.get_lines()):
-            ok = [e for e in results["models"][k]["ppl"] if "cannot_run" not in e]
-            _band(ax, [e["window"] for e in ok], [e["ppl"] for e in ok], [e.get("ppl_sd") or 0.0 for e in ok],
-                  line.get_color())
-    _wall(ax, results, "window: training length")
-    ax.set(xlabel="window (tokens)", ylabel="perplexity (log scale)", yscale="log",
-           title=PPL_MODES[ppl_mode_of(results["models"][ks[0]]["ppl"])][0])
+def _plot_ppl(plt, results, groups, colors):
     from matplotlib.ticker import FuncFormatter
-    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not over them
+    fig, axes = _grid(plt, groups, 1, 6, 3.5)
+    for (_, members), (ax,) in zip(groups, axes):
+        _lines(ax, results, members, "ppl", lambda p: p, lambda e: e["window"], lambda e: e["ppl"], colors)
+        if seeds(results) > 1:
+            for k in members:
+                ok = [e for e in results["models"][k]["ppl"] if "cannot_run" not in e]
+                _band(ax, [e["window"] for e in ok], [e["ppl"] for e in ok], [e.get("ppl_sd") or 0.0 for e in ok],
+                      colors[k])
+        _wall(ax, results, "window: training length", labeled=ax is axes[0][-1])
+        ax.set(xlabel="window (tokens)", ylabel="perplexity (log scale)", yscale="log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        _legend([ax])
+    _titled(fig, axes, groups, PPL_MODES[ppl_mode_of(results["models"][groups[0][1][0]]["ppl"])][0])
     return fig
 
 
-def _plot_passkey(plt, results, ks):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _lines(ax, results, ks, "passkey", lambda p: p["by_length"], lambda e: e["length"], lambda e: 100 * e["accuracy"])
-    _wall(ax, results)
-    ax.set(xlabel="context length (tokens)", ylabel="passkey accuracy (%)", ylim=(-5, 105), title="Passkey retrieval")
-    ax.legend(fontsize=8)
+def _plot_passkey(plt, results, groups, colors):
+    fig, axes = _grid(plt, groups, 1, 6, 3.5)
+    for (_, members), (ax,) in zip(groups, axes):
+        _lines(ax, results, members, "passkey", lambda p: p["by_length"], lambda e: e["length"],
+               lambda e: 100 * e["accuracy"], colors)
+        _wall(ax, results, labeled=ax is axes[0][-1])
+        ax.set(xlabel="context length (tokens)", ylabel="passkey accuracy (%)", ylim=(-5, 105))
+        _legend([ax])
+    _titled(fig, axes, groups, "Passkey retrieval")
     return fig
 
 
-def _plot_recall(plt, results, ks):
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, y, name in ((a1, lambda e: e["loss"], "loss on the second copy"),
-                        (a2, lambda e: 100 * e["accuracy"], "greedy accuracy on the second copy (%)")):
-        _lines(ax, results, ks, "recall", lambda p: p["by_distance"], lambda e: e["distance"], y)
-        for k, line in zip(ks, ax.get_lines()):  # dashed: the first copy, where there is nothing to copy
-            ok = [e for e in results["models"][k]["recall"]["by_distance"] if "cannot_run" not in e]
-            y1 = (lambda e: e["first_copy_loss"]) if ax is a1 else (lambda e: 100 * e["first_copy_accuracy"])
-            ax.plot([e["distance"] for e in ok], [y1(e) for e in ok], linestyle=":", color=line.get_color())
-        _wall(ax, results, "distance = training length")
-        ax.set(xlabel="distance d between the copies (tokens)", ylabel=f"{name} (dotted: first copy)")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Long-range recall ({results['models'][ks[0]]['recall']['span_len']}-token span)")
+def _plot_recall(plt, results, groups, colors):
+    fig, axes = _grid(plt, groups, 2, 5.5, 4)
+    for (_, members), row in zip(groups, axes):
+        for ax, y, y1, name in (
+                (row[0], lambda e: e["loss"], lambda e: e["first_copy_loss"], "loss"),
+                (row[1], lambda e: 100 * e["accuracy"], lambda e: 100 * e["first_copy_accuracy"],
+                 "greedy accuracy (%)")):
+            _lines(ax, results, members, "recall", lambda p: p["by_distance"], lambda e: e["distance"], y, colors)
+            for k in members:  # dotted: the first copy, where there is nothing to copy
+                ok = [e for e in results["models"][k]["recall"]["by_distance"] if "cannot_run" not in e]
+                ax.plot([e["distance"] for e in ok], [y1(e) for e in ok], linestyle=":", color=colors[k])
+            _wall(ax, results, "distance = training length", labeled=ax is axes[0][-1])
+            ax.set(xlabel="distance d between the copies (tokens)", ylabel=f"{name} (dotted: first copy)")
+        _legend(row)
+    _titled(fig, axes, groups, f"Long-range recall ({results['models'][groups[0][1][0]]['recall']['span_len']}-token "
+                                "span)", ["the second copy's loss", "the second copy's greedy accuracy"])
     return fig
 
 

@@ -15,6 +15,7 @@ import evaluate
 from evaluate import EvalConfig
 from model import GPT
 from posenc import eval_tasks as ev
+from posenc import plots
 from posenc.cli import cli
 from posenc.data import held_out_documents, long_documents
 from posenc.tokenizer import get_tokenizer
@@ -323,7 +324,7 @@ def corpus(tmp_path_factory):
     return out
 
 
-def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
+def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path, monkeypatch):
     dynamic = GPT(tiny_config(block_size=32, vocab_size=50304, n_layer=1, n_head=2, rope_scaling=WHOLE_WINDOW["dynamic"]
                               | {"original_max_position_embeddings": 32})).eval()
     models = {"learned": tiny("learned", vocab_size=50304), "rope": tiny("rope", vocab_size=50304), "dyn": dynamic}
@@ -347,6 +348,30 @@ def test_evaluate_writes_every_number_and_marks_the_wall(corpus, tmp_path):
     assert "rope/ppl@128" in flat and "learned/ppl@128" not in flat and "learned/short_loss" in flat
     pytest.importorskip("matplotlib")
     assert all((tmp_path / f"{t}.png").stat().st_size > 0 for t in ("position", "ppl", "passkey", "recall"))
+    # more models than a panel takes: drawn in groups, the scaled one beside the unscaled model of its scheme
+    monkeypatch.setattr(plots, "PANEL_MODELS", 2)
+    assert plots.model_groups(res, list(res["models"])) == [("as trained", ["learned", "rope"]),
+                                                            ("scaled, no fine-tune", ["rope", "dyn"])]
+    assert all(p.stat().st_size > 0 for p in plots.plot_all(res, tmp_path / "grouped"))
+
+
+def test_model_groups_keep_every_panel_readable():
+    """13 models (the schemes run): every model in a panel, none past PANEL_MODELS, and each scaled or
+    fine-tuned model beside the unscaled model of its scheme."""
+    trained = ["learned", "sinusoidal", "alibi", "rope", "none", "rope_nope", "t5", "kerple"]
+    models = {k: {"pos_encoding": k, "block_size": 256, "rope_scaling": None} for k in trained}
+    models |= {f"rope + {m} (no fine-tune)": {"pos_encoding": "rope", "block_size": 256, "rope_scaling": {"rope_type": m}}
+               for m in ("linear", "ntk", "dynamic", "yarn")}
+    models |= {f"rope + {m} fine-tuned": {"pos_encoding": "rope", "block_size": 1024, "rope_scaling": None}
+               for m in ("PI", "YaRN")}
+    results = {"models": models, "base_len": 256}
+    groups = plots.model_groups(results, list(models))
+    assert [title for title, _ in groups] == ["as trained (1/2)", "as trained (2/2)", "scaled, no fine-tune",
+                                              "fine-tuned at 4L"]
+    assert all(len(g) <= plots.PANEL_MODELS for _, g in groups)
+    assert {k for _, g in groups for k in g} == set(models)
+    assert all(g[0] == "rope" for title, g in groups if not title.startswith("as trained"))
+    assert plots.model_groups(results, trained[:3]) == [("", trained[:3])]  # few enough: one panel
 
 
 def test_cli_runs_a_checkpoint_and_fails_in_one_line(corpus, tmp_path, capsys):
