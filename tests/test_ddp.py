@@ -46,13 +46,14 @@ def test_ddp_run_joins_the_gloo_threads_before_exit(tmp_path):
     prepare(os.path.join(sysconfig.get_paths()["stdlib"], "email", "*.py"), data, val_fraction=0.2, quiet=True)
     script = tmp_path / "threads_after_main.py"
     script.write_text(
-        "import os, sys\n"
+        "import json, os, sys\n"
         "import train\n"
         "def threads():\n"
         "    return sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
         "before = threads()\n"
         "train.main(sys.argv[1:])\n"
-        "print(f'threads rank {os.environ[\"RANK\"]}: before {before} after {threads()}')\n")
+        "with open(f'threads{os.environ[\"RANK\"]}.json', 'w') as f:\n"  # a file each: the ranks share stdout
+        "    json.dump([before, threads()], f)\n")
     flags = dict(data_dir=data, out_dir=tmp_path / "run", device="cpu", n_layer=1, n_head=2, n_embd=32,
                  block_size=32, batch_size=2, max_iters=1, warmup_iters=1, eval_interval=1, eval_iters=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
@@ -60,8 +61,6 @@ def test_ddp_run_joins_the_gloo_threads_before_exit(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("threads rank")]
-    assert len(lines) == 2, proc.stdout
-    for line in lines:
-        before, after = line.split(": before ")[1].split(" after ")
-        assert after == before, line  # e.g. 'pt_gloo_runloop' left running
+    for rank in (0, 1):
+        before, after = json.loads((tmp_path / f"threads{rank}.json").read_text())
+        assert after == before, (rank, before, after)  # e.g. 'pt_gloo_runloop' left running
