@@ -241,9 +241,8 @@ def model_groups(results, ks):
 
 def _grid(plt, groups, n_panels, width, height):
     """axes[group][panel]: a row per group, its panels side by side; the y axis shared down each column."""
-    fig, axes = plt.subplots(len(groups), n_panels, figsize=(width * n_panels + 2.5, height * len(groups)),
-                             squeeze=False, sharey="col", layout="constrained")
-    return fig, axes
+    return plt.subplots(len(groups), n_panels, figsize=(width * n_panels + 2.5, height * len(groups)), squeeze=False,
+                        sharey="col", layout="constrained")
 
 
 def _titled(fig, axes, groups, title, panel_titles=()):
@@ -332,6 +331,7 @@ def ppl_mode_of(entries):
 
 def _plot_ppl(plt, results, groups, colors):
     from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
     fig, axes = _grid(plt, groups, 1, 6, 3.5)
     for (_, members), (ax,) in zip(groups, axes):
         _lines(ax, results, members, "ppl", lambda p: p, lambda e: e["window"], lambda e: e["ppl"], colors)
@@ -342,7 +342,6 @@ def _plot_ppl(plt, results, groups, colors):
                       colors[k])
         _wall(ax, results, "window: training length", labeled=ax is axes[0][-1])
         ax.set(xlabel="window (tokens)", ylabel="perplexity (log scale)", yscale="log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
         _legend([ax])
